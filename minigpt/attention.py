@@ -1,0 +1,160 @@
+"""Attention, built up one idea at a time, ending in the class the model uses.
+
+Teaching path (chapter 3), each step adding one idea to the one before:
+
+    simple_self_attention      every token mixes all tokens, weighted by dot-product similarity
+    SelfAttention              ... through trainable query / key / value projections
+    CausalAttention            ... looking only backwards (a mask), with dropout on the weights
+    MultiHeadAttentionWrapper  ... several causal heads side by side, stacked
+    ExplicitMultiHeadAttention ... the same heads computed at once by splitting one projection
+
+Production: `MultiHeadAttention` computes exactly what `ExplicitMultiHeadAttention`
+computes (the tests prove it) with one fused Q/K/V projection and PyTorch's
+`scaled_dot_product_attention`, which never materialises the (T, T) weight matrix when
+a fused kernel is available.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def simple_self_attention(inputs: torch.Tensor) -> torch.Tensor:
+    """Context vectors with no trainable weights: each output is a similarity-weighted mean."""
+    scores = inputs @ inputs.transpose(-2, -1)  # (..., T, T): dot product of every pair
+    weights = torch.softmax(scores, dim=-1)     # each row sums to 1
+    return weights @ inputs                     # (..., T, d_in)
+
+
+class SelfAttention(nn.Module):
+    """Scaled dot-product attention with trainable query, key and value projections."""
+
+    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        queries = self.W_query(x)  # (..., T, d_out)
+        keys = self.W_key(x)       # (..., T, d_out)
+        values = self.W_value(x)   # (..., T, d_out)
+        scores = queries @ keys.transpose(-2, -1)  # (..., T, T)
+        # Dividing by sqrt(d_out) keeps the scores' spread independent of the width, so the
+        # softmax does not saturate (and its gradients vanish) as d_out grows.
+        weights = torch.softmax(scores / math.sqrt(keys.shape[-1]), dim=-1)
+        return weights @ values  # (..., T, d_out)
+
+
+class CausalAttention(nn.Module):
+    """Self-attention in which token t only sees tokens 0..t, with dropout on the weights."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float,
+                 qkv_bias: bool = False) -> None:
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        # True above the diagonal: the future positions each row must not see.
+        future = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", future, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[1]                   # x: (B, T, d_in)
+        queries = self.W_query(x)                 # (B, T, d_out)
+        keys = self.W_key(x)                      # (B, T, d_out)
+        values = self.W_value(x)                  # (B, T, d_out)
+        scores = queries @ keys.transpose(1, 2)   # (B, T, T)
+        # A score of -inf becomes a weight of exactly 0 after the softmax.
+        scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+        weights = torch.softmax(scores / math.sqrt(keys.shape[-1]), dim=-1)
+        weights = self.dropout(weights)
+        return weights @ values                   # (B, T, d_out)
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """`num_heads` independent causal heads of size d_out // num_heads, concatenated, then mixed."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float,
+                 num_heads: int, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
+        head_dim = d_out // num_heads
+        self.heads = nn.ModuleList(
+            CausalAttention(d_in, head_dim, context_length, dropout, qkv_bias) for _ in range(num_heads))
+        self.out_proj = nn.Linear(d_out, d_out)  # lets the heads' outputs mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        context = torch.cat([head(x) for head in self.heads], dim=-1)  # (B, T, d_out)
+        return self.out_proj(context)
+
+
+class ExplicitMultiHeadAttention(nn.Module):
+    """All heads at once: project once, split the last dimension into heads, attend per head."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float,
+                 num_heads: int, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        future = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
+        self.register_buffer("mask", future, persistent=False)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, num_tokens, d_out = x.shape
+        x = x.view(batch, num_tokens, self.num_heads, self.head_dim)  # (B, T, H, D)
+        return x.transpose(1, 2)                                       # (B, H, T, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, num_tokens, _ = x.shape
+        queries = self.split_heads(self.W_query(x))  # (B, H, T, D)
+        keys = self.split_heads(self.W_key(x))       # (B, H, T, D)
+        values = self.split_heads(self.W_value(x))   # (B, H, T, D)
+        scores = queries @ keys.transpose(2, 3)      # (B, H, T, T)
+        scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+        weights = torch.softmax(scores / math.sqrt(self.head_dim), dim=-1)
+        weights = self.dropout(weights)
+        context = weights @ values                   # (B, H, T, D)
+        # Put the heads side by side again: (B, H, T, D) -> (B, T, H, D) -> (B, T, H*D).
+        context = context.transpose(1, 2).reshape(batch, num_tokens, -1)
+        return self.out_proj(context)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention as the model runs it: one fused Q/K/V matmul, one fast kernel."""
+
+    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
+                 qkv_bias: bool = False) -> None:
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.dropout = dropout
+        # Rows [0, d_out) are the query projection, then the key, then the value projection.
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, num_tokens, _ = x.shape
+        qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim)
+        queries, keys, values = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        # Fast path: the same masked, scaled softmax attention as ExplicitMultiHeadAttention,
+        # fused into one kernel (flash / memory-efficient attention where available).
+        context = F.scaled_dot_product_attention(
+            queries, keys, values, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        context = context.transpose(1, 2).reshape(batch, num_tokens, -1)  # (B, T, d_out)
+        return self.out_proj(context)

@@ -1,0 +1,353 @@
+"""Configuration: the model's shape (`GPTConfig`), the training settings (`TrainConfig`),
+and how `config_run.py` plus command-line flags resolve into one validated `RunConfig`.
+
+Every value a user can set is checked here, before any data is read or any weight is
+allocated, and every error names the setting, the value given and what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import types
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting, file or input the user gave cannot be used; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------
+# Small validators shared by the dataclasses below
+# ---------------------------------------------------------------------------------------
+
+def _check_int(where: str, value: Any, low: int = 1, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a whole number, got {value!r} ({type(value).__name__}).")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{where} must be {bound}, got {value}.")
+
+
+def _check_float(where: str, value: Any, low: float, high: float | None = None,
+                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}.")
+    too_low = value < low if low_inclusive else value <= low
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        upper = high if high is not None else "inf"
+        raise ConfigError(f"{where} must lie in {left}{low}, {upper}{right}, got {value}.")
+
+
+def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, "
+                          f"got {value!r}.{_did_you_mean(value, choices)}")
+
+
+def _did_you_mean(given: Any, valid: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(given), list(valid), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keys(where: str, given: dict, valid: list[str]) -> None:
+    """Reject unknown keys, suggesting the closest valid one."""
+    for key in given:
+        if key not in valid:
+            raise ConfigError(f"unknown key {key!r} in {where}.{_did_you_mean(key, valid)} "
+                              f"Valid keys: {', '.join(valid)}.")
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT, with the book's names. Defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257     # tokens the embedding and output head know
+    context_length: int = 1024  # longest sequence the positional embedding covers
+    emb_dim: int = 768          # width of every token vector
+    n_heads: int = 12           # attention heads per block (emb_dim splits evenly among them)
+    n_layers: int = 12          # transformer blocks
+    drop_rate: float = 0.1      # dropout on embeddings, attention weights and residual branches
+    qkv_bias: bool = False      # bias in the query/key/value projections (GPT-2 had one)
+    tie_weights: bool = False   # output head shares the token embedding matrix (GPT-2 did)
+
+    def __post_init__(self) -> None:
+        _check_int("vocab_size", self.vocab_size)
+        _check_int("context_length", self.context_length)
+        _check_int("emb_dim", self.emb_dim)
+        _check_int("n_heads", self.n_heads)
+        _check_int("n_layers", self.n_layers)
+        _check_float("drop_rate", self.drop_rate, 0.0, 1.0, high_inclusive=False)
+        for name in ("qkv_bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.emb_dim % self.n_heads != 0:
+            divisors = [h for h in range(1, min(self.emb_dim, 64) + 1) if self.emb_dim % h == 0]
+            raise ConfigError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}) so each "
+                f"head gets emb_dim // n_heads dimensions; pick n_heads from {divisors} "
+                f"or change emb_dim to a multiple of {self.n_heads}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+
+# Presets: GPT-2's four published sizes, and small ones that train in seconds on a CPU.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),    # 124M
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),   # 774M
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),      # 1558M
+    "gpt-mini": dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128),
+    "gpt-nano": dict(emb_dim=32, n_layers=2, n_heads=2, context_length=64),
+}
+
+
+def model_config(preset: str, **overrides: Any) -> GPTConfig:
+    """A `GPTConfig` from a preset name, with any fields replaced by `overrides`."""
+    _check_choice("model preset", preset, tuple(MODEL_PRESETS))
+    valid = [f.name for f in fields(GPTConfig)]
+    _check_keys("model overrides", overrides, valid)
+    return GPTConfig(**{**MODEL_PRESETS[preset], **overrides})
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to pretrain: epochs, batches, optimiser, evaluation and the sampling prompt."""
+
+    num_epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 4e-4
+    weight_decay: float = 0.1
+    eval_freq: int = 5           # evaluate train/val loss every this many optimizer steps
+    eval_iter: int = 5           # batches per loss estimate during training
+    max_length: int = 128        # tokens per training window
+    stride: int = 128            # step between window starts (= max_length: no overlap)
+    start_context: str = "Every effort moves you"  # prompt for the per-epoch sample
+    num_workers: int = 0         # DataLoader worker processes
+    max_steps: int | None = None # stop after this many optimizer steps (None: all epochs)
+    lr_schedule: str = "constant"  # "constant", or "cosine" decay to 10% after warm-up
+    warmup_steps: int = 0        # linear learning-rate warm-up from 0
+    grad_clip: float | None = None  # clip the gradient's global norm to this (None: off)
+
+    def __post_init__(self) -> None:
+        _check_int("num_epochs", self.num_epochs)
+        _check_int("batch_size", self.batch_size)
+        _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
+        _check_float("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_int("eval_freq", self.eval_freq)
+        _check_int("eval_iter", self.eval_iter)
+        _check_int("max_length", self.max_length, low=2)
+        _check_int("stride", self.stride)
+        if not isinstance(self.start_context, str) or not self.start_context.strip():
+            raise ConfigError(f"start_context must be a non-empty string, got {self.start_context!r}.")
+        _check_int("num_workers", self.num_workers, low=0, high=64)
+        if self.max_steps is not None:
+            _check_int("max_steps", self.max_steps)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.grad_clip is not None:
+            _check_float("grad_clip", self.grad_clip, 0.0, low_inclusive=False)
+
+
+# ---------------------------------------------------------------------------------------
+# One run: what config_run.py and the command line resolve to
+# ---------------------------------------------------------------------------------------
+
+TASKS = ("pretrain", "generate")
+MODES = ("quick", "full", "custom")
+TOKENIZERS = ("gpt2", "char")
+DEVICES = ("cpu", "cuda", "mps")
+
+# What each mode trains. Quick: a small model that finishes in well under a minute on a
+# laptop CPU. Full: the book's GPT-2 124M run on the-verdict (context 256, 10 epochs).
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        model="gpt-mini", model_overrides=dict(context_length=128, drop_rate=0.0),
+        train=dict(num_epochs=1, batch_size=2, learning_rate=3e-3, weight_decay=0.1,
+                   eval_freq=5, eval_iter=5, max_length=64, stride=64,
+                   lr_schedule="cosine", warmup_steps=5, grad_clip=1.0)),
+    "full": dict(
+        model="gpt2-small", model_overrides=dict(context_length=256, drop_rate=0.1),
+        train=dict(num_epochs=10, batch_size=2, learning_rate=4e-4, weight_decay=0.1,
+                   eval_freq=5, eval_iter=5, max_length=256, stride=256)),
+}
+
+# The keys `custom_params` may hold; model_overrides may hold any GPTConfig field but vocab_size.
+CUSTOM_PARAM_KEYS = [f.name for f in fields(TrainConfig)] + ["model_overrides"]
+MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+
+# The names config_run.py may define.
+RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "DATA",
+                "OUT", "SEED", "LOG_EVERY", "custom_params"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one invocation of main.py needs, resolved and validated."""
+
+    task: str
+    mode: str
+    model_name: str          # the preset the model config started from
+    model: GPTConfig         # vocab_size is replaced by the tokenizer's once it is built
+    train: TrainConfig
+    tokenizer: str = "gpt2"
+    data: str | None = None  # a UTF-8 text file; None trains on the-verdict.txt
+    out: str | None = None   # run directory; None: runs/<task>-<mode>
+    device: str | None = None  # None: the best available (cuda > mps > cpu)
+    seed: int = 123
+    log_every: int = 10
+    resume: str | None = None
+    checkpoint: str | None = None
+    prompt: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        """Rebuild from `to_dict()`'s form (stored in checkpoints and config.json); extra keys are ignored."""
+        values = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        return cls(**{**values, "model": GPTConfig(**values["model"]),
+                      "train": TrainConfig(**values["train"])})
+
+
+GENERATION_DEFAULTS = dict(max_new_tokens=60, temperature=0.8, top_k=40, top_p=None)
+
+
+def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = None) -> RunConfig:
+    """Combine config_run.py's names (`settings`) with command-line overrides (`cli`).
+
+    `cli` holds only the flags the user gave: task, mode, device, model, tokenizer, data,
+    out, resume, checkpoint, prompt, seed, and training values (num_epochs, batch_size,
+    learning_rate, max_steps), plus generation values (max_new_tokens, temperature, top_k,
+    top_p).
+    """
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    _check_keys("config_run.py", {k: v for k, v in settings.items() if not k.startswith("_")},
+                RUN_SETTINGS)
+
+    task = cli.get("task", settings.get("TASK", "pretrain"))
+    _check_choice("TASK (or --task)", task, TASKS)
+    mode = cli.get("mode") or _mode_from_flags(settings)
+    _check_choice("--mode", mode, MODES)
+
+    custom = settings.get("custom_params", {})
+    if not isinstance(custom, dict):
+        raise ConfigError(f"custom_params must be a dict, got {type(custom).__name__}.")
+    _check_keys("custom_params", custom, CUSTOM_PARAM_KEYS)
+    overrides = custom.get("model_overrides", {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"custom_params['model_overrides'] must be a dict, got {overrides!r}.")
+    _check_keys("custom_params['model_overrides']", overrides, MODEL_OVERRIDE_KEYS)
+
+    if mode == "custom":
+        base = MODE_DEFAULTS["full"]
+        train_values = {**base["train"], **{k: v for k, v in custom.items() if k != "model_overrides"}}
+        model_values = {**base["model_overrides"], **overrides}
+    else:
+        base = MODE_DEFAULTS[mode]
+        train_values, model_values = dict(base["train"]), dict(base["model_overrides"])
+    for key in ("num_epochs", "batch_size", "learning_rate", "max_steps"):
+        if key in cli:
+            train_values[key] = cli[key]
+
+    model_name = cli.get("model") or settings.get("MODEL") or base["model"]
+    _check_choice("MODEL (or --model)", model_name, tuple(MODEL_PRESETS))
+    model = _build(f"the model settings ({mode} mode)", model_config, model_name, **model_values)
+    train = _build(f"the training settings ({mode} mode)", TrainConfig, **train_values)
+    if train.max_length > model.context_length:
+        raise ConfigError(
+            f"max_length ({train.max_length}) is longer than the model's context_length "
+            f"({model.context_length}): lower custom_params['max_length'] to at most "
+            f"{model.context_length}, or raise custom_params['model_overrides']['context_length'].")
+
+    tokenizer = cli.get("tokenizer", settings.get("TOKENIZER", "gpt2"))
+    _check_choice("TOKENIZER (or --tokenizer)", tokenizer, TOKENIZERS)
+    device = cli.get("device", settings.get("DEVICE"))
+    if device is not None:
+        _check_choice("DEVICE (or --device)", device, DEVICES)
+    seed = cli.get("seed", settings.get("SEED", 123))
+    _check_int("SEED (or --seed)", seed, low=0)
+    log_every = settings.get("LOG_EVERY", 10)
+    _check_int("LOG_EVERY", log_every)
+    data = cli.get("data", settings.get("DATA"))
+    out = cli.get("out", settings.get("OUT"))
+    for name, value in (("DATA (or --data)", data), ("OUT (or --out)", out)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{name} must be a path string or None, got {value!r}.")
+
+    generation = {**GENERATION_DEFAULTS,
+                  **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}}
+    if task == "generate" and not cli.get("checkpoint"):
+        raise ConfigError("--task generate needs --checkpoint DIR: the run directory of a "
+                          "trained model, e.g. --checkpoint runs/pretrain-quick.")
+    return RunConfig(task=task, mode=mode, model_name=model_name, model=model, train=train,
+                     tokenizer=tokenizer, data=data, out=out, device=device, seed=seed,
+                     log_every=log_every, resume=cli.get("resume"),
+                     checkpoint=cli.get("checkpoint"), prompt=cli.get("prompt"),
+                     generation=generation)
+
+
+# What may change when a stopped run continues; everything else is the run's own.
+RESUME_OVERRIDES = ("resume", "num_epochs", "max_steps", "device", "task")
+
+
+def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConfig:
+    """The settings of a run being resumed: its saved ones, plus --epochs, --max-steps, --device."""
+    cli = {k: v for k, v in cli.items() if v is not None}
+    for key in cli:
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(f"--{key.replace('_', '-')} cannot change when resuming: a resumed run "
+                              f"keeps its own settings (see {cli['resume']}/config.json). Drop the "
+                              "flag, or start a new run with --out.")
+    if cli.get("task", "pretrain") != "pretrain":
+        raise ConfigError("--resume continues training; use --task pretrain (or leave --task out).")
+    run = RunConfig.from_dict(saved)
+    train = _build("the resumed training settings", replace, run.train,
+                   **{k: cli[k] for k in ("num_epochs", "max_steps") if k in cli})
+    return replace(run, train=train, resume=cli["resume"], device=cli.get("device", run.device))
+
+
+def _mode_from_flags(settings: dict[str, Any]) -> str:
+    quick, custom = settings.get("QUICK_MODE", True), settings.get("CUSTOM_MODE", False)
+    for name, value in (("QUICK_MODE", quick), ("CUSTOM_MODE", custom)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {value!r}.")
+    if quick and custom:
+        raise ConfigError("QUICK_MODE and CUSTOM_MODE are both True in config_run.py; "
+                          "set QUICK_MODE = False to use custom_params (or CUSTOM_MODE = False).")
+    return "quick" if quick else "custom" if custom else "full"
+
+
+def _build(where: str, factory, *args, **kwargs):
+    """Call a config constructor, naming where the failing values came from."""
+    try:
+        return factory(*args, **kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except TypeError as err:  # e.g. a value of the wrong kind that slipped past a check
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def settings_from_module(module) -> dict[str, Any]:
+    """The values a config_run.py module defines (imports and private names left out)."""
+    return {name: value for name, value in vars(module).items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType)}

@@ -1,0 +1,76 @@
+"""The GPT model: token and position embeddings, a stack of transformer blocks, a final
+norm and a linear head that scores every vocabulary entry at every position (chapter 4).
+
+    token ids (B, T) -> tok_emb + pos_emb -> dropout -> n_layers x TransformerBlock
+                     -> final LayerNorm -> out_head -> logits (B, T, vocab_size)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from minigpt.blocks import LayerNorm, TransformerBlock
+from minigpt.config import GPTConfig
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            # GPT-2 reuses the token embedding as the output head: one (vocab, emb) matrix
+            # both reads tokens in and scores them out, saving vocab_size * emb_dim weights.
+            self.out_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each block adds two branches to the residual stream, so the
+        # layers that write into it start smaller by 1/sqrt(2 * n_layers), keeping the
+        # stream's variance from growing with depth.
+        for name, param in self.named_parameters():
+            if name.endswith("att.out_proj.weight") or name.endswith("ff.layers.2.weight"):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights and zero biases. With it, a new model's
+        logits are nearly equal, so its first loss is close to ln(vocab_size)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        batch_size, num_tokens = in_idx.shape
+        if num_tokens > self.cfg.context_length:
+            raise ValueError(f"the input has {num_tokens} tokens but the model's context_length "
+                             f"is {self.cfg.context_length}; crop the input to its last "
+                             f"{self.cfg.context_length} tokens.")
+        positions = torch.arange(num_tokens, device=in_idx.device)
+        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.drop_emb(x)
+        x = self.trf_blocks(x)                              # (B, T, C)
+        x = self.final_norm(x)
+        return self.out_head(x)                             # (B, T, vocab_size)
+
+    def num_parameters(self, exclude_output_head: bool = False) -> int:
+        """Trainable weights, each shared tensor counted once.
+
+        With `exclude_output_head`, an untied head is left out: GPT-2's "124M" counts the
+        weights as if the head were tied (163,009,536 - 50257 * 768 = 124,412,160).
+        """
+        total = sum(p.numel() for p in self.parameters())  # .parameters() skips duplicates
+        if exclude_output_head and not self.cfg.tie_weights:
+            total -= self.out_head.weight.numel()
+        return total
+
+    def parameter_memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Memory the weights alone take in `dtype` (fp32: 4 bytes each)."""
+        return self.num_parameters() * torch.empty((), dtype=dtype).element_size()

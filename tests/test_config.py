@@ -1,0 +1,99 @@
+"""Every setting a user can get wrong fails early, naming the setting, the value and the fix."""
+
+import pytest
+
+from minigpt.config import (MODEL_PRESETS, ConfigError, GPTConfig, TrainConfig, model_config,
+                            resolve_resume_config, resolve_run_config)
+
+
+def resolve(**settings):
+    return resolve_run_config(settings)
+
+
+def test_defaults_resolve_to_quick_pretraining():
+    run = resolve()
+    assert (run.task, run.mode, run.model_name) == ("pretrain", "quick", "gpt-mini")
+    assert run.model.context_length <= 128 and run.train.num_epochs == 1
+
+
+def test_full_mode_is_the_books_124m_run():
+    run = resolve(QUICK_MODE=False)
+    assert run.mode == "full"
+    assert (run.model.emb_dim, run.model.n_layers, run.model.n_heads) == (768, 12, 12)
+    assert run.model.context_length == 256 and run.train.max_length == 256
+    assert (run.train.num_epochs, run.train.learning_rate, run.train.weight_decay) == (10, 4e-4, 0.1)
+
+
+def test_custom_mode_uses_custom_params_and_cli_overrides_win():
+    run = resolve_run_config(
+        dict(QUICK_MODE=False, CUSTOM_MODE=True,
+             custom_params=dict(batch_size=3, max_length=32, stride=16,
+                                model_overrides=dict(emb_dim=64, n_heads=2, n_layers=1, context_length=32))),
+        dict(num_epochs=7, learning_rate=1e-3))
+    assert run.mode == "custom"
+    assert (run.train.batch_size, run.train.max_length, run.train.stride) == (3, 32, 16)
+    assert (run.model.emb_dim, run.model.n_heads, run.model.n_layers) == (64, 2, 1)
+    assert (run.train.num_epochs, run.train.learning_rate) == (7, 1e-3)
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(QUIK_MODE=True), ["QUIK_MODE", "QUICK_MODE"]),
+    (dict(custom_param={}), ["custom_param", "custom_params"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(batchsize=4)), ["batchsize", "batch_size"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(model_overrides=dict(n_head=4))),
+     ["n_head", "n_heads"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(model_overrides=dict(emb_dim=100, n_heads=12))),
+     ["emb_dim (100)", "n_heads (12)", "divisible"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(learning_rate=-1.0)), ["learning_rate", "-1.0"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(batch_size=0)), ["batch_size", "at least 1", "0"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(batch_size="8")), ["batch_size", "'8'"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(model_overrides=dict(drop_rate=1.5))),
+     ["drop_rate", "1.5"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(max_length=512)),
+     ["max_length (512)", "context_length (256)", "lower"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=True), ["QUICK_MODE", "CUSTOM_MODE", "both"]),
+    (dict(MODEL="gpt2-smal"), ["gpt2-smal", "gpt2-small"]),
+    (dict(DEVICE="gpu"), ["DEVICE", "'gpu'"]),
+    (dict(TOKENIZER="bpe2"), ["TOKENIZER", "gpt2", "char"]),
+    (dict(TASK="pretrian"), ["pretrian", "pretrain"]),
+    (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(lr_schedule="cosin")), ["cosin", "cosine"]),
+    (dict(SEED=-1), ["SEED", "-1"]),
+])
+def test_config_errors_name_the_setting_and_the_fix(settings, words):
+    with pytest.raises(ConfigError) as err:
+        resolve(**settings)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_generate_without_checkpoint_says_what_to_pass():
+    with pytest.raises(ConfigError, match="--checkpoint"):
+        resolve_run_config({}, {"task": "generate"})
+
+
+def test_gpt_config_is_frozen_and_validated():
+    cfg = GPTConfig()
+    with pytest.raises(Exception):
+        cfg.emb_dim = 5
+    with pytest.raises(ConfigError, match="n_layers"):
+        GPTConfig(n_layers=0)
+    with pytest.raises(ConfigError, match="qkv_bias"):
+        GPTConfig(qkv_bias="yes")
+    with pytest.raises(ConfigError, match="start_context"):
+        TrainConfig(start_context="  ")
+
+
+def test_presets_have_gpt2_shapes():
+    assert set(MODEL_PRESETS) >= {"gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    shapes = {name: (model_config(name).emb_dim, model_config(name).n_layers, model_config(name).n_heads)
+              for name in ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+    assert shapes == {"gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16),
+                      "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+
+
+def test_resume_keeps_the_run_and_allows_only_more_epochs():
+    saved = resolve().to_dict()
+    run = resolve_resume_config(saved, {"resume": "runs/x", "num_epochs": 3})
+    assert run.train.num_epochs == 3 and run.resume == "runs/x" and run.model == resolve().model
+    with pytest.raises(ConfigError, match="--model cannot change"):
+        resolve_resume_config(saved, {"resume": "runs/x", "model": "gpt2-small"})

@@ -1,0 +1,132 @@
+"""Sliding windows, seeded batching, text loading and downloads (against a local server)."""
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import pytest
+import torch
+
+from minigpt.config import ConfigError
+from minigpt.data import GPTDataset, SeededSampler, create_dataloader, download_file, read_text, split_text
+
+
+def test_windows_are_shifted_by_one_and_start_every_stride():
+    ids = list(range(100, 120))  # 20 tokens
+    dataset = GPTDataset(ids, max_length=4, stride=3)
+    # starts 0, 3, ..., 15: the last start s needs s + 4 + 1 <= 20 tokens
+    assert [dataset.starts[i] for i in range(len(dataset))] == [0, 3, 6, 9, 12, 15]
+    for i in range(len(dataset)):
+        inputs, targets = dataset[i]
+        start = 3 * i
+        assert inputs.tolist() == ids[start:start + 4]
+        assert targets.tolist() == ids[start + 1:start + 5]
+
+
+def test_window_count_matches_the_formula():
+    for n, length, stride in [(50, 8, 8), (50, 8, 1), (9, 8, 8), (1000, 64, 17)]:
+        expected = (n - length - 1) // stride + 1  # windows whose target fits in n tokens
+        assert len(GPTDataset(list(range(n)), length, stride)) == expected
+
+
+def test_text_too_short_for_one_window_says_how_many_tokens_and_what_to_lower():
+    with pytest.raises(ConfigError) as err:
+        GPTDataset(list(range(30)), max_length=64, stride=64, name="the validation split")
+    message = str(err.value)
+    assert "the validation split has 30 tokens" in message and "max_length" in message and "29" in message
+
+
+def test_too_few_windows_for_a_batch_says_to_lower_batch_size():
+    with pytest.raises(ConfigError, match="batch_size"):
+        create_dataloader(list(range(40)), batch_size=8, max_length=8, stride=8)
+
+
+def test_loader_order_depends_only_on_seed_and_epoch():
+    ids = list(range(201))  # 50 windows of 4: an even number of batches of 2
+
+    def first_inputs(seed, epoch):
+        loader = create_dataloader(ids, batch_size=2, max_length=4, stride=4, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        return [batch[0][:, 0].tolist() for batch in loader]
+
+    assert first_inputs(1, 0) == first_inputs(1, 0)
+    assert first_inputs(1, 0) != first_inputs(2, 0)
+    assert first_inputs(1, 0) != first_inputs(1, 1)
+    assert sorted(sum(first_inputs(1, 0), [])) == list(range(0, 200, 4))  # each window once
+
+
+def test_sampler_can_start_part_way_through_an_epoch():
+    sampler = SeededSampler(10, shuffle=True, seed=5)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    sampler.set_epoch(3, start=4)
+    assert list(sampler) == full[4:] and len(sampler) == 6
+
+
+def test_loading_does_not_touch_the_global_random_state():
+    loader = create_dataloader(list(range(100)), batch_size=2, max_length=4, stride=4, seed=0)
+    state = torch.get_rng_state()
+    list(loader)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_split_is_ninety_ten_by_characters():
+    train, val = split_text("a" * 90 + "b" * 10)
+    assert (train, val) == ("a" * 90, "b" * 10)
+
+
+def test_read_text_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no text file"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_text(tmp_path / "latin1.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_text(tmp_path / "empty.txt")
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on loopback serving tmp_path/served."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_fetches_once_and_checks_the_checksum(local_server, tmp_path):
+    served, url = local_server
+    payload = "I HAD always thought Jack Gisburn rather a cheap genius".encode()
+    (served / "story.txt").write_bytes(payload)
+    target = tmp_path / "data" / "story.txt"
+    download_file(f"{url}/story.txt", target, sha256=hashlib.sha256(payload).hexdigest())
+    assert target.read_bytes() == payload
+    (served / "story.txt").write_bytes(b"changed")  # cached: no second download
+    download_file(f"{url}/story.txt", target)
+    assert target.read_bytes() == payload
+
+
+def test_download_with_wrong_checksum_leaves_no_file(local_server, tmp_path):
+    served, url = local_server
+    (served / "story.txt").write_bytes(b"tampered")
+    target = tmp_path / "story.txt"
+    with pytest.raises(ConfigError, match="SHA-256"):
+        download_file(f"{url}/story.txt", target, sha256="0" * 64)
+    assert list(tmp_path.iterdir()) == [tmp_path / "served"]
+
+
+def test_download_offline_says_where_to_put_the_file(local_server, tmp_path):
+    _, url = local_server
+    target = tmp_path / "the-verdict.txt"
+    with pytest.raises(ConfigError) as err:
+        download_file(f"{url}/missing.txt", target)  # 404
+    assert str(target) in str(err.value)
+    with pytest.raises(ConfigError, match="place it at"):
+        download_file("http://127.0.0.1:9/none.txt", target, timeout=2)  # nothing listens on port 9

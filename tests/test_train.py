@@ -1,0 +1,171 @@
+"""Loss, schedule, reproducibility, run directories, checkpoints, and exact resume after Ctrl-C."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.config import ConfigError, TrainConfig, resolve_resume_config, resolve_run_config
+from minigpt.model import GPTModel
+from minigpt.train import (StopRequest, calc_loss_batch, choose_run_dir, learning_rate_at, load_checkpoint,
+                           load_model, pretrain)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A run small enough for tests: character-level, a 2-layer model, dropout on, warm-up + cosine.
+TINY_SETTINGS = dict(
+    QUICK_MODE=False, CUSTOM_MODE=True, MODEL="gpt-nano", TOKENIZER="char", SEED=7, LOG_EVERY=1000,
+    custom_params=dict(num_epochs=2, batch_size=4, learning_rate=3e-3, eval_freq=10, eval_iter=2,
+                       max_length=32, stride=32, start_context="The ", lr_schedule="cosine",
+                       warmup_steps=5, grad_clip=1.0,
+                       model_overrides=dict(emb_dim=32, n_heads=2, n_layers=2, context_length=32,
+                                            drop_rate=0.1)))
+
+
+def tiny_run(tmp_path, name, text_path, **settings):
+    merged = {**TINY_SETTINGS, **settings}
+    return resolve_run_config(merged, {"out": str(tmp_path / name), "data": str(text_path)})
+
+
+@pytest.fixture
+def text_file(tmp_path, verdict_text):
+    path = tmp_path / "verdict.txt"
+    path.write_text(verdict_text[:6000], encoding="utf-8")
+    return path
+
+
+def test_batch_loss_is_mean_negative_log_likelihood(tiny_cfg):
+    model = GPTModel(tiny_cfg)
+    inputs, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
+    log_probs = torch.log_softmax(model(inputs), dim=-1)
+    expected = -sum(log_probs[b, t, targets[b, t]] for b in range(2) for t in range(8)) / 16
+    assert torch.allclose(calc_loss_batch(inputs, targets, model, "cpu"), expected, atol=1e-5)
+
+
+def test_learning_rate_schedule_hand_values():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=10, lr_schedule="cosine")
+    assert learning_rate_at(0, cfg, 110) == pytest.approx(1e-4)    # warm-up: (0+1)/10 of the peak
+    assert learning_rate_at(9, cfg, 110) == pytest.approx(1e-3)
+    assert learning_rate_at(10, cfg, 110) == pytest.approx(1e-3)   # cosine starts at the peak
+    assert learning_rate_at(60, cfg, 110) == pytest.approx(0.55e-3)  # halfway: (1 + 0.1) / 2
+    assert learning_rate_at(110, cfg, 110) == pytest.approx(1e-4)  # ends at 10% of the peak
+    constant = TrainConfig(learning_rate=1e-3)
+    assert {learning_rate_at(s, constant, 50) for s in range(50)} == {1e-3}
+
+
+def test_same_seed_same_losses_and_a_complete_run_dir(tmp_path, text_file, capsys):
+    _, _, first, run_dir = pretrain(tiny_run(tmp_path, "a", text_file))
+    _, _, second, _ = pretrain(tiny_run(tmp_path, "b", text_file))
+    _, _, other_seed, _ = pretrain(tiny_run(tmp_path, "c", text_file, SEED=8))
+    assert first["batch_losses"] == second["batch_losses"] and first["val_losses"] == second["val_losses"]
+    assert first["batch_losses"] != other_seed["batch_losses"]
+
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "config.json", "metrics.json",
+                                                  "training_losses.png"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("train_losses", "val_losses", "tokens_seen", "final_train_loss", "final_val_loss",
+                "best_val_loss", "perplexity", "tokens_per_sec", "elapsed_s"):
+        assert metrics[key] is not None, key
+    assert len(metrics["train_losses"]) == len(metrics["val_losses"]) == len(metrics["tokens_seen"])
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["final_val_loss"]))
+    assert metrics["tokens_seen"][0] == 10 * 4 * 32  # eval_freq steps x batch x window
+    assert metrics["completed"] and metrics["epochs_completed"] == 2
+    assert (run_dir / "training_losses.png").read_bytes()[:4] == b"\x89PNG"
+    output = capsys.readouterr().out
+    assert "sample after epoch 2" in output and "final val loss" in output
+
+
+def test_checkpoint_loads_safely_and_rebuilds_the_same_model(tmp_path, text_file):
+    model, tokenizer, _, run_dir = pretrain(tiny_run(tmp_path, "run", text_file, custom_params={
+        **TINY_SETTINGS["custom_params"], "num_epochs": 1}))
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)  # no arbitrary pickles
+    assert {"model", "optimizer", "state", "rng", "run", "tokenizer_spec"} <= set(checkpoint)
+    loaded, loaded_tokenizer, _ = load_model(run_dir)
+    idx = torch.tensor([tokenizer.encode("The painter")])
+    model.eval()
+    assert torch.equal(loaded(idx), model(idx))
+    assert loaded_tokenizer.encode("The painter") == tokenizer.encode("The painter")
+
+
+def test_corrupt_or_missing_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = resolve_run_config({})
+    first = choose_run_dir(run)
+    assert first == Path("runs/pretrain-quick")
+    first.mkdir(parents=True)
+    (first / "checkpoint.pt").write_bytes(b"")
+    assert choose_run_dir(run) == Path("runs/pretrain-quick-2")
+    with pytest.raises(ConfigError, match="--resume"):
+        choose_run_dir(resolve_run_config({}, {"out": str(first)}))
+
+
+def test_diverging_loss_stops_with_a_clear_message(tmp_path, text_file, monkeypatch):
+    original = GPTModel.forward
+    monkeypatch.setattr(GPTModel, "forward", lambda self, idx: original(self, idx) * float("nan"))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        pretrain(tiny_run(tmp_path, "nan", text_file))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path, text_file):
+    """Run A trains straight through; run B gets a real SIGINT part-way and is resumed (C).
+    B + C must reproduce A: the same batch losses, evaluations and samples."""
+    _, _, straight, _ = pretrain(tiny_run(tmp_path, "straight", text_file))
+
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]);"
+              "from minigpt.config import resolve_run_config; from minigpt.train import pretrain;"
+              "pretrain(resolve_run_config(json.loads(sys.argv[2]), json.loads(sys.argv[3])))")
+    run_dir = tmp_path / "interrupted"
+    cli = {"out": str(run_dir), "data": str(text_file)}
+    process = subprocess.Popen([sys.executable, "-u", "-c", script, str(ROOT), json.dumps(TINY_SETTINGS),
+                                json.dumps(cli)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # wait for the first evaluation (step 10 of 40), then press Ctrl-C
+        if "val loss" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.stdout.read()
+    assert process.wait(timeout=60) == 0
+    assert "Ctrl-C" in rest and "stopped early" in rest
+    stopped = json.loads((run_dir / "metrics.json").read_text())
+    assert not stopped["completed"] and 10 <= stopped["steps"] < straight["steps"]
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    _, _, resumed, _ = pretrain(resolve_resume_config(saved, {"resume": str(run_dir)}))
+    assert resumed["completed"] and resumed["steps"] == straight["steps"]
+    for key in ("batch_losses", "train_losses", "val_losses"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-6), key
+    assert resumed["tokens_seen"] == straight["tokens_seen"]
+    assert resumed["final_val_loss"] == pytest.approx(straight["final_val_loss"], abs=1e-6)
+    assert [s["text"] for s in resumed["samples"]] == [s["text"] for s in straight["samples"]]
+
+
+def test_resuming_a_finished_run_asks_for_more_epochs(tmp_path, text_file):
+    _, _, _, run_dir = pretrain(tiny_run(tmp_path, "done", text_file))
+    saved = json.loads((run_dir / "config.json").read_text())
+    with pytest.raises(ConfigError, match="--epochs"):
+        pretrain(resolve_resume_config(saved, {"resume": str(run_dir)}))
+    _, _, more, _ = pretrain(resolve_resume_config(saved, {"resume": str(run_dir), "num_epochs": 3}))
+    assert more["epochs_completed"] == 3
+
+
+def test_resuming_with_other_text_is_refused(tmp_path, text_file):
+    _, _, _, run_dir = pretrain(tiny_run(tmp_path, "run", text_file))
+    text_file.write_text(text_file.read_text() + " more", encoding="utf-8")
+    saved = json.loads((run_dir / "config.json").read_text())
+    with pytest.raises(ConfigError, match="differs"):
+        pretrain(resolve_resume_config(saved, {"resume": str(run_dir), "num_epochs": 3}))
