@@ -10,30 +10,34 @@ matplotlib.use("Agg")  # draw to files only: works on servers and in CI, no disp
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_losses(eval_steps: list[int], tokens_seen: list[int], train_losses: list[float],
-                val_losses: list[float], batch_losses: list[float], path: str | Path,
+def plot_losses(eval_steps: list[int], train_losses: list[float], val_losses: list[float],
+                path: str | Path, batch_losses: list[float] | None = None,
+                tokens_per_step: int | None = None, final: tuple[int, float, float] | None = None,
                 title: str = "Training and validation loss") -> Path:
-    """Train/val loss against optimizer steps (bottom axis) and tokens seen (top axis),
-    over the loss of every single batch (faint)."""
+    """Train/val loss against optimizer steps, with tokens seen on the top axis.
+
+    `batch_losses` (one per step) are drawn faintly underneath; `final` = (step, train, val)
+    marks the end-of-run evaluation over the whole splits.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     if batch_losses:
         ax.plot(range(1, len(batch_losses) + 1), batch_losses, color="0.75", linewidth=0.8,
                 label="train loss, each batch")
     ax.plot(eval_steps, train_losses, "o-", color="tab:blue", markersize=3, label="train loss (eval)")
     ax.plot(eval_steps, val_losses, "s--", color="tab:orange", markersize=3, label="validation loss")
+    if final is not None:
+        step, train, val = final
+        ax.plot([step], [train], "*", color="tab:blue", markersize=11, label=f"final train {train:.2f}")
+        ax.plot([step], [val], "*", color="tab:orange", markersize=11, label=f"final validation {val:.2f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy loss (nats / token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
-
-    if len(eval_steps) >= 2 and eval_steps[-1] > eval_steps[0]:
-        # Tokens seen grow linearly with steps, so a second axis on top can label them.
-        tokens_per_step = (tokens_seen[-1] - tokens_seen[0]) / (eval_steps[-1] - eval_steps[0])
+    ax.legend(loc="upper right", fontsize=8)
+    if tokens_per_step:  # tokens seen grow linearly with steps: label them on a second axis
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step,
                                                     lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
-
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -31,9 +31,10 @@ class GPT2Tokenizer:
             self._encoding = tiktoken.get_encoding("gpt2")
         except Exception as err:  # tiktoken raises plain requests/OS errors when offline
             raise ConfigError(
-                "could not load GPT-2's tokenizer files (tiktoken downloads them on first use): "
-                f"{err}. Connect to the internet once, or set TIKTOKEN_CACHE_DIR to a folder "
-                "holding tiktoken's cached gpt2 files, or use --tokenizer char.") from err
+                "could not load GPT-2's tokenizer files: tiktoken downloads them on first use "
+                f"and that failed ({type(err).__name__}). Connect to the internet once, or set "
+                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files, or use "
+                "--tokenizer char.") from None
         self.vocab_size = self._encoding.n_vocab  # 50257
         self.eos_id = self._encoding.eot_token    # 50256, "<|endoftext|>"
 

@@ -165,6 +165,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
 
     The loop can stop after any step (Ctrl-C) and continue later from the saved state:
     the data order depends only on (seed, epoch), and the learning rate only on the step.
+    `on_epoch_end` runs after every epoch but the last (pretrain saves a checkpoint there).
     """
     stop = stop or StopRequest()
     model.train()
@@ -231,7 +232,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             state.samples.append({"epoch": state.epoch, "step": state.global_step, "text": sample})
             tqdm.write(f"sample after epoch {state.epoch}: {sample!r}")
             state.elapsed_s = elapsed_before + time.perf_counter() - loop_start
-            if on_epoch_end is not None:
+            more_to_come = state.epoch < cfg.num_epochs and state.global_step < total_steps
+            if on_epoch_end is not None and more_to_come:
                 on_epoch_end()
         if stop.requested:
             break
@@ -380,7 +382,8 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         if state.epoch >= cfg.num_epochs or state.global_step >= total_steps:
             raise ConfigError(f"the run in {run_dir} already finished {state.global_step} steps "
-                              f"({state.epoch} epochs); raise --epochs to train it further.")
+                              f"({state.epoch} epochs); raise --epochs (or --max-steps, if it set "
+                              "one) to train it further.")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     print_header(run, device, model, tokenizer, text, train_ids, val_ids, steps_per_epoch,
@@ -445,9 +448,13 @@ def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extr
               "torch_version": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    if metrics["eval_steps"] or metrics["batch_losses"]:
-        plot_losses(metrics["eval_steps"], metrics["tokens_seen"], metrics["train_losses"],
-                    metrics["val_losses"], metrics["batch_losses"], run_dir / "training_losses.png",
+    if metrics["batch_losses"]:
+        final = None
+        if metrics["completed"]:
+            final = (metrics["steps"], metrics["final_train_loss"], metrics["final_val_loss"])
+        plot_losses(metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"],
+                    run_dir / "training_losses.png", batch_losses=metrics["batch_losses"],
+                    tokens_per_step=run.train.batch_size * run.train.max_length, final=final,
                     title=f"{run.task}, {run.mode} mode ({run.model_name})")
 
 

@@ -56,6 +56,14 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     assert sorted(sum(first_inputs(1, 0), [])) == list(range(0, 200, 4))  # each window once
 
 
+def test_worker_processes_give_the_same_batches():
+    ids = list(range(301))
+    single = create_dataloader(ids, batch_size=3, max_length=5, stride=5, seed=4)
+    workers = create_dataloader(ids, batch_size=3, max_length=5, stride=5, seed=4, num_workers=2)
+    for (x1, y1), (x2, y2) in zip(single, workers, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 def test_sampler_can_start_part_way_through_an_epoch():
     sampler = SeededSampler(10, shuffle=True, seed=5)
     sampler.set_epoch(3)

@@ -49,6 +49,10 @@ def test_tied_head_shares_the_embedding(tiny_cfg):
 
     model = GPTModel(replace(tiny_cfg, tie_weights=True))
     assert model.out_head.weight is model.tok_emb.weight
+    # The shared matrix also scores the output, so it starts small like the other linear
+    # layers (std 0.02), unlike an untied embedding (PyTorch's N(0, 1)).
+    assert 0.015 < model.tok_emb.weight.std().item() < 0.025
+    assert 0.9 < GPTModel(tiny_cfg).tok_emb.weight.std().item() < 1.1
     assert model.num_parameters() == formula_parameters(replace(tiny_cfg, tie_weights=True))
 
 
