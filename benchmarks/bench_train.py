@@ -3,8 +3,12 @@
 For the quick-mode model and for GPT-2 124M at context 256 (full mode's batch shape), time
 full training steps (forward, backward, AdamW update) with the model's `MultiHeadAttention`
 (fused Q/K/V + scaled_dot_product_attention) and with `ExplicitMultiHeadAttention` (the
-chapter-3 code: separate projections, a materialised (T, T) mask and softmax) swapped
-into every block. Each measurement runs in its own process so peak memory is its own.
+chapter-3 code: separate projections, a materialised (T, T) mask and softmax) in every block.
+
+Speed: one process builds both models and alternates their steps, so a busy neighbour slows
+both alike; the table reports median step times. Memory: a separate process per model, so
+each peak is its own. A second table times the attention layer alone (forward + backward),
+where the two implementations differ, without the rest of the step diluting it.
 
     python benchmarks/bench_train.py                 # both configs, 1 thread
     python benchmarks/bench_train.py --threads 2 --configs quick
@@ -16,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -32,19 +37,17 @@ CONFIGS = {
 ATTENTIONS = ("production", "teaching")
 
 
-def measure(config: str, attention: str, steps: int, warmup: int, device_name: str | None) -> dict:
-    """Run in a worker process: time `steps` training steps after `warmup` untimed ones."""
+def build(config: str, attention: str, device):
+    """A model with the chosen attention in every block, its optimizer, and one fixed batch."""
     import torch
 
     from minigpt.attention import ExplicitMultiHeadAttention
     from minigpt.config import TrainConfig, model_config
     from minigpt.model import GPTModel
-    from minigpt.train import calc_loss_batch, make_optimizer, pick_device
+    from minigpt.train import make_optimizer
 
-    device = pick_device(device_name)
     preset, overrides, batch_size, max_length = CONFIGS[config]
     cfg = model_config(preset, **overrides)
-    rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     model = GPTModel(cfg)
     if attention == "teaching":
@@ -55,80 +58,142 @@ def measure(config: str, attention: str, steps: int, warmup: int, device_name: s
     optimizer = make_optimizer(model, TrainConfig(learning_rate=4e-4, weight_decay=0.1))
     inputs = torch.randint(0, cfg.vocab_size, (batch_size, max_length), device=device)
     targets = torch.randint(0, cfg.vocab_size, (batch_size, max_length), device=device)
+    return model, optimizer, inputs, targets
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = calc_loss_batch(inputs, targets, model, device)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # wait for the device
 
-    for _ in range(warmup):
-        step()
+def train_step(model, optimizer, inputs, targets, device) -> None:
+    from minigpt.train import calc_loss_batch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss = calc_loss_batch(inputs, targets, model, device)
+    loss.backward()
+    optimizer.step()
+    loss.item()  # wait for the device
+
+
+def measure_speed(config: str, steps: int, warmup: int, device) -> dict:
+    """Median step time of each attention, their steps interleaved in one process."""
+    setups = {attention: build(config, attention, device) for attention in ATTENTIONS}
+    times = {attention: [] for attention in ATTENTIONS}
+    for i in range(warmup + steps):
+        for attention in ATTENTIONS if i % 2 == 0 else reversed(ATTENTIONS):
+            start = time.perf_counter()
+            train_step(*setups[attention], device)
+            if i >= warmup:
+                times[attention].append(time.perf_counter() - start)
+    return {attention: dict(params=setups[attention][0].num_parameters(),
+                            step_ms=1000 * statistics.median(times[attention]))
+            for attention in ATTENTIONS}
+
+
+def measure_memory(config: str, attention: str, device) -> float:
+    """Peak memory (MiB) of two training steps: CUDA's allocator peak, or on a CPU the
+    process's peak resident memory beyond what it held before the model was built."""
+    import torch
+
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    setup = build(config, attention, device)
+    for _ in range(2):  # the second step has AdamW's moments allocated
+        train_step(*setup, device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        memory_kind = "CUDA peak allocated"
-    else:  # peak resident memory of this process beyond what torch's import already took
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kib) / 1024
-        memory_kind = "peak RSS above baseline"
-    return dict(config=config, attention=attention, device=str(device), threads=torch.get_num_threads(),
-                params=model.num_parameters(), tokens_per_sec=steps * inputs.numel() / seconds,
-                step_ms=1000 * seconds / steps, peak_mib=peak_mib, memory_kind=memory_kind)
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kib) / 1024
+
+
+def measure_attention_only(config: str, repeats: int, device) -> dict:
+    """Forward + backward of one attention layer at the config's shape, interleaved."""
+    import torch
+
+    from minigpt.attention import ExplicitMultiHeadAttention, MultiHeadAttention
+    from minigpt.config import model_config
+
+    preset, overrides, batch_size, max_length = CONFIGS[config]
+    cfg = model_config(preset, **overrides)
+    layers = {"production": MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.n_heads, cfg.drop_rate),
+              "teaching": ExplicitMultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.context_length,
+                                                     cfg.drop_rate, cfg.n_heads)}
+    x = torch.randn(batch_size, max_length, cfg.emb_dim, device=device, requires_grad=True)
+    times = {name: [] for name in layers}
+    for i in range(repeats + 3):
+        for name, layer in layers.items():
+            layer.to(device).train()
+            start = time.perf_counter()
+            layer(x).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def run_worker(args: list[str]) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": str(ARGS.threads)}
+    command = [sys.executable, __file__, "--threads", str(ARGS.threads), "--warmup", str(ARGS.warmup)]
+    if ARGS.device:
+        command += ["--device", ARGS.device]
+    result = subprocess.run(command + ["--worker", *args], check=True, capture_output=True, text=True, env=env)
+    return result.stdout.strip().splitlines()[-1]
 
 
 def main() -> None:
+    global ARGS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (printed; default 1)")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 quick, 3 for 124M)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default: 40 quick, 5 for 124M)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "ATTENTION"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=3, help="processes per speed measurement (default 3)")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    ARGS = parser.parse_args()
 
     import torch
-    torch.set_num_threads(args.threads)
-    if args.worker:
-        config, attention = args.worker
-        print(json.dumps(measure(config, attention, args.steps, args.warmup, args.device)))
+
+    from minigpt.train import pick_device
+
+    torch.set_num_threads(ARGS.threads)
+    device = pick_device(ARGS.device)
+    if ARGS.worker:  # a child process: measure one thing, print it as JSON
+        kind, config, *rest = ARGS.worker
+        if kind == "speed":
+            print(json.dumps(measure_speed(config, int(rest[0]), ARGS.warmup, device)))
+        elif kind == "memory":
+            print(json.dumps(measure_memory(config, rest[0], device)))
+        else:
+            print(json.dumps(measure_attention_only(config, int(rest[0]), device)))
         return
 
-    configs = args.configs.split(",")
+    configs = ARGS.configs.split(",")
     for name in configs:
         if name not in CONFIGS:
             parser.error(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), warm-up {args.warmup} steps; "
-          "each row is its own process")
-    rows = []
-    for name in configs:
-        steps = args.steps or (20 if name == "quick" else 3)
-        for attention in ATTENTIONS:
-            command = [sys.executable, __file__, "--worker", name, attention, "--steps", str(steps),
-                       "--warmup", str(args.warmup), "--threads", str(args.threads)]
-            if args.device:
-                command += ["--device", args.device]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True,
-                                               env=env).stdout.strip().splitlines()[-1])
-            result["steps"] = steps
-            rows.append(result)
+    print(f"torch {torch.__version__}, device {device}, {ARGS.threads} thread(s), warm-up {ARGS.warmup} steps")
 
-    print(f"\n{'config':<12} {'attention':<11} {'params':>12} {'device':>6} {'steps':>5} "
-          f"{'ms/step':>9} {'tokens/s':>10} {'speed-up':>8} {'peak MiB':>9} {'memory ratio':>12}")
-    for row in rows:
-        teaching = next(r for r in rows if r["config"] == row["config"] and r["attention"] == "teaching")
-        print(f"{row['config']:<12} {row['attention']:<11} {row['params']:>12,} {row['device']:>6} "
-              f"{row['steps']:>5} {row['step_ms']:>9.1f} {row['tokens_per_sec']:>10,.0f} "
-              f"{row['tokens_per_sec'] / teaching['tokens_per_sec']:>7.2f}x {row['peak_mib']:>9,.0f} "
-              f"{row['peak_mib'] / teaching['peak_mib']:>11.2f}x")
-    print(f"\nspeed-up and memory ratio are relative to the teaching attention in the same run; "
-          f"memory is {rows[0]['memory_kind']}.")
+    print(f"\nwhole training steps (forward + backward + AdamW): the two models' steps interleaved in "
+          f"one process, repeated in {ARGS.repeats} processes; speed-up is the median over processes [range]")
+    print(f"{'config':<12} {'attention':<11} {'params':>12} {'steps':>5} {'median ms/step':>14} "
+          f"{'tokens/s':>9} {'speed-up [range]':>19} {'peak MiB':>9} {'memory':>7}")
+    for name in configs:
+        steps = ARGS.steps or (40 if name == "quick" else 5)
+        runs = [json.loads(run_worker(["speed", name, str(steps)])) for _ in range(ARGS.repeats)]
+        memory = {attention: json.loads(run_worker(["memory", name, attention])) for attention in ATTENTIONS}
+        tokens_per_step = CONFIGS[name][2] * CONFIGS[name][3]
+        for attention in ATTENTIONS:
+            step_ms = statistics.median(run[attention]["step_ms"] for run in runs)
+            ratios = [run["teaching"]["step_ms"] / run[attention]["step_ms"] for run in runs]
+            spread = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+            print(f"{name:<12} {attention:<11} {runs[0][attention]['params']:>12,} {steps:>5} {step_ms:>14.1f} "
+                  f"{tokens_per_step / (step_ms / 1000):>9,.0f} "
+                  f"{spread:>19} {memory[attention]:>9,.0f} {memory[attention] / memory['teaching']:>6.2f}x")
+
+    print(f"\none attention layer alone (forward + backward), the two interleaved")
+    print(f"{'config':<12} {'production ms':>13} {'teaching ms':>11} {'speed-up':>8}")
+    for name in configs:
+        layer = json.loads(run_worker(["attention", name, "50" if name == "quick" else "20"]))
+        print(f"{name:<12} {layer['production']:>13.2f} {layer['teaching']:>11.2f} "
+              f"{layer['teaching'] / layer['production']:>7.2f}x")
+    memory_kind = "CUDA allocator peak" if device.type == "cuda" else "peak RSS above the process's baseline"
+    print(f"\nspeed-up and memory are relative to the teaching attention; memory is {memory_kind}.")
 
 
 if __name__ == "__main__":
