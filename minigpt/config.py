@@ -296,6 +296,7 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
 
     generation = {**GENERATION_DEFAULTS,
                   **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}}
+    _check_int("--max-new-tokens", generation["max_new_tokens"])
     if task == "generate" and not cli.get("checkpoint"):
         raise ConfigError("--task generate needs --checkpoint DIR: the run directory of a "
                           "trained model, e.g. --checkpoint runs/pretrain-quick.")
@@ -315,7 +316,8 @@ def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConf
     cli = {k: v for k, v in cli.items() if v is not None}
     for key in cli:
         if key not in RESUME_OVERRIDES:
-            raise ConfigError(f"--{key.replace('_', '-')} cannot change when resuming: a resumed run "
+            flag = {"learning_rate": "--lr"}.get(key, "--" + key.replace("_", "-"))
+            raise ConfigError(f"{flag} cannot change when resuming: a resumed run "
                               f"keeps its own settings (see {cli['resume']}/config.json). Drop the "
                               "flag, or start a new run with --out.")
     if cli.get("task", "pretrain") != "pretrain":

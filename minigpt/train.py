@@ -189,8 +189,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             if not torch.isfinite(loss):
                 raise ConfigError(
                     f"the loss became {loss.item()} at step {state.global_step + 1} (learning rate "
-                    f"{lr:.2e}); training diverged. Lower learning_rate (now {cfg.learning_rate}) "
-                    "or set grad_clip (e.g. 1.0), then start again from the last checkpoint.")
+                    f"{lr:.2e}); training diverged. Start a new run with a lower learning_rate "
+                    f"(now {cfg.learning_rate}) or with grad_clip set (e.g. 1.0).")
             loss.backward()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -238,7 +238,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
         if stop.requested:
             break
     state.elapsed_s = elapsed_before + time.perf_counter() - loop_start
-    return not stop.requested
+    return state.epoch >= cfg.num_epochs or state.global_step >= total_steps
 
 
 # ---------------------------------------------------------------------------------------

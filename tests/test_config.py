@@ -69,6 +69,8 @@ def test_config_errors_name_the_setting_and_the_fix(settings, words):
 def test_generate_without_checkpoint_says_what_to_pass():
     with pytest.raises(ConfigError, match="--checkpoint"):
         resolve_run_config({}, {"task": "generate"})
+    with pytest.raises(ConfigError, match="--max-new-tokens"):
+        resolve_run_config({}, {"task": "generate", "checkpoint": "runs/x", "max_new_tokens": 0})
 
 
 def test_gpt_config_is_frozen_and_validated():
@@ -97,3 +99,5 @@ def test_resume_keeps_the_run_and_allows_only_more_epochs():
     assert run.train.num_epochs == 3 and run.resume == "runs/x" and run.model == resolve().model
     with pytest.raises(ConfigError, match="--model cannot change"):
         resolve_resume_config(saved, {"resume": "runs/x", "model": "gpt2-small"})
+    with pytest.raises(ConfigError, match="--lr cannot change"):
+        resolve_resume_config(saved, {"resume": "runs/x", "learning_rate": 1e-3})
