@@ -356,6 +356,11 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
         tokenizer = get_tokenizer(run.tokenizer, text=text)
     run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
     cfg = run.train
+    try:  # the per-epoch sample must not fail after an epoch of training: check its prompt now
+        tokenizer.encode(cfg.start_context)
+    except ConfigError as err:
+        raise ConfigError(f"start_context {cfg.start_context!r} cannot be encoded: {err} "
+                          "Or set custom_params['start_context'] to text from the corpus.") from None
 
     train_text, val_text = split_text(text, train_ratio=0.9)
     train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)

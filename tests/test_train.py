@@ -169,3 +169,15 @@ def test_resuming_with_other_text_is_refused(tmp_path, text_file):
     saved = json.loads((run_dir / "config.json").read_text())
     with pytest.raises(ConfigError, match="differs"):
         pretrain(resolve_resume_config(saved, {"resume": str(run_dir), "num_epochs": 3}))
+
+
+def test_a_sample_prompt_the_tokenizer_cannot_encode_fails_before_training(tmp_path):
+    corpus = tmp_path / "chinese.txt"
+    corpus.write_text("我们今天学习语言模型。" * 200, encoding="utf-8")
+    with pytest.raises(ConfigError, match="start_context"):
+        pretrain(tiny_run(tmp_path, "zh", corpus))  # char vocabulary has no 'T', 'h', 'e'
+    assert not (tmp_path / "zh").exists()
+    settings = dict(custom_params={**TINY_SETTINGS["custom_params"], "start_context": "我们", "num_epochs": 1})
+    _, tokenizer, metrics, _ = pretrain(tiny_run(tmp_path, "zh-ok", corpus, **settings))
+    assert metrics["samples"][0]["text"].startswith("我们")
+    assert tokenizer.decode(tokenizer.encode("语言模型")) == "语言模型"
