@@ -3,6 +3,7 @@
     python main.py                                   # pretrain, quick mode (see config_run.py)
     python main.py --mode full                       # GPT-2 124M on the-verdict, 10 epochs
     python main.py --data my.txt --tokenizer char    # your own text
+    python main.py --tokenizer train --vocab-size 2048   # learn a BPE on the training text first
     python main.py --resume runs/pretrain-quick --epochs 3
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
 """
@@ -26,7 +27,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mode", choices=MODES, help="quick, full or custom (config_run.QUICK_MODE / CUSTOM_MODE)")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: the best available")
     parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model preset (config_run.MODEL)")
-    parser.add_argument("--tokenizer", choices=TOKENIZERS, help="config_run.TOKENIZER")
+    parser.add_argument("--tokenizer", metavar="NAME|PATH",
+                        help=f"{', '.join(TOKENIZERS)}, or a saved BPE file (config_run.TOKENIZER)")
+    parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int,
+                        help="size of the BPE that --tokenizer train learns (config_run.BPE_VOCAB_SIZE)")
     parser.add_argument("--data", help="a UTF-8 text file to train on (default: the-verdict.txt)")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<mode>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped or finished run in DIR")

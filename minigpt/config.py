@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import types
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -46,10 +47,10 @@ def _check_float(where: str, value: Any, low: float, high: float | None = None,
 def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, "
-                          f"got {value!r}.{_did_you_mean(value, choices)}")
+                          f"got {value!r}.{did_you_mean(value, choices)}")
 
 
-def _did_you_mean(given: Any, valid: list[str] | tuple[str, ...]) -> str:
+def did_you_mean(given: Any, valid: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(str(given), list(valid), n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -58,7 +59,7 @@ def _check_keys(where: str, given: dict, valid: list[str]) -> None:
     """Reject unknown keys, suggesting the closest valid one."""
     for key in given:
         if key not in valid:
-            raise ConfigError(f"unknown key {key!r} in {where}.{_did_you_mean(key, valid)} "
+            raise ConfigError(f"unknown key {key!r} in {where}.{did_you_mean(key, valid)} "
                               f"Valid keys: {', '.join(valid)}.")
 
 
@@ -172,7 +173,7 @@ class TrainConfig:
 
 TASKS = ("pretrain", "generate")
 MODES = ("quick", "full", "custom")
-TOKENIZERS = ("gpt2", "char")
+TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DEVICES = ("cpu", "cuda", "mps")
 
 # What each mode trains. Quick: a small model that finishes in well under a minute on a
@@ -194,8 +195,8 @@ CUSTOM_PARAM_KEYS = [f.name for f in fields(TrainConfig)] + ["model_overrides"]
 MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 
 # The names config_run.py may define.
-RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "DATA",
-                "OUT", "SEED", "LOG_EVERY", "custom_params"]
+RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
+                "DATA", "OUT", "SEED", "LOG_EVERY", "custom_params"]
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,8 @@ class RunConfig:
     model_name: str          # the preset the model config started from
     model: GPTConfig         # vocab_size is replaced by the tokenizer's once it is built
     train: TrainConfig
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # a name in TOKENIZERS, or the path of a saved BPE tokenizer file
+    bpe_vocab_size: int = 1024  # size of the BPE that tokenizer "train" learns
     data: str | None = None  # a UTF-8 text file; None trains on the-verdict.txt
     out: str | None = None   # run directory; None: runs/<task>-<mode>
     device: str | None = None  # None: the best available (cuda > mps > cpu)
@@ -235,10 +237,10 @@ GENERATION_DEFAULTS = dict(max_new_tokens=60, temperature=0.8, top_k=40, top_p=N
 def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = None) -> RunConfig:
     """Combine config_run.py's names (`settings`) with command-line overrides (`cli`).
 
-    `cli` holds only the flags the user gave: task, mode, device, model, tokenizer, data,
-    out, resume, checkpoint, prompt, seed, and training values (num_epochs, batch_size,
-    learning_rate, max_steps), plus generation values (max_new_tokens, temperature, top_k,
-    top_p).
+    `cli` holds only the flags the user gave: task, mode, device, model, tokenizer,
+    bpe_vocab_size, data, out, resume, checkpoint, prompt, seed, and training values
+    (num_epochs, batch_size, learning_rate, max_steps), plus generation values
+    (max_new_tokens, temperature, top_k, top_p).
     """
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     _check_keys("config_run.py", {k: v for k, v in settings.items() if not k.startswith("_")},
@@ -280,7 +282,9 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
             f"{model.context_length}, or raise custom_params['model_overrides']['context_length'].")
 
     tokenizer = cli.get("tokenizer", settings.get("TOKENIZER", "gpt2"))
-    _check_choice("TOKENIZER (or --tokenizer)", tokenizer, TOKENIZERS)
+    _check_tokenizer(tokenizer)
+    bpe_vocab_size = cli.get("bpe_vocab_size", settings.get("BPE_VOCAB_SIZE", 1024))
+    _check_int("BPE_VOCAB_SIZE (or --vocab-size)", bpe_vocab_size, low=257, high=1_000_000)
     device = cli.get("device", settings.get("DEVICE"))
     if device is not None:
         _check_choice("DEVICE (or --device)", device, DEVICES)
@@ -301,7 +305,8 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         raise ConfigError("--task generate needs --checkpoint DIR: the run directory of a "
                           "trained model, e.g. --checkpoint runs/pretrain-quick.")
     return RunConfig(task=task, mode=mode, model_name=model_name, model=model, train=train,
-                     tokenizer=tokenizer, data=data, out=out, device=device, seed=seed,
+                     tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
+                     device=device, seed=seed,
                      log_every=log_every, resume=cli.get("resume"),
                      checkpoint=cli.get("checkpoint"), prompt=cli.get("prompt"),
                      generation=generation)
@@ -316,7 +321,7 @@ def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConf
     cli = {k: v for k, v in cli.items() if v is not None}
     for key in cli:
         if key not in RESUME_OVERRIDES:
-            flag = {"learning_rate": "--lr"}.get(key, "--" + key.replace("_", "-"))
+            flag = {"learning_rate": "--lr", "bpe_vocab_size": "--vocab-size"}.get(key, "--" + key.replace("_", "-"))
             raise ConfigError(f"{flag} cannot change when resuming: a resumed run "
                               f"keeps its own settings (see {cli['resume']}/config.json). Drop the "
                               "flag, or start a new run with --out.")
@@ -326,6 +331,21 @@ def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConf
     train = _build("the resumed training settings", replace, run.train,
                    **{k: cli[k] for k in ("num_epochs", "max_steps") if k in cli})
     return replace(run, train=train, resume=cli["resume"], device=cli.get("device", run.device))
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    """A tokenizer name, or the path of a saved BPE file (read later, when the run starts)."""
+    if tokenizer in TOKENIZERS:
+        return
+    if not isinstance(tokenizer, str) or not tokenizer:
+        raise ConfigError(f"TOKENIZER (or --tokenizer) must be one of {', '.join(map(repr, TOKENIZERS))} "
+                          f"or the path of a saved BPE tokenizer file, got {tokenizer!r}.")
+    if not Path(tokenizer).is_file():
+        raise ConfigError(
+            f"TOKENIZER (or --tokenizer) is {tokenizer!r}, which is neither a tokenizer name "
+            f"({', '.join(map(repr, TOKENIZERS))}) nor an existing file. Give a name, or the path "
+            f"of a saved BPE tokenizer such as runs/pretrain-quick/tokenizer.bpe."
+            f"{did_you_mean(tokenizer, TOKENIZERS)}")
 
 
 def _mode_from_flags(settings: dict[str, Any]) -> str:

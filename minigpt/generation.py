@@ -75,7 +75,8 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tem
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
-    return torch.tensor(tokenizer.encode(text)).unsqueeze(0)  # (1, T)
+    """A prompt as a batch of one; "<|endoftext|>" in it means the end-of-text token."""
+    return torch.tensor(tokenizer.encode(text, allowed_special="all")).unsqueeze(0)  # (1, T)
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:

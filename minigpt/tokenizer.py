@@ -1,20 +1,557 @@
-"""Text to token ids and back.
+"""Text to token ids and back (chapter 2).
 
-Two tokenizers for now: GPT-2's byte-level BPE through tiktoken (50,257 tokens, what the
-pretrained GPT-2 weights expect) and a character-level tokenizer whose vocabulary is the
-set of characters in the training text (tiny vocabulary, tiny output head).
-Both expose the same small interface: `encode`, `decode`, `vocab_size`, `eos_id` and
+A model reads numbers, not text. This module builds up the tokenizers a GPT uses:
+
+- `WordTokenizer`: the first idea, words and punctuation as tokens from a fixed vocabulary,
+  with `<|unk|>` for anything unseen. Simple, and stuck on every word it never saw.
+- `BPETokenizer`: byte-level byte-pair encoding, GPT-2's answer. Start from the 256 byte
+  values (so any text can be encoded), then repeatedly merge the most frequent adjacent
+  pair of tokens into a new token. Trained here from scratch, or loaded from GPT-2's
+  published files, in which case it encodes exactly like tiktoken's "gpt2".
+- `GPT2Tokenizer`: the same GPT-2 encoding through tiktoken (fast, written in Rust).
+- `CharTokenizer`: one token per character of the training text.
+
+All of them share a small interface: `encode`, `decode`, `vocab_size`, `eos_id`, `name` and
 `spec()`, a JSON-able description from which `tokenizer_from_spec` rebuilds them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import heapq
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
 
-from minigpt.config import ConfigError, TOKENIZERS
+import regex
+from tqdm.auto import tqdm
+
+from minigpt.config import TOKENIZERS, ConfigError, did_you_mean
+from minigpt.data import download_file
 
 END_OF_TEXT = "<|endoftext|>"
+UNKNOWN = "<|unk|>"
 
+# GPT-2's pre-tokenization: text is first cut into chunks (contractions, runs of letters
+# with one leading space, runs of digits, runs of other symbols, whitespace), and merges
+# never cross a chunk boundary. So " dog" and " dog." share the token " dog".
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+# ---------------------------------------------------------------------------------------
+# The first idea: a vocabulary of words
+# ---------------------------------------------------------------------------------------
+
+class WordTokenizer:
+    """Words and punctuation marks as tokens, from a vocabulary built out of one text.
+
+    Words the vocabulary lacks become `<|unk|>`; `<|endoftext|>` separates documents.
+    It shows why real tokenizers work on bytes: anything new is lost.
+    """
+
+    name = "word"
+    SPLIT = regex.compile(r'([,.:;?_!"()\']|--|\s)')
+
+    def __init__(self, vocab: list[str]) -> None:
+        self.vocab = list(vocab)
+        self._id_of = {token: i for i, token in enumerate(self.vocab)}
+        if len(self._id_of) != len(self.vocab) or UNKNOWN not in self._id_of:
+            raise ValueError(f"the vocabulary must hold distinct tokens, {UNKNOWN!r} among them.")
+        self.vocab_size = len(self.vocab)
+        self.eos_id = self._id_of.get(END_OF_TEXT)
+
+    @classmethod
+    def split(cls, text: str) -> list[str]:
+        """Cut text at whitespace and punctuation, keeping the punctuation as tokens."""
+        return [piece for piece in cls.SPLIT.split(text) if piece.strip()]
+
+    @classmethod
+    def from_text(cls, text: str) -> "WordTokenizer":
+        return cls(sorted(set(cls.split(text))) + [END_OF_TEXT, UNKNOWN])
+
+    def encode(self, text: str) -> list[int]:
+        unknown = self._id_of[UNKNOWN]
+        return [self._id_of.get(word, unknown) for word in self.split(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        text = " ".join(self.vocab[i] for i in ids)
+        return regex.sub(r'\s+([,.:;?!"()\'])', r"\1", text)  # no space before punctuation
+
+
+# ---------------------------------------------------------------------------------------
+# Byte-pair encoding: two helpers and two trainers
+# ---------------------------------------------------------------------------------------
+
+def count_pairs(ids: list[int], counts: dict[tuple[int, int], int] | None = None,
+                weight: int = 1) -> dict[tuple[int, int], int]:
+    """How often each adjacent pair occurs in `ids` (added, `weight` times, to `counts`)."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every occurrence of `pair` in `ids`, left to right, by `new_id`."""
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def split_into_chunks(text: str, pattern: str = GPT2_SPLIT_PATTERN,
+                      special_tokens: Iterable[str] = ()) -> list[str]:
+    """Pre-tokenize: special tokens removed, the rest cut into chunks that merges never cross."""
+    specials = sorted(special_tokens, key=len, reverse=True)
+    pieces = regex.split("|".join(map(regex.escape, specials)), text) if specials else [text]
+    compiled = regex.compile(pattern)
+    return [chunk for piece in pieces for chunk in compiled.findall(piece)]
+
+
+def _pick_key(pair: tuple[int, int], count: int, token_bytes: list[bytes]):
+    """Which pair merges next: the most frequent; ties go to the greatest pair of byte
+    strings (then of ids), so that training is deterministic and trainers agree."""
+    return count, token_bytes[pair[0]], token_bytes[pair[1]], pair
+
+
+def learn_merges_naive(chunks: list[str], num_merges: int) -> list[tuple[int, int]]:
+    """The readable trainer: after every merge, count every pair in the whole text again.
+
+    Cost: corpus size x merges. Kept as the reference the fast trainer is tested against.
+    """
+    pieces = [list(chunk.encode("utf-8")) for chunk in chunks]
+    token_bytes = [bytes([b]) for b in range(256)]
+    merges = []
+    for new_id in range(256, 256 + num_merges):
+        counts: dict[tuple[int, int], int] = {}
+        for ids in pieces:
+            count_pairs(ids, counts)
+        if not counts:
+            break
+        best = max(counts, key=lambda pair: _pick_key(pair, counts[pair], token_bytes))
+        pieces = [merge_pair(ids, best, new_id) for ids in pieces]
+        merges.append(best)
+        token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
+    return merges
+
+
+class _Candidate:
+    """A heap entry: a pair and its count when pushed. heapq pops the smallest entry, so
+    "smaller" here means "merges first" (see `_pick_key`)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key) -> None:
+        self.key = key
+
+    def __lt__(self, other: "_Candidate") -> bool:
+        return self.key > other.key
+
+
+def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool = True) -> list[tuple[int, int]]:
+    """The fast trainer: the same merges as `learn_merges_naive`, without recounting.
+
+    Three ideas make it scale with the corpus rather than corpus x merges:
+    1. each distinct chunk is stored once with its frequency (" the" occurs thousands of times);
+    2. pair counts are kept up to date: a merge only touches the chunks that contain the pair
+       (`where` remembers them), subtracting their old pairs and adding their new ones;
+    3. a heap finds the most frequent pair. Counts only fall, except for pairs with the new
+       token, so an entry whose count went stale is fixed when it reaches the top.
+    """
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    token_bytes = [bytes([b]) for b in range(256)]
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> chunks that (may) hold it
+    for w, ids in enumerate(words):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += freqs[w]
+            where[pair].add(w)
+    heap = [_Candidate(_pick_key(pair, count, token_bytes)) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    for new_id in tqdm(range(256, 256 + num_merges), desc="training BPE", unit="merge",
+                       disable=not progress, delay=1.0, leave=False):
+        best = None
+        while heap:
+            count, _, _, pair = heapq.heappop(heap).key
+            current = pair_counts.get(pair, 0)
+            if count == current:
+                best = pair
+                break
+            if current > 0:  # stale: the pair lost occurrences since this entry was pushed
+                heapq.heappush(heap, _Candidate(_pick_key(pair, current, token_bytes)))
+        if best is None:
+            break  # every chunk is a single token: nothing left to merge
+        merges.append(best)
+        token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
+
+        new_pairs = set()
+        for w in where.pop(best):
+            ids, freq = words[w], freqs[w]
+            merged = merge_pair(ids, best, new_id)
+            if len(merged) == len(ids):
+                continue  # an earlier merge already removed the pair from this chunk
+            for pair in zip(ids, ids[1:]):
+                pair_counts[pair] -= freq
+            for pair in zip(merged, merged[1:]):
+                pair_counts[pair] += freq
+                where[pair].add(w)
+                if new_id in pair:
+                    new_pairs.add(pair)
+            words[w] = merged
+        del pair_counts[best]
+        for pair in new_pairs:
+            heapq.heappush(heap, _Candidate(_pick_key(pair, pair_counts[pair], token_bytes)))
+    return merges
+
+
+# ---------------------------------------------------------------------------------------
+# GPT-2's byte-to-character table (how its files write bytes as text)
+# ---------------------------------------------------------------------------------------
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's files store tokens as text, one printable character per byte: bytes that are
+    printable Latin-1 characters stand for themselves; the other 68 (controls, space,
+    non-breaking space, soft hyphen) are moved to characters 256, 257, ... in byte order.
+    So the space byte 32 is written 'Ġ' (chr(288)) and a token " the" is "Ġthe"."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# Special tokens, shared by the BPE and tiktoken tokenizers
+# ---------------------------------------------------------------------------------------
+
+def _resolve_special(text: str, special_tokens: Iterable[str], allowed_special, disallowed_special) -> set[str]:
+    """The special tokens to encode as single tokens; raises if `text` holds a disallowed one.
+
+    Same rules as tiktoken: by default no special token is allowed, and text that contains
+    one raises, because a user's text that merely mentions "<|endoftext|>" must not end a
+    document by accident. `allowed_special="all"` allows every special token;
+    `disallowed_special=()` encodes unallowed ones as ordinary text instead of raising.
+    """
+    specials = set(special_tokens)
+    allowed = specials if allowed_special == "all" else set(allowed_special)
+    unknown = allowed - specials
+    if unknown:
+        raise ConfigError(f"allowed_special names {sorted(unknown)}, which this tokenizer does not "
+                          f"have as special tokens; it has {sorted(specials) or 'none'}.")
+    disallowed = specials - allowed if disallowed_special == "all" else set(disallowed_special)
+    if disallowed:
+        found = regex.search("|".join(map(regex.escape, sorted(disallowed))), text)
+        if found:
+            raise ConfigError(
+                f"the text contains the special token {found.group()!r} (at character "
+                f"{found.start()}), which is not allowed here. Pass allowed_special="
+                f"{{{found.group()!r}}} (or 'all') to encode it as its one special token, or "
+                "disallowed_special=() to encode it as ordinary text.")
+    return allowed
+
+
+# ---------------------------------------------------------------------------------------
+# The byte-level BPE tokenizer
+# ---------------------------------------------------------------------------------------
+
+BPE_FILE_VERSION = "minigpt-bpe v1"
+_CACHE_LIMIT = 200_000  # chunks remembered by `encode`
+
+
+class BPETokenizer:
+    """Byte-level BPE: byte tokens, an ordered list of merges, and special tokens.
+
+    `merges` maps a pair of token ids to the id of the token that replaces it, in the order
+    the merges were learned: encoding applies them in that order (earliest first). For a
+    trained tokenizer the bytes have ids 0..255 and the merges 256, 257, ...; GPT-2's files
+    number the bytes differently, which `byte_ids` records.
+    """
+
+    name = "bpe"
+
+    def __init__(self, merges: dict[tuple[int, int], int], special_tokens: dict[str, int] | None = None,
+                 pattern: str = GPT2_SPLIT_PATTERN, byte_ids: list[int] | None = None,
+                 source: str | None = None) -> None:
+        self.merges = dict(merges)
+        self.special_tokens = dict(special_tokens or {})
+        self.pattern = pattern
+        self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)
+        self.source = source  # "gpt2" when loaded from GPT-2's files
+        self.vocab = self._build_vocab()  # id -> the bytes it stands for
+        self.vocab_size = len(self.vocab)
+        self.eos_id = self.special_tokens.get(END_OF_TEXT)
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._split = regex.compile(pattern)
+        self._cache: dict[str, list[int]] = {}
+
+    def _build_vocab(self) -> dict[int, bytes]:
+        """Every id's bytes, checking that the ids are 0..N-1, each used once."""
+        if len(self.byte_ids) != 256 or len(set(self.byte_ids)) != 256:
+            raise ConfigError("invalid BPE tokenizer: byte_ids must give 256 distinct ids.")
+        vocab = {token_id: bytes([b]) for b, token_id in enumerate(self.byte_ids)}
+        for (left, right), new_id in self.merges.items():
+            if left not in vocab or right not in vocab:
+                raise ConfigError(f"invalid BPE tokenizer: merge ({left}, {right}) -> {new_id} uses "
+                                  "a token that no earlier line defines.")
+            if new_id in vocab:
+                raise ConfigError(f"invalid BPE tokenizer: token id {new_id} is defined twice.")
+            vocab[new_id] = vocab[left] + vocab[right]
+        for token, token_id in self.special_tokens.items():
+            if not token or token_id in vocab:
+                raise ConfigError(f"invalid BPE tokenizer: special token {token!r} has id {token_id}, "
+                                  "which is already used (or the token is empty).")
+            vocab[token_id] = token.encode("utf-8")
+        if set(vocab) != set(range(len(vocab))):
+            raise ConfigError(f"invalid BPE tokenizer: the {len(vocab)} token ids must be "
+                              f"0..{len(vocab) - 1} with no gaps.")
+        return vocab
+
+    # -- training --------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (END_OF_TEXT,),
+              pattern: str = GPT2_SPLIT_PATTERN, algorithm: str = "fast",
+              progress: bool = True) -> "BPETokenizer":
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text`.
+
+        Special tokens get the last ids. `algorithm="naive"` uses the readable trainer that
+        recounts every pair after every merge (same result, much slower).
+        """
+        special_tokens = list(dict.fromkeys(special_tokens))
+        smallest = 256 + len(special_tokens)
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < smallest:
+            raise ConfigError(f"vocab_size must be a whole number of at least {smallest} (256 byte "
+                              f"tokens + {len(special_tokens)} special), got {vocab_size!r}.")
+        if algorithm not in ("fast", "naive"):
+            raise ConfigError(f"algorithm must be 'fast' or 'naive', got {algorithm!r}.")
+        num_merges = vocab_size - smallest
+        chunks = split_into_chunks(text, pattern, special_tokens)
+        if algorithm == "fast":
+            pairs = learn_merges(Counter(chunks), num_merges, progress=progress)
+        else:
+            pairs = learn_merges_naive(chunks, num_merges)
+        if len(pairs) < num_merges:
+            raise ConfigError(
+                f"the text is too short for a vocabulary of {vocab_size}: after {len(pairs)} merges "
+                "every chunk is a single token. Lower the vocabulary size to at most "
+                f"{smallest + len(pairs)}, or train on more text.")
+        merges = {pair: 256 + i for i, pair in enumerate(pairs)}
+        specials = {token: 256 + num_merges + i for i, token in enumerate(special_tokens)}
+        return cls(merges, specials, pattern)
+
+    # -- encoding and decoding ---------------------------------------------------------
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        """BPE on one chunk: apply the earliest-learned merge present until none applies."""
+        cached = self._cache.get(chunk)
+        if cached is not None:
+            return cached
+        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        while len(ids) >= 2:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
+            if pair not in self._ranks:
+                break
+            ids = merge_pair(ids, pair, self.merges[pair])
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[chunk] = ids
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode treating special tokens as plain text."""
+        ids = []
+        for chunk in self._split.findall(_replace_lone_surrogates(text)):
+            ids.extend(self._encode_chunk(chunk))
+        return ids
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
+               disallowed_special: Iterable[str] | str = "all") -> list[int]:
+        """Text to token ids; special tokens follow tiktoken's rules (see `_resolve_special`)."""
+        text = _replace_lone_surrogates(text)
+        allowed = _resolve_special(text, self.special_tokens, allowed_special, disallowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        # Capturing the specials in the split keeps them: even items are text, odd are specials.
+        specials = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
+        for i, piece in enumerate(regex.split(f"({specials})", text)):
+            ids.extend([self.special_tokens[piece]] if i % 2 else self.encode_ordinary(piece))
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        try:
+            return b"".join(self.vocab[int(i)] for i in ids)
+        except KeyError as err:
+            raise ConfigError(f"token id {err.args[0]} is not in this tokenizer's vocabulary "
+                              f"(ids 0..{self.vocab_size - 1}).") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids to text. A cut through a multi-byte character becomes '\ufffd'."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # -- saving and loading ------------------------------------------------------------
+
+    def to_text(self) -> str:
+        """The tokenizer as a human-readable text file (see `save`)."""
+        byte_ids = "identity" if self.byte_ids == list(range(256)) else " ".join(map(str, self.byte_ids))
+        lines = [BPE_FILE_VERSION,
+                 "# A byte-level BPE tokenizer saved by minigpt (minigpt/tokenizer.py). Tab-separated.",
+                 "# bytes: the ids of bytes 0..255. merge NEW LEFT RIGHT: tokens LEFT RIGHT side by",
+                 "# side become NEW, in this order; the quoted text is for reading only.",
+                 f"pattern\t{json.dumps(self.pattern)}",
+                 f"bytes\t{byte_ids}"]
+        lines += [f"special\t{token_id}\t{json.dumps(token)}" for token, token_id in self.special_tokens.items()]
+        for (left, right), new_id in self.merges.items():
+            readable = self.vocab[new_id].decode("utf-8", errors="backslashreplace")
+            lines.append(f"merge\t{new_id}\t{left}\t{right}\t{json.dumps(readable, ensure_ascii=False)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str, where: str = "the tokenizer text") -> "BPETokenizer":
+        """Parse what `to_text` wrote; errors name the line that is wrong."""
+        lines = text.splitlines()
+        if not lines or lines[0].strip() != BPE_FILE_VERSION:
+            first = lines[0][:60] if lines else ""
+            raise ConfigError(f"{where} is not a minigpt BPE tokenizer file: its first line is "
+                              f"{first!r}, expected {BPE_FILE_VERSION!r}. Give a file written by "
+                              "BPETokenizer.save (e.g. a run directory's tokenizer.bpe).")
+        pattern, byte_ids, specials, merges = GPT2_SPLIT_PATTERN, None, {}, {}
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip() or line.startswith("#"):
+                continue
+            fields = line.split("\t")
+            try:
+                if fields[0] == "pattern":
+                    pattern = json.loads(fields[1])
+                    regex.compile(pattern)
+                elif fields[0] == "bytes":
+                    byte_ids = None if fields[1] == "identity" else [int(x) for x in fields[1].split()]
+                elif fields[0] == "special":
+                    specials[json.loads(fields[2])] = int(fields[1])
+                elif fields[0] == "merge":
+                    merges[(int(fields[2]), int(fields[3]))] = int(fields[1])
+                else:
+                    raise ValueError(f"unknown line kind {fields[0]!r}")
+            except (IndexError, ValueError, regex.error) as err:
+                raise ConfigError(f"{where}, line {number}: cannot read {line[:60]!r} ({err}); "
+                                  "the file is corrupt. Save the tokenizer again.") from None
+        try:
+            return cls(merges, specials, pattern, byte_ids)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err} The file is corrupt; save the tokenizer again.") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_text(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BPETokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no tokenizer file at {path}; check the path (a run directory's "
+                              "tokenizer.bpe, or a file written by BPETokenizer.save).")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a minigpt BPE tokenizer file (it is not UTF-8 text).") from None
+        return cls.from_text(text, where=str(path))
+
+    # -- GPT-2's published vocabulary ----------------------------------------------------
+
+    @classmethod
+    def from_gpt2(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> "BPETokenizer":
+        """GPT-2's tokenizer from its two published files.
+
+        encoder.json maps each token, written with `bytes_to_unicode`, to its id; vocab.bpe
+        lists the 50,000 merges in the order they were learned, one "left right" per line.
+        """
+        try:
+            encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+            merge_lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"could not read GPT-2's tokenizer files ({type(err).__name__}: {err}). "
+                              "Delete them so they download again, or give the right paths.") from None
+        char_of = bytes_to_unicode()
+        try:
+            byte_ids = [encoder[char_of[b]] for b in range(256)]
+            merges = {}
+            for line in merge_lines:
+                if line.startswith("#version") or not line.strip():
+                    continue
+                left, right = line.split(" ")
+                merges[(encoder[left], encoder[right])] = encoder[left + right]
+            specials = {END_OF_TEXT: encoder[END_OF_TEXT]}
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"GPT-2's tokenizer files do not fit together ({err!r} is missing "
+                              f"or malformed): {encoder_json}, {vocab_bpe}. Delete them so they "
+                              "download again.") from None
+        return cls(merges, specials, GPT2_SPLIT_PATTERN, byte_ids, source="gpt2")
+
+    def spec(self) -> dict[str, Any]:
+        """GPT-2's vocabulary is named (its files are cached); any other BPE is stored whole."""
+        if self.source == "gpt2":
+            return {"name": self.name, "source": "gpt2"}
+        return {"name": self.name, "saved": self.to_text()}
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    """Python strings may hold unpaired surrogates, which UTF-8 cannot store; like tiktoken,
+    pair up the ones that form a character and turn the rest into U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# GPT-2's files as OpenAI publishes them, with their SHA-256 (the hashes tiktoken checks too).
+GPT2_FILES = {
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: $MINIGPT_CACHE_DIR, else ~/.cache/minigpt."""
+    if os.environ.get("MINIGPT_CACHE_DIR"):
+        return Path(os.environ["MINIGPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt"
+
+
+def download_gpt2_files(directory: str | Path | None = None,
+                        base_url: str | None = None) -> tuple[Path, Path]:
+    """GPT-2's encoder.json and vocab.bpe, downloaded once into `directory` (default
+    <cache>/gpt2) and checked against their SHA-256. `base_url` replaces OpenAI's address."""
+    directory = Path(directory) if directory is not None else cache_dir() / "gpt2"
+    paths = []
+    for filename, (url, sha256) in GPT2_FILES.items():
+        if base_url is not None:
+            url = f"{base_url.rstrip('/')}/{filename}"
+        paths.append(download_file(url, directory / filename, sha256=sha256))
+    return paths[0], paths[1]
+
+
+# ---------------------------------------------------------------------------------------
+# GPT-2 through tiktoken, and characters
+# ---------------------------------------------------------------------------------------
 
 class GPT2Tokenizer:
     """GPT-2's tokenizer, loaded through tiktoken (downloads its two files once, then caches).
@@ -38,8 +575,11 @@ class GPT2Tokenizer:
         self.vocab_size = self._encoding.n_vocab  # 50257
         self.eos_id = self._encoding.eot_token    # 50256, "<|endoftext|>"
 
-    def encode(self, text: str, allowed_special: set[str] | str = frozenset({END_OF_TEXT})) -> list[int]:
-        return self._encoding.encode(text, allowed_special=allowed_special)
+    def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
+               disallowed_special: Iterable[str] | str = "all") -> list[int]:
+        allowed = _resolve_special(text, self._encoding.special_tokens_set, allowed_special,
+                                   disallowed_special)
+        return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self._encoding.decode(list(ids))
@@ -65,7 +605,8 @@ class CharTokenizer:
     def from_text(cls, text: str) -> "CharTokenizer":
         return cls("".join(sorted(set(text))))
 
-    def encode(self, text: str, allowed_special: Any = None) -> list[int]:
+    def encode(self, text: str, allowed_special: Any = None, disallowed_special: Any = None) -> list[int]:
+        """Every character is ordinary here (there are no special tokens)."""
         try:
             return [self._id_of[ch] for ch in text]
         except KeyError as err:
@@ -81,19 +622,45 @@ class CharTokenizer:
         return {"name": self.name, "chars": self.chars}
 
 
-def get_tokenizer(name: str, text: str | None = None) -> GPT2Tokenizer | CharTokenizer:
-    """The tokenizer called `name`; the character-level one is built from `text`."""
+# ---------------------------------------------------------------------------------------
+# Choosing one
+# ---------------------------------------------------------------------------------------
+
+def get_tokenizer(name: str, text: str | None = None,
+                  vocab_size: int | None = None) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
+    """The tokenizer called `name`:
+
+    "gpt2"  GPT-2's tokenizer through tiktoken;
+    "bpe"   minigpt's own BPE loaded with GPT-2's vocabulary (the same ids as "gpt2");
+    "char"  one token per character of `text`;
+    "train" a new BPE of `vocab_size` tokens learned from `text`;
+    or the path of a tokenizer saved with `BPETokenizer.save`.
+    """
     if name == "gpt2":
         return GPT2Tokenizer()
+    if name == "bpe":
+        return BPETokenizer.from_gpt2(*download_gpt2_files())
+    if name in ("char", "train") and not text:
+        raise ValueError(f"the {name!r} tokenizer is built from a text; pass text=...")
     if name == "char":
-        if not text:
-            raise ValueError("the character-level tokenizer is built from a text; pass text=...")
         return CharTokenizer.from_text(text)
-    raise ConfigError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}.")
+    if name == "train":
+        if vocab_size is None:
+            raise ValueError("training a BPE needs vocab_size=...")
+        return BPETokenizer.train(text, vocab_size)
+    if Path(name).is_file():
+        return BPETokenizer.load(name)
+    raise ConfigError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, or give the "
+                      f"path of a saved BPE tokenizer file.{did_you_mean(name, TOKENIZERS)}")
 
 
-def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | CharTokenizer:
+def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
     """Rebuild a tokenizer from what `spec()` returned (stored in every checkpoint)."""
     if spec.get("name") == "char":
         return CharTokenizer(spec["chars"])
-    return get_tokenizer(spec.get("name", "?"))
+    if spec.get("name") == "bpe" and "saved" in spec:
+        return BPETokenizer.from_text(spec["saved"], where="the checkpoint's tokenizer")
+    if spec.get("name") in ("gpt2", "bpe"):
+        return get_tokenizer(spec["name"])
+    raise ConfigError(f"the checkpoint names an unknown tokenizer {spec.get('name')!r}; it was "
+                      "saved by another version of minigpt.")

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from minigpt.config import ConfigError, RunConfig, TrainConfig
 from minigpt.data import VERDICT_PATH, create_dataloader, load_text, split_text
-from minigpt.generation import generate_text
+from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
-from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
+from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
 
 CHECKPOINT_NAME = "checkpoint.pt"
+TOKENIZER_NAME = "tokenizer.bpe"
 CHECKPOINT_FORMAT = "minigpt-checkpoint-v1"
 
 
@@ -350,20 +351,28 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
     if checkpoint is not None and checkpoint["data_sha256"] != data_sha256:
         raise ConfigError(f"the training text differs from the one the run in {run_dir} started "
                           "with; resume with the same --data, or start a new run.")
+    train_text, val_text = split_text(text, train_ratio=0.9)
+    tokenizer_start = time.perf_counter()
     if checkpoint is not None:
         tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
     else:
-        tokenizer = get_tokenizer(run.tokenizer, text=text)
+        # A trained BPE learns from the training split only, so validation text stays unseen;
+        # a character vocabulary needs every character of both splits to encode them.
+        tokenizer = get_tokenizer(run.tokenizer, text=train_text if run.tokenizer == "train" else text,
+                                  vocab_size=run.bpe_vocab_size)
+    tokenizer_note = describe_tokenizer(tokenizer, run, time.perf_counter() - tokenizer_start,
+                                        resumed=checkpoint is not None)
     run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
     cfg = run.train
     try:  # the per-epoch sample must not fail after an epoch of training: check its prompt now
-        tokenizer.encode(cfg.start_context)
+        text_to_token_ids(cfg.start_context, tokenizer)
     except ConfigError as err:
         raise ConfigError(f"start_context {cfg.start_context!r} cannot be encoded: {err} "
                           "Or set custom_params['start_context'] to text from the corpus.") from None
 
-    train_text, val_text = split_text(text, train_ratio=0.9)
-    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
+    # "<|endoftext|>" written in the corpus separates documents: encode it as its token.
+    train_ids = tokenizer.encode(train_text, allowed_special="all")
+    val_ids = tokenizer.encode(val_text, allowed_special="all")
     shape = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, stride=cfg.stride,
                  num_workers=cfg.num_workers, seed=run.seed)
     loaders = Loaders(
@@ -391,8 +400,10 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
                               "one) to train it further.")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    print_header(run, device, model, tokenizer, text, train_ids, val_ids, steps_per_epoch,
-                 total_steps, run_dir, state)
+    if isinstance(tokenizer, BPETokenizer) and tokenizer.source != "gpt2":
+        tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
+    print_header(run, device, model, tokenizer, tokenizer_note, text, train_ids, val_ids,
+                 steps_per_epoch, total_steps, run_dir, state)
     extra = {"tokenizer_spec": tokenizer.spec(), "data_sha256": data_sha256}
 
     def save(completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -451,6 +462,8 @@ def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extr
     config = {**run.to_dict(), "data_path": str(Path(run.data).resolve()) if run.data else str(VERDICT_PATH),
               **extra, "train_tokens": train_tokens, "val_tokens": val_tokens,
               "torch_version": torch.__version__}
+    if "saved" in config["tokenizer_spec"]:  # a BPE's merges: in the checkpoint and tokenizer.bpe
+        config["tokenizer_spec"] = {"name": "bpe", "file": TOKENIZER_NAME}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     if metrics["batch_losses"]:
@@ -467,8 +480,24 @@ def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extr
 # What the console shows
 # ---------------------------------------------------------------------------------------
 
-def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenizer, text: str,
-                 train_ids: list[int], val_ids: list[int], steps_per_epoch: int,
+def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool) -> str:
+    """One line for the header: which tokenizer, its size, and where it came from."""
+    size = f"{tokenizer.vocab_size:,} tokens"
+    if resumed:
+        return f"{tokenizer.name}, {size} (the run's own, from its checkpoint)"
+    if tokenizer.name == "gpt2":
+        return f"gpt2 (GPT-2's BPE through tiktoken), {size}"
+    if tokenizer.name == "char":
+        return f"char (the text's distinct characters), {size}"
+    if tokenizer.source == "gpt2":
+        return f"bpe (minigpt's BPE with GPT-2's vocabulary), {size}"
+    where = "trained on the training split" if run.tokenizer == "train" else f"loaded from {run.tokenizer}"
+    return (f"bpe {where} in {seconds:.2f} s: {size} ({len(tokenizer.merges):,} merges), "
+            f"saved as {TOKENIZER_NAME}")
+
+
+def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenizer, tokenizer_note: str,
+                 text: str, train_ids: list[int], val_ids: list[int], steps_per_epoch: int,
                  total_steps: int, run_dir: Path, state: TrainState) -> None:
     cfg, m = run.train, run.model
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
@@ -480,6 +509,7 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
                   f"qkv_bias {m.qkv_bias}, tied head {m.tie_weights}"),
         ("parameters", f"{model.num_parameters():,} ({model.num_parameters(exclude_output_head=True):,} "
                        f"without the output head); {model.parameter_memory_bytes() / 2**20:,.1f} MiB in fp32"),
+        ("tokenizer", tokenizer_note),
         ("data", f"{Path(run.data).name if run.data else VERDICT_PATH.name}: {len(text):,} characters, "
                  f"{len(train_ids) + len(val_ids):,} tokens ({tokenizer.name}); "
                  f"train {len(train_ids):,} / validation {len(val_ids):,} tokens"),
@@ -511,4 +541,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool) -> No
     print(f"  tokens seen        {metrics['total_tokens']:,} in {metrics['steps']:,} steps")
     print(f"  throughput         {fmt(metrics['tokens_per_sec'], ',.0f')} tokens/s (training steps only)")
     print(f"  wall time          {metrics['elapsed_s']:.1f} s")
-    print(f"  wrote              {run_dir}/: checkpoint.pt, config.json, metrics.json, training_losses.png")
+    files = ["checkpoint.pt", "config.json", "metrics.json", "training_losses.png"]
+    if (run_dir / TOKENIZER_NAME).is_file():
+        files.append(TOKENIZER_NAME)
+    print(f"  wrote              {run_dir}/: {', '.join(files)}")

@@ -54,7 +54,9 @@ def test_custom_mode_uses_custom_params_and_cli_overrides_win():
     (dict(CUSTOM_MODE=True, QUICK_MODE=True), ["QUICK_MODE", "CUSTOM_MODE", "both"]),
     (dict(MODEL="gpt2-smal"), ["gpt2-smal", "gpt2-small"]),
     (dict(DEVICE="gpu"), ["DEVICE", "'gpu'"]),
-    (dict(TOKENIZER="bpe2"), ["TOKENIZER", "gpt2", "char"]),
+    (dict(TOKENIZER="bpe2"), ["TOKENIZER", "'bpe2'", "neither", "gpt2", "train", "Did you mean 'bpe'"]),
+    (dict(TOKENIZER="runs/x/tokenizer.bpe"), ["TOKENIZER", "runs/x/tokenizer.bpe", "existing file"]),
+    (dict(TOKENIZER="train", BPE_VOCAB_SIZE=100), ["BPE_VOCAB_SIZE", "--vocab-size", "257", "100"]),
     (dict(TASK="pretrian"), ["pretrian", "pretrain"]),
     (dict(CUSTOM_MODE=True, QUICK_MODE=False, custom_params=dict(lr_schedule="cosin")), ["cosin", "cosine"]),
     (dict(SEED=-1), ["SEED", "-1"]),
@@ -101,3 +103,14 @@ def test_resume_keeps_the_run_and_allows_only_more_epochs():
         resolve_resume_config(saved, {"resume": "runs/x", "model": "gpt2-small"})
     with pytest.raises(ConfigError, match="--lr cannot change"):
         resolve_resume_config(saved, {"resume": "runs/x", "learning_rate": 1e-3})
+
+
+def test_tokenizer_names_paths_and_the_bpe_size_resolve(tmp_path):
+    assert resolve().tokenizer == "gpt2" and resolve().bpe_vocab_size == 1024
+    run = resolve_run_config({"TOKENIZER": "train", "BPE_VOCAB_SIZE": 2048}, {"bpe_vocab_size": 512})
+    assert (run.tokenizer, run.bpe_vocab_size) == ("train", 512)  # the flag wins
+    saved = tmp_path / "tokenizer.bpe"
+    saved.write_text("minigpt-bpe v1\n")
+    assert resolve(TOKENIZER=str(saved)).tokenizer == str(saved)  # read when the run starts
+    with pytest.raises(ConfigError, match="--vocab-size cannot change"):
+        resolve_resume_config(run.to_dict(), {"resume": "runs/x", "bpe_vocab_size": 300})

@@ -1,9 +1,6 @@
 """Sliding windows, seeded batching, text loading and downloads (against a local server)."""
 
-import functools
 import hashlib
-import http.server
-import threading
 
 import pytest
 import torch
@@ -93,20 +90,6 @@ def test_read_text_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ConfigError, match="empty"):
         read_text(tmp_path / "empty.txt")
-
-
-@pytest.fixture
-def local_server(tmp_path):
-    """An HTTP server on loopback serving tmp_path/served."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
 
 
 def test_download_fetches_once_and_checks_the_checksum(local_server, tmp_path):

@@ -88,7 +88,7 @@ def test_eos_stops_each_row_and_pads_finished_rows():
 def test_generate_text_stops_at_end_of_text_and_keeps_the_prompt():
     class Tok:
         eos_id = 0
-        def encode(self, text): return [1] * len(text)
+        def encode(self, text, allowed_special=()): return [1] * len(text)
         def decode(self, ids): return "".join("x" if i == 1 else "y" for i in ids)
 
     model = FixedLogits(lambda row, n: [10.0 if i == (2 if n < 4 else 0) else 0.0 for i in range(6)])

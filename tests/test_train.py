@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from minigpt.config import ConfigError, TrainConfig, resolve_resume_config, resolve_run_config
 from minigpt.model import GPTModel
+from minigpt.tokenizer import BPETokenizer
 from minigpt.train import (StopRequest, calc_loss_batch, choose_run_dir, learning_rate_at, load_checkpoint,
                            load_model, pretrain)
 
@@ -181,3 +182,21 @@ def test_a_sample_prompt_the_tokenizer_cannot_encode_fails_before_training(tmp_p
     _, tokenizer, metrics, _ = pretrain(tiny_run(tmp_path, "zh-ok", corpus, **settings))
     assert metrics["samples"][0]["text"].startswith("我们")
     assert tokenizer.decode(tokenizer.encode("语言模型")) == "语言模型"
+
+
+def test_a_run_can_train_its_own_bpe_and_a_later_run_can_reuse_it(tmp_path, text_file, capsys):
+    settings = dict(TOKENIZER="train", BPE_VOCAB_SIZE=300,
+                    custom_params={**TINY_SETTINGS["custom_params"], "num_epochs": 1})
+    _, tokenizer, _, run_dir = pretrain(tiny_run(tmp_path, "bpe", text_file, **settings))
+    train_text = text_file.read_text(encoding="utf-8")[:5400]  # the 90% training split
+    assert tokenizer.merges == BPETokenizer.train(train_text, 300, progress=False).merges
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["vocab_size"] == 300 and config["tokenizer_spec"] == {"name": "bpe",
+                                                                               "file": "tokenizer.bpe"}
+    assert "bpe trained on the training split" in capsys.readouterr().out
+    _, loaded_tokenizer, _ = load_model(run_dir)  # the checkpoint carries the merges itself
+    assert loaded_tokenizer.merges == tokenizer.merges
+
+    reuse = dict(settings, TOKENIZER=str(run_dir / "tokenizer.bpe"))
+    _, again, _, _ = pretrain(tiny_run(tmp_path, "reuse", text_file, **reuse))
+    assert again.merges == tokenizer.merges and again.encode("The painter") == tokenizer.encode("The painter")
