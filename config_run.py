@@ -9,7 +9,12 @@ CUSTOM_MODE = False   # train with custom_params below (set QUICK_MODE = False t
 # With both False: full mode, GPT-2 124M at context 256 for 10 epochs (the book's run).
 
 MODEL = None          # None: the mode's model; or a preset such as "gpt-mini", "gpt2-small", "gpt2-medium"
-TOKENIZER = "gpt2"    # "gpt2" (tiktoken, 50,257 tokens) or "char" (one token per character of the text)
+TOKENIZER = "gpt2"    # "gpt2": GPT-2's BPE through tiktoken (50,257 tokens)
+                      # "bpe": minigpt's own BPE with GPT-2's vocabulary (same ids; downloads 1.5 MB once)
+                      # "char": one token per character of the text
+                      # "train": learn a new BPE of BPE_VOCAB_SIZE tokens on the training split first
+                      # or the path of a saved BPE, e.g. "runs/pretrain-quick/tokenizer.bpe"
+BPE_VOCAB_SIZE = 1024 # size of the BPE that TOKENIZER = "train" learns (the model's vocab_size follows)
 DATA = None           # None: the-verdict.txt (downloaded once); or the path of any UTF-8 text file
 OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run)
 

@@ -11,8 +11,10 @@ A model reads numbers, not text. This module builds up the tokenizers a GPT uses
 - `GPT2Tokenizer`: the same GPT-2 encoding through tiktoken (fast, written in Rust).
 - `CharTokenizer`: one token per character of the training text.
 
-All of them share a small interface: `encode`, `decode`, `vocab_size`, `eos_id`, `name` and
+The three a run can use (BPE, tiktoken, characters) share a small interface: `encode(text,
+allowed_special=..., disallowed_special=...)`, `decode`, `vocab_size`, `eos_id`, `name` and
 `spec()`, a JSON-able description from which `tokenizer_from_spec` rebuilds them.
+`WordTokenizer` is for the chapter only: `encode`, `decode` and `vocab_size`.
 """
 
 from __future__ import annotations
@@ -114,9 +116,9 @@ def split_into_chunks(text: str, pattern: str = GPT2_SPLIT_PATTERN,
     return [chunk for piece in pieces for chunk in compiled.findall(piece)]
 
 
-def _pick_key(pair: tuple[int, int], count: int, token_bytes: list[bytes]):
-    """Which pair merges next: the most frequent; ties go to the greatest pair of byte
-    strings (then of ids), so that training is deterministic and trainers agree."""
+def merge_priority(pair: tuple[int, int], count: int, token_bytes: list[bytes]) -> tuple:
+    """The pair with the greatest priority merges next: the most frequent; ties go to the
+    greatest pair of byte strings (then of ids), so training is deterministic and trainers agree."""
     return count, token_bytes[pair[0]], token_bytes[pair[1]], pair
 
 
@@ -134,7 +136,7 @@ def learn_merges_naive(chunks: list[str], num_merges: int) -> list[tuple[int, in
             count_pairs(ids, counts)
         if not counts:
             break
-        best = max(counts, key=lambda pair: _pick_key(pair, counts[pair], token_bytes))
+        best = max(counts, key=lambda pair: merge_priority(pair, counts[pair], token_bytes))
         pieces = [merge_pair(ids, best, new_id) for ids in pieces]
         merges.append(best)
         token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
@@ -143,7 +145,7 @@ def learn_merges_naive(chunks: list[str], num_merges: int) -> list[tuple[int, in
 
 class _Candidate:
     """A heap entry: a pair and its count when pushed. heapq pops the smallest entry, so
-    "smaller" here means "merges first" (see `_pick_key`)."""
+    "smaller" here means "merges first" (see `merge_priority`)."""
 
     __slots__ = ("key",)
 
@@ -173,7 +175,7 @@ def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool =
         for pair in zip(ids, ids[1:]):
             pair_counts[pair] += freqs[w]
             where[pair].add(w)
-    heap = [_Candidate(_pick_key(pair, count, token_bytes)) for pair, count in pair_counts.items()]
+    heap = [_Candidate(merge_priority(pair, count, token_bytes)) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
 
     merges = []
@@ -187,7 +189,7 @@ def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool =
                 best = pair
                 break
             if current > 0:  # stale: the pair lost occurrences since this entry was pushed
-                heapq.heappush(heap, _Candidate(_pick_key(pair, current, token_bytes)))
+                heapq.heappush(heap, _Candidate(merge_priority(pair, current, token_bytes)))
         if best is None:
             break  # every chunk is a single token: nothing left to merge
         merges.append(best)
@@ -209,7 +211,7 @@ def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool =
             words[w] = merged
         del pair_counts[best]
         for pair in new_pairs:
-            heapq.heappush(heap, _Candidate(_pick_key(pair, pair_counts[pair], token_bytes)))
+            heapq.heappush(heap, _Candidate(merge_priority(pair, pair_counts[pair], token_bytes)))
     return merges
 
 
@@ -238,7 +240,7 @@ def bytes_to_unicode() -> dict[int, str]:
 # Special tokens, shared by the BPE and tiktoken tokenizers
 # ---------------------------------------------------------------------------------------
 
-def _resolve_special(text: str, special_tokens: Iterable[str], allowed_special, disallowed_special) -> set[str]:
+def resolve_special_tokens(text: str, special_tokens: Iterable[str], allowed_special, disallowed_special) -> set[str]:
     """The special tokens to encode as single tokens; raises if `text` holds a disallowed one.
 
     Same rules as tiktoken: by default no special token is allowed, and text that contains
@@ -355,7 +357,7 @@ class BPETokenizer:
 
     # -- encoding and decoding ---------------------------------------------------------
 
-    def _encode_chunk(self, chunk: str) -> list[int]:
+    def encode_chunk(self, chunk: str) -> list[int]:
         """BPE on one chunk: apply the earliest-learned merge present until none applies."""
         cached = self._cache.get(chunk)
         if cached is not None:
@@ -375,14 +377,14 @@ class BPETokenizer:
         """Encode treating special tokens as plain text."""
         ids = []
         for chunk in self._split.findall(_replace_lone_surrogates(text)):
-            ids.extend(self._encode_chunk(chunk))
+            ids.extend(self.encode_chunk(chunk))
         return ids
 
     def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
                disallowed_special: Iterable[str] | str = "all") -> list[int]:
-        """Text to token ids; special tokens follow tiktoken's rules (see `_resolve_special`)."""
+        """Text to token ids; special tokens follow tiktoken's rules (see `resolve_special_tokens`)."""
         text = _replace_lone_surrogates(text)
-        allowed = _resolve_special(text, self.special_tokens, allowed_special, disallowed_special)
+        allowed = resolve_special_tokens(text, self.special_tokens, allowed_special, disallowed_special)
         if not allowed:
             return self.encode_ordinary(text)
         ids = []
@@ -577,7 +579,7 @@ class GPT2Tokenizer:
 
     def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
                disallowed_special: Iterable[str] | str = "all") -> list[int]:
-        allowed = _resolve_special(text, self._encoding.special_tokens_set, allowed_special,
+        allowed = resolve_special_tokens(text, self._encoding.special_tokens_set, allowed_special,
                                    disallowed_special)
         return self._encoding.encode(text, allowed_special=allowed, disallowed_special=())
 
@@ -626,15 +628,16 @@ class CharTokenizer:
 # Choosing one
 # ---------------------------------------------------------------------------------------
 
-def get_tokenizer(name: str, text: str | None = None,
-                  vocab_size: int | None = None) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
+def get_tokenizer(name: str, text: str | None = None, vocab_size: int | None = None,
+                  progress: bool = True) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
     """The tokenizer called `name`:
 
     "gpt2"  GPT-2's tokenizer through tiktoken;
     "bpe"   minigpt's own BPE loaded with GPT-2's vocabulary (the same ids as "gpt2");
     "char"  one token per character of `text`;
     "train" a new BPE of `vocab_size` tokens learned from `text`;
-    or the path of a tokenizer saved with `BPETokenizer.save`.
+    or the path of a tokenizer saved with `BPETokenizer.save`. `progress` shows a bar while
+    a BPE trains.
     """
     if name == "gpt2":
         return GPT2Tokenizer()
@@ -647,7 +650,7 @@ def get_tokenizer(name: str, text: str | None = None,
     if name == "train":
         if vocab_size is None:
             raise ValueError("training a BPE needs vocab_size=...")
-        return BPETokenizer.train(text, vocab_size)
+        return BPETokenizer.train(text, vocab_size, progress=progress)
     if Path(name).is_file():
         return BPETokenizer.load(name)
     raise ConfigError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, or give the "
