@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model preset (config_run.MODEL)")
     parser.add_argument("--tokenizer", metavar="NAME|PATH",
                         help=f"{', '.join(TOKENIZERS)}, or a saved BPE file (config_run.TOKENIZER)")
-    parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int,
+    parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int, metavar="N",
                         help="size of the BPE that --tokenizer train learns (config_run.BPE_VOCAB_SIZE)")
     parser.add_argument("--data", help="a UTF-8 text file to train on (default: the-verdict.txt)")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<mode>)")

@@ -358,8 +358,14 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
     else:
         # A trained BPE learns from the training split only, so validation text stays unseen;
         # a character vocabulary needs every character of both splits to encode them.
-        tokenizer = get_tokenizer(run.tokenizer, text=train_text if run.tokenizer == "train" else text,
-                                  vocab_size=run.bpe_vocab_size)
+        try:
+            tokenizer = get_tokenizer(run.tokenizer, text=train_text if run.tokenizer == "train" else text,
+                                      vocab_size=run.bpe_vocab_size)
+        except ConfigError as err:
+            if run.tokenizer != "train":
+                raise
+            raise ConfigError(f"training a BPE of BPE_VOCAB_SIZE (or --vocab-size) = {run.bpe_vocab_size} "
+                              f"tokens on the training split: {err}") from None
     tokenizer_note = describe_tokenizer(tokenizer, run, time.perf_counter() - tokenizer_start,
                                         resumed=checkpoint is not None)
     run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
