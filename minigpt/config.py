@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 import math
 import types
-from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -306,8 +306,7 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
                           "trained model, e.g. --checkpoint runs/pretrain-quick.")
     return RunConfig(task=task, mode=mode, model_name=model_name, model=model, train=train,
                      tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
-                     device=device, seed=seed,
-                     log_every=log_every, resume=cli.get("resume"),
+                     device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
                      checkpoint=cli.get("checkpoint"), prompt=cli.get("prompt"),
                      generation=generation)
 
@@ -321,7 +320,8 @@ def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConf
     cli = {k: v for k, v in cli.items() if v is not None}
     for key in cli:
         if key not in RESUME_OVERRIDES:
-            flag = {"learning_rate": "--lr", "bpe_vocab_size": "--vocab-size"}.get(key, "--" + key.replace("_", "-"))
+            flags = {"learning_rate": "--lr", "bpe_vocab_size": "--vocab-size"}
+            flag = flags.get(key, "--" + key.replace("_", "-"))
             raise ConfigError(f"{flag} cannot change when resuming: a resumed run "
                               f"keeps its own settings (see {cli['resume']}/config.json). Drop the "
                               "flag, or start a new run with --out.")
