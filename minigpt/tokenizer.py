@@ -628,16 +628,15 @@ class CharTokenizer:
 # Choosing one
 # ---------------------------------------------------------------------------------------
 
-def get_tokenizer(name: str, text: str | None = None, vocab_size: int | None = None,
-                  progress: bool = True) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
+def get_tokenizer(name: str, text: str | None = None,
+                  vocab_size: int | None = None) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
     """The tokenizer called `name`:
 
     "gpt2"  GPT-2's tokenizer through tiktoken;
     "bpe"   minigpt's own BPE loaded with GPT-2's vocabulary (the same ids as "gpt2");
     "char"  one token per character of `text`;
     "train" a new BPE of `vocab_size` tokens learned from `text`;
-    or the path of a tokenizer saved with `BPETokenizer.save`. `progress` shows a bar while
-    a BPE trains.
+    or the path of a tokenizer saved with `BPETokenizer.save`.
     """
     if name == "gpt2":
         return GPT2Tokenizer()
@@ -650,7 +649,7 @@ def get_tokenizer(name: str, text: str | None = None, vocab_size: int | None = N
     if name == "train":
         if vocab_size is None:
             raise ValueError("training a BPE needs vocab_size=...")
-        return BPETokenizer.train(text, vocab_size, progress=progress)
+        return BPETokenizer.train(text, vocab_size)
     if Path(name).is_file():
         return BPETokenizer.load(name)
     raise ConfigError(f"unknown tokenizer {name!r}: choose one of {', '.join(TOKENIZERS)}, or give the "
