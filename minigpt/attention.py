@@ -11,7 +11,8 @@ Teaching path (chapter 3), each step adding one idea to the one before:
 Production: `MultiHeadAttention` computes exactly what `ExplicitMultiHeadAttention`
 computes (the tests prove it) with one fused Q/K/V projection and PyTorch's
 `scaled_dot_product_attention`, which never materialises the (T, T) weight matrix when
-a fused kernel is available.
+a fused kernel is available. During generation it can keep the keys and values it has
+already computed in a `LayerKVCache` (chapter 6), so each new token costs one row of work.
 """
 
 from __future__ import annotations
@@ -133,6 +134,74 @@ class ExplicitMultiHeadAttention(nn.Module):
         return self.out_proj(context)
 
 
+class LayerKVCache:
+    """The keys and values one attention layer has computed so far, for decoding (chapter 6).
+
+    Without a cache, every new token re-runs the whole sequence through the model. But a
+    token's key and value depend only on the tokens up to it, so they never change once
+    computed: keep them, and each step only computes the newest token's query, key and value.
+    Storage is allocated once for `max_tokens` positions; `length` says how many are filled.
+    """
+
+    def __init__(self, batch_size: int, n_heads: int, max_tokens: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, n_heads, max_tokens, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)    # (B, H, max_tokens, D)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, max_tokens, D)
+        self.length = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' keys and values (B, H, T, D); return all so far (B, H, length, D)."""
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.max_tokens:
+            raise ValueError(f"the KV cache holds {self.max_tokens} positions and is full at "
+                             f"{start}; reset it or start again from a shorter context.")
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the batch rows `rows` (in that order): beam search follows its surviving beams."""
+        self.keys = self.keys.index_select(0, rows)
+        self.values = self.values.index_select(0, rows)
+
+
+class KVCache:
+    """One `LayerKVCache` per transformer block; they fill together, one token position at a time."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_tokens: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.layers = [LayerKVCache(batch_size, n_heads, max_tokens, head_dim, device, dtype)
+                       for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Token positions already cached (the position the next token will take)."""
+        return self.layers[0].length
+
+    @property
+    def max_tokens(self) -> int:
+        return self.layers[0].max_tokens
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(rows)
+
+    def reset(self) -> None:
+        """Forget every cached position (the storage is kept and overwritten)."""
+        for layer in self.layers:
+            layer.length = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held: keys and values, 2 x n_layers x B x n_heads x max_tokens x head_dim elements."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head attention as the model runs it: one fused Q/K/V matmul, one fast kernel."""
 
@@ -148,13 +217,26 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
         qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim)
         queries, keys, values = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            keys, values = cache.append(keys, values)       # each (B, H, past + T, D)
         # Fast path: the same masked, scaled softmax attention as ExplicitMultiHeadAttention,
         # fused into one kernel (flash / memory-efficient attention where available).
-        context = F.scaled_dot_product_attention(
-            queries, keys, values, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:
+            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
+                                                     dropout_p=dropout_p)
+        elif num_tokens == 1:  # one new token after the cached ones: it may see them all
+            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
+        else:  # several new tokens after cached ones: new token i sees positions <= past + i
+            visible = torch.ones(num_tokens, past + num_tokens, dtype=torch.bool, device=x.device)
+            visible = visible.tril(diagonal=past)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible,
+                                                     dropout_p=dropout_p)
         context = context.transpose(1, 2).reshape(batch, num_tokens, -1)  # (B, T, d_out)
         return self.out_proj(context)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from minigpt.attention import MultiHeadAttention
+from minigpt.attention import LayerKVCache, MultiHeadAttention
 from minigpt.config import GPTConfig
 
 
@@ -71,7 +71,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))  # (B, T, emb_dim)
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), cache))  # (B, T, emb_dim)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x

@@ -4,17 +4,29 @@ At each step the model scores every vocabulary entry for the next position; a de
 rule picks one, it is appended, and the longer sequence goes back in. Greedy decoding
 takes the highest score; sampling draws from the softmax, sharpened or flattened by a
 temperature and restricted to the k most likely tokens (top-k) or to the smallest set
-holding probability p (top-p, "nucleus").
+holding probability p (top-p, "nucleus"); a repetition penalty makes tokens already in
+the text less likely. Beam search keeps the `num_beams` most probable sequences instead
+of one. A KV cache (`minigpt.attention.KVCache`) makes every step after the first cost
+one token's work instead of the whole sequence's.
+
+    iter_next_tokens   the decoding loop: yields each step's new token for every row
+    generate           ids in, ids out, stopping each row at end-of-text or a stop string
+    beam_search        the most probable continuations, length-normalised
+    stream_text        text pieces as they are produced, for a chat that types as it thinks
+    generate_text      prompt in, text out
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 
 from minigpt.config import ConfigError
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   repetition_penalty: float = 1.0) -> None:
     """Reject decoding settings that have no meaning, saying which values do."""
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
@@ -22,6 +34,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ConfigError(f"top_k must be a whole number >= 1 or None, got {top_k!r}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must lie in (0, 1] or be None, got {top_p}.")
+    if not repetition_penalty > 0:
+        raise ConfigError(f"repetition_penalty must be > 0 (1.0 means off, 1.1-1.3 is typical), "
+                          f"got {repetition_penalty}.")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -41,37 +56,227 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def apply_repetition_penalty(logits: torch.Tensor, idx: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token already in a row's text less likely (CTRL, Keskar et al. 2019).
+
+    A positive score is divided by `penalty` and a negative one multiplied by it, so both
+    move down. logits: (B, V); idx: (B, T), the prompt and what was generated so far.
+    """
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, 1, idx)  # (B, T): the score of each token already present
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, idx, seen)
+
+
+def choose_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row (B, 1) from the last position's scores (B, V)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+@torch.no_grad()
+def iter_next_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                     use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """The decoding loop: yield the next token of every row of `idx` (B, T), as (B, 1), step by step.
+
+    With the cache, the prompt goes through the model once (the "prefill") and each later
+    step feeds only the newest token. Without it, every step re-reads the last
+    context_length tokens. When the sequence outgrows the context, the uncached loop slides
+    its window by one token per step, which moves every token to a new position and so
+    invalidates cached keys; the cached loop instead starts again from the most recent half
+    of the context, so it recomputes once per context_length / 2 tokens rather than at
+    every step. The two agree exactly until the context is full.
+    """
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
+    context_length = model.cfg.context_length
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
+        unseen = idx[:, -context_length:]  # tokens whose keys and values are not cached yet
+        for _ in range(max_new_tokens):
+            if cache is None:
+                logits = model(idx[:, -context_length:])[:, -1, :]  # (B, V): the last position's scores
+            else:
+                if cache.length + unseen.shape[1] > cache.max_tokens:  # full: keep the recent half
+                    cache.reset()
+                    unseen = idx[:, -max(context_length // 2, 1):]
+                logits = model(unseen, cache)[:, -1, :]
+            logits = apply_repetition_penalty(logits, idx, repetition_penalty)
+            next_id = choose_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
+            unseen = next_id
+            yield next_id
+    finally:
+        model.train(was_training)
+
+
+class StopStrings:
+    """Finds, for each row, whether its generated text contains one of the stop strings."""
+
+    def __init__(self, stop_strings: list[str] | tuple[str, ...], tokenizer) -> None:
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ConfigError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}.")
+        if stop_strings and tokenizer is None:
+            raise ConfigError("stop strings need the tokenizer, to turn tokens back into text; "
+                              "pass tokenizer=... to generate().")
+        self.stop_strings = list(stop_strings)
+        self.tokenizer = tokenizer
+        # Every token decodes to at least one byte, so a stop string of n bytes that ends in the
+        # newest token lies within the last n tokens: decoding n + 1 of them is always enough.
+        self.tail = max((len(s.encode("utf-8")) for s in self.stop_strings), default=0) + 1
+
+    def __bool__(self) -> bool:
+        return bool(self.stop_strings)
+
+    def found(self, generated: list[int]) -> bool:
+        text = self.tokenizer.decode(generated[-self.tail:])
+        return any(s in text for s in self.stop_strings)
+
+    def cut(self, text: str) -> str:
+        """`text` up to (not including) the first stop string in it."""
+        ends = [text.find(s) for s in self.stop_strings if s in text]
+        return text[:min(ends)] if ends else text
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             use_cache: bool = True, repetition_penalty: float = 1.0, stop_strings: tuple[str, ...] = (),
+             tokenizer=None, num_beams: int = 1, length_penalty: float = 1.0,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Extend each row of `idx` (B, T) by up to `max_new_tokens` tokens; returns (B, T + n).
 
-    temperature 0 is greedy. A row that produces `eos_id` is finished: it keeps that token
-    and is padded with `eos_id` while the other rows go on; decoding stops once every row
-    has finished. `generator` makes sampling reproducible without touching global state.
+    temperature 0 is greedy; `num_beams` > 1 runs `beam_search` instead. A row that
+    produces `eos_id`, or whose new text contains one of `stop_strings` (decoded with
+    `tokenizer`), is finished: it keeps that token and is padded with `eos_id` (0 if there
+    is none) while the other rows go on; decoding stops once every row has finished.
+    `generator` makes sampling reproducible without touching global random state.
     """
-    check_sampling(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
+    if num_beams != 1:
+        if temperature != 0.0 or stop_strings:
+            raise ConfigError("beam search keeps the most probable sequences, so it does not sample "
+                              "and does not take stop strings: set temperature 0 and no stop strings, "
+                              "or num_beams 1.")
+        return beam_search(model, idx, max_new_tokens, num_beams, length_penalty=length_penalty,
+                           eos_id=eos_id, repetition_penalty=repetition_penalty, use_cache=use_cache)
+    stops = StopStrings(stop_strings, tokenizer)
+    pad_id = eos_id if eos_id is not None else 0
+    prompt_length = idx.shape[1]
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    steps = iter_next_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                             use_cache, generator)
+    for next_id in steps:
+        next_id = next_id.masked_fill(finished.unsqueeze(1), pad_id)
+        idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
+        if eos_id is not None:
+            finished |= next_id.squeeze(1) == eos_id
+        if stops:
+            for row in torch.nonzero(~finished).flatten().tolist():
+                finished[row] = stops.found(idx[row, prompt_length:].tolist())
+        if (eos_id is not None or stops) and bool(finished.all()):
+            break
+    steps.close()  # restores the model's train/eval mode at once
+    return idx
+
+
+@torch.no_grad()
+def beam_search(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, num_beams: int,
+                length_penalty: float = 1.0, eos_id: int | None = None, repetition_penalty: float = 1.0,
+                use_cache: bool = True) -> torch.Tensor:
+    """The continuation of each row of `idx` (B, T) with the best length-normalised log-probability.
+
+    Every step extends each of the `num_beams` kept sequences by every token, and keeps the
+    `num_beams` best of all those candidates. A sequence is scored by
+    sum(log p(token)) / generated_length ** length_penalty: 0 ranks by total probability
+    (favouring short answers), larger values favour longer ones. A candidate that ends in
+    `eos_id` is set aside as finished; a row is done when it has `num_beams` finished
+    sequences and none still running can beat them. Rows are padded with `eos_id` (or 0).
+    """
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ConfigError(f"num_beams must be a whole number >= 1, got {num_beams!r}.")
+    check_sampling(0.0, None, None, repetition_penalty)
+    batch, prompt_length = idx.shape
+    context_length = model.cfg.context_length
+    if prompt_length + max_new_tokens > context_length:
+        raise ConfigError(f"beam search keeps every beam's positions in one context: the prompt "
+                          f"({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) must fit "
+                          f"in context_length ({context_length}); shorten one of them.")
     was_training = model.training
     model.eval()
-    context_length = model.cfg.context_length
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_length:])[:, -1, :]  # (B, V): the last position's scores
-        if temperature == 0.0:
-            next_id = logits.argmax(dim=-1, keepdim=True)   # (B, 1)
-        else:
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            probs = torch.softmax(logits, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        if eos_id is not None:
-            next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
-            finished |= next_id.squeeze(1) == eos_id
-        idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
-        if eos_id is not None and bool(finished.all()):
+    beams = idx.repeat_interleave(num_beams, dim=0)  # (B*K, T): K copies of each row, row-major
+    scores = torch.zeros(batch, num_beams, device=idx.device)
+    scores[:, 1:] = float("-inf")  # at first all K beams are the same: expand only one of them
+    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    cache = model.new_kv_cache(batch * num_beams, prompt_length + max_new_tokens) if use_cache else None
+    unseen = beams
+    for step in range(1, max_new_tokens + 1):
+        logits = model(unseen, cache)[:, -1, :] if cache is not None else model(beams)[:, -1, :]
+        logits = apply_repetition_penalty(logits, beams, repetition_penalty)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)            # (B*K, V)
+        vocab = log_probs.shape[-1]
+        totals = scores.unsqueeze(-1) + log_probs.view(batch, num_beams, vocab)  # (B, K, V)
+        # 2K candidates per row: even if K of them end in eos, K can keep running.
+        top_totals, top_flat = totals.view(batch, -1).topk(min(2 * num_beams, num_beams * vocab), dim=-1)
+        next_rows, next_tokens, next_scores = [], [], []
+        for row in range(batch):
+            kept = 0
+            for total, flat in zip(top_totals[row].tolist(), top_flat[row].tolist()):
+                beam, token = divmod(flat, vocab)
+                source = row * num_beams + beam
+                if done[row] or total == float("-inf"):
+                    source, token, total = row * num_beams, eos_id or 0, float("-inf")  # filler
+                elif token == eos_id:
+                    sequence = torch.cat([beams[source, prompt_length:], beams.new_tensor([token])])
+                    finished[row].append((total / step ** length_penalty, sequence))
+                    continue
+                next_rows.append(source)
+                next_tokens.append(token)
+                next_scores.append(total)
+                kept += 1
+                if kept == num_beams:
+                    break
+            finished[row] = sorted(finished[row], key=lambda item: item[0], reverse=True)[:num_beams]
+            best_running = max(next_scores[-num_beams:]) / step ** length_penalty
+            if len(finished[row]) == num_beams and best_running <= finished[row][-1][0]:
+                done[row] = True
+        rows = torch.tensor(next_rows, device=idx.device)
+        new_tokens = torch.tensor(next_tokens, device=idx.device).unsqueeze(1)  # (B*K, 1)
+        beams = torch.cat([beams[rows], new_tokens], dim=1)
+        scores = torch.tensor(next_scores, device=idx.device).view(batch, num_beams)
+        if cache is not None:
+            cache.reorder(rows)
+        unseen = new_tokens
+        if all(done):
             break
     model.train(was_training)
-    return idx
+    # Sequences still running at the end compete with the finished ones on the same scale.
+    best = []
+    for row in range(batch):
+        candidates = list(finished[row])
+        for beam in range(num_beams):
+            total = scores[row, beam].item()
+            if total > float("-inf"):
+                sequence = beams[row * num_beams + beam, prompt_length:]
+                candidates.append((total / max(len(sequence), 1) ** length_penalty, sequence))
+        best.append(max(candidates, key=lambda item: item[0])[1])
+    width = max(len(sequence) for sequence in best)
+    out = torch.full((batch, prompt_length + width), eos_id or 0, dtype=idx.dtype, device=idx.device)
+    out[:, :prompt_length] = idx
+    for row, sequence in enumerate(best):
+        out[row, prompt_length:prompt_length + len(sequence)] = sequence
+    return out
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -83,17 +288,63 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
-def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 50,
-                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> str:
-    """The prompt followed by what the model writes after it (stops at end-of-text)."""
+def _prompt_ids(model: torch.nn.Module, tokenizer, prompt: str) -> torch.Tensor:
     if not prompt:
         raise ConfigError("the prompt is empty; give some text to continue (--prompt \"...\").")
     device = next(model.parameters()).device
-    idx = text_to_token_ids(prompt, tokenizer).to(device)
+    return text_to_token_ids(prompt, tokenizer).to(device)
+
+
+def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 50,
+                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                repetition_penalty: float = 1.0, stop_strings: tuple[str, ...] = (), use_cache: bool = True,
+                generator: torch.Generator | None = None) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece, as soon as each piece is certain.
+
+    A piece is held back while it may still change: while its last bytes are an unfinished
+    UTF-8 character (a token can end halfway through one), or while its end could be the
+    start of a stop string. It stops at end-of-text or at a stop string, which is not shown.
+    """
+    idx = _prompt_ids(model, tokenizer, prompt)
+    stops = StopStrings(stop_strings, tokenizer)
+    generated: list[int] = []
+    shown = 0  # characters of the continuation already yielded
+    text = ""
+    for next_id in iter_next_tokens(model, idx, max_new_tokens, temperature, top_k, top_p,
+                                    repetition_penalty, use_cache, generator):
+        token = next_id.item()
+        if token == tokenizer.eos_id:
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if stops and stops.cut(text) != text:
+            text = stops.cut(text)
+            break
+        certain = len(text.rstrip("\ufffd"))  # U+FFFD at the end: a character still arriving
+        for stop in stops.stop_strings:        # hold back what may be the start of a stop string
+            for size in range(min(len(stop) - 1, certain), 0, -1):
+                if text[certain - size:certain] == stop[:size]:
+                    certain -= size
+                    break
+        if certain > shown:
+            yield text[shown:certain]
+            shown = certain
+    if len(text) > shown:
+        yield text[shown:]
+
+
+def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 50,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  repetition_penalty: float = 1.0, stop_strings: tuple[str, ...] = (), num_beams: int = 1,
+                  length_penalty: float = 1.0, use_cache: bool = True,
+                  generator: torch.Generator | None = None) -> str:
+    """The prompt followed by what the model writes after it (up to end-of-text or a stop string)."""
+    idx = _prompt_ids(model, tokenizer, prompt)
     out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=tokenizer.eos_id, generator=generator)
-    ids = out.squeeze(0).tolist()
-    if tokenizer.eos_id is not None and tokenizer.eos_id in ids[idx.shape[1]:]:
-        ids = ids[:idx.shape[1] + ids[idx.shape[1]:].index(tokenizer.eos_id)]
-    return tokenizer.decode(ids)
+                   eos_id=tokenizer.eos_id, use_cache=use_cache, repetition_penalty=repetition_penalty,
+                   stop_strings=stop_strings, tokenizer=tokenizer, num_beams=num_beams,
+                   length_penalty=length_penalty, generator=generator)
+    new_ids = out[0, idx.shape[1]:].tolist()
+    if tokenizer.eos_id is not None and tokenizer.eos_id in new_ids:
+        new_ids = new_ids[:new_ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(idx[0].tolist()) + StopStrings(stop_strings, tokenizer).cut(tokenizer.decode(new_ids))

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from minigpt.attention import KVCache
 from minigpt.blocks import LayerNorm, TransformerBlock
 from minigpt.config import GPTConfig
 
@@ -53,18 +54,33 @@ class GPTModel(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T).
+
+        With a `cache` (generation, chapter 6), `in_idx` holds only the tokens that follow
+        the cached ones: they take positions cache.length, cache.length + 1, ... and their
+        keys and values join the cache.
+        """
         batch_size, num_tokens = in_idx.shape
-        if num_tokens > self.cfg.context_length:
-            raise ValueError(f"the input has {num_tokens} tokens but the model's context_length "
-                             f"is {self.cfg.context_length}; crop the input to its last "
-                             f"{self.cfg.context_length} tokens.")
-        positions = torch.arange(num_tokens, device=in_idx.device)
+        past = 0 if cache is None else cache.length
+        if past + num_tokens > self.cfg.context_length:
+            raise ValueError(f"the input reaches {past + num_tokens} tokens but the model's "
+                             f"context_length is {self.cfg.context_length}; crop the input to its "
+                             f"last {self.cfg.context_length} tokens.")
+        positions = torch.arange(past, past + num_tokens, device=in_idx.device)
         x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, C) + (T, C) -> (B, T, C)
         x = self.drop_emb(x)
-        x = self.trf_blocks(x)                              # (B, T, C)
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, None if cache is None else cache.layers[layer])  # (B, T, C)
         x = self.final_norm(x)
         return self.out_head(x)                             # (B, T, vocab_size)
+
+    def new_kv_cache(self, batch_size: int, max_tokens: int | None = None) -> KVCache:
+        """An empty cache for `batch_size` sequences of up to `max_tokens` (default: the context)."""
+        max_tokens = min(max_tokens or self.cfg.context_length, self.cfg.context_length)
+        weight = self.tok_emb.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_tokens, self.cfg.head_dim,
+                       device=weight.device, dtype=weight.dtype)
 
     def num_parameters(self, exclude_output_head: bool = False) -> int:
         """Trainable weights, each shared tensor counted once.
