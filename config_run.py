@@ -1,7 +1,8 @@
 """The one file to edit: what `python main.py` does. Command-line flags override it for one run
 (`python main.py --help` lists them). Every value is checked before training starts."""
 
-TASK = "pretrain"     # "pretrain" trains a model; "generate" samples from a saved run (needs --checkpoint)
+TASK = "pretrain"     # "pretrain" trains a model; "generate" writes text (needs --checkpoint DIR or --pretrained gpt2);
+                      # "export" writes a run's model for Hugging Face transformers (--checkpoint DIR --out FOLDER)
 DEVICE = None         # None picks the best available: "cuda", then "mps", then "cpu"
 
 QUICK_MODE = True     # a small model, one epoch: done in well under a minute on a laptop CPU
@@ -41,4 +42,17 @@ custom_params = {
         "qkv_bias": False,
         "context_length": 256,
     },
+}
+
+# Used by TASK = "generate" (python main.py --task generate --checkpoint DIR | --pretrained gpt2).
+generation_params = {
+    "max_new_tokens": 60,
+    "temperature": 0.8,         # 0 = greedy: always the most likely token
+    "top_k": 40,                # sample among the 40 most likely tokens (None: all)
+    "top_p": None,              # or among the smallest set holding this probability, e.g. 0.9
+    "repetition_penalty": 1.0,  # > 1 makes tokens already in the text less likely, e.g. 1.2
+    "num_beams": 1,             # > 1: beam search, the most probable text (needs temperature 0)
+    "length_penalty": 1.0,      # beam search: 0 ranks by total probability, higher favours longer texts
+    "stop_strings": [],         # stop when one of these appears, e.g. ["\n\n"]
+    "use_cache": True,          # the KV cache: the same text, many times faster
 }

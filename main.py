@@ -6,6 +6,8 @@
     python main.py --tokenizer train --vocab-size 2048   # learn a BPE on the training text first
     python main.py --resume runs/pretrain-quick --epochs 3
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
+    python main.py --task generate --pretrained gpt2          # chat with OpenAI's GPT-2 (downloads 0.5 GB once)
+    python main.py --task export --checkpoint runs/pretrain-quick --out exported/   # for transformers
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import sys
 from pathlib import Path
 
 import config_run
-from minigpt.config import (MODEL_PRESETS, MODES, TASKS, TOKENIZERS, ConfigError, resolve_resume_config,
-                            resolve_run_config, settings_from_module)
+from minigpt.config import (GENERATION_DEFAULTS, MODEL_PRESETS, MODES, TASKS, TOKENIZERS, ConfigError,
+                            resolve_resume_config, resolve_run_config, settings_from_module)
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
@@ -39,29 +41,101 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--seed", type=int, help="config_run.SEED")
-    parser.add_argument("--checkpoint", metavar="DIR", help="run directory to generate from (--task generate)")
-    parser.add_argument("--prompt", help="text to continue (--task generate)")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 60)")
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 40)")
-    parser.add_argument("--top-p", type=float, help="sample among the smallest set holding probability p")
-    return {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
+    parser.add_argument("--checkpoint", metavar="DIR", help="run directory to generate from or export")
+    parser.add_argument("--pretrained", metavar="NAME|DIR",
+                        help="generate with OpenAI's GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+                             "or a Hugging Face GPT-2 folder")
+    parser.add_argument("--prompt", help="text to continue (--task generate); without it, an interactive loop")
+    sampling = parser.add_argument_group("decoding (--task generate; defaults: config_run.generation_params)")
+    sampling.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 60)")
+    sampling.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    sampling.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 40)")
+    sampling.add_argument("--top-p", type=float, help="sample among the smallest set holding probability p")
+    sampling.add_argument("--repetition-penalty", type=float, help="> 1 makes repeated tokens less likely")
+    sampling.add_argument("--num-beams", type=int, help="beam search with this many beams (needs --temperature 0)")
+    sampling.add_argument("--length-penalty", type=float, help="beam search: > 0 favours longer texts")
+    sampling.add_argument("--stop", dest="stop_strings", action="append", metavar="TEXT",
+                          help="stop when this text appears (repeatable; \\n is a newline), e.g. --stop '\\n\\n'")
+    sampling.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
+                          help="recompute the whole text at every step (slower; for comparison)")
+    cli = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
+    if "stop_strings" in cli:  # let --stop "\n\n" mean two newlines, as users type it
+        cli["stop_strings"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cli["stop_strings"]]
+    return cli
+
+
+def load_for_generation(run):
+    """The model, its tokenizer and a one-line description, from a run directory or a pretrained GPT-2."""
+    from minigpt.model import GPTModel
+    from minigpt.tokenizer import get_tokenizer
+    from minigpt.train import load_model, pick_device
+
+    device = pick_device(run.device)
+    if run.checkpoint:
+        model, tokenizer, saved = load_model(run.checkpoint, device)
+        return model, tokenizer, f"{run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer)"
+    model = GPTModel.from_pretrained(run.pretrained).to(device)
+    if model.cfg.vocab_size != 50257:
+        raise ConfigError(f"{run.pretrained} has a vocabulary of {model.cfg.vocab_size} tokens, not GPT-2's "
+                          "50,257, so GPT-2's tokenizer does not fit it; generate from its minigpt run "
+                          "directory with --checkpoint instead.")
+    size = f"{model.num_parameters() / 1e6:.0f}M parameters"
+    return model, get_tokenizer("gpt2"), f"{run.pretrained} ({size}, gpt2 tokenizer)"
 
 
 def run_generate(run) -> None:
     import torch
 
-    from minigpt.generation import generate_text
-    from minigpt.train import load_model, pick_device
+    from minigpt.generation import generate_text, stream_text
 
-    device = pick_device(run.device)
-    model, tokenizer, saved = load_model(run.checkpoint, device)
-    prompt = run.prompt or saved["train"]["start_context"]
+    model, tokenizer, source = load_for_generation(run)
+    device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(run.seed)
-    options = run.generation
-    print(f"minigpt | generate | {run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer) | "
-          + ", ".join(f"{k}={v}" for k, v in options.items()), file=sys.stderr)
-    print(generate_text(model, tokenizer, prompt, generator=generator, **options))
+    options = dict(run.generation)
+    shown = {k: v for k, v in options.items() if v != GENERATION_DEFAULTS[k] or k in ("max_new_tokens", "temperature")}
+    print(f"minigpt | generate | {source} | " + ", ".join(f"{k}={v!r}" for k, v in shown.items()), file=sys.stderr)
+
+    def answer(prompt: str) -> None:
+        if options["num_beams"] > 1:  # beam search knows its answer only at the end
+            print(generate_text(model, tokenizer, prompt, generator=generator, **options)[len(prompt):], flush=True)
+            return
+        options_for_stream = {k: v for k, v in options.items() if k not in ("num_beams", "length_penalty")}
+        for piece in stream_text(model, tokenizer, prompt, generator=generator, **options_for_stream):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+    if run.prompt is not None:
+        print(run.prompt, end="", flush=True)
+        answer(run.prompt)
+        return
+    print("Type a text and press Enter: the model continues it. Ctrl-C stops an answer; "
+          "an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not prompt.strip():
+            return
+        try:
+            answer(prompt)
+        except KeyboardInterrupt:
+            print(" [stopped]", flush=True)
+
+
+def run_export(run) -> None:
+    from minigpt.model import save_hf_gpt2
+    from minigpt.train import load_model
+
+    model, tokenizer, saved = load_model(run.checkpoint, "cpu")
+    folder = save_hf_gpt2(model, run.out)
+    print(f"wrote {folder}/config.json and {folder}/model.safetensors ({saved['model_name']}, "
+          f"{model.num_parameters():,} parameters); load them with "
+          f"transformers.GPT2LMHeadModel.from_pretrained({str(folder)!r}).")
+    if tokenizer.name != "gpt2":
+        print(f"note: this run used the {tokenizer.name} tokenizer, not GPT-2's; encode text with it "
+              f"(minigpt.train.load_model({run.checkpoint!r})) before giving ids to transformers.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             run = resolve_run_config(settings_from_module(config_run), cli)
         if run.task == "generate":
             run_generate(run)
+        elif run.task == "export":
+            run_export(run)
         else:
             from minigpt.train import pretrain
             pretrain(run)

@@ -171,7 +171,7 @@ class TrainConfig:
 # One run: what config_run.py and the command line resolve to
 # ---------------------------------------------------------------------------------------
 
-TASKS = ("pretrain", "generate")
+TASKS = ("pretrain", "generate", "export")
 MODES = ("quick", "full", "custom")
 TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DEVICES = ("cpu", "cuda", "mps")
@@ -196,7 +196,7 @@ MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_siz
 
 # The names config_run.py may define.
 RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
-                "DATA", "OUT", "SEED", "LOG_EVERY", "custom_params"]
+                "DATA", "OUT", "SEED", "LOG_EVERY", "custom_params", "generation_params"]
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,9 @@ class RunConfig:
     seed: int = 123
     log_every: int = 10
     resume: str | None = None
-    checkpoint: str | None = None
-    prompt: str | None = None
+    checkpoint: str | None = None  # a run directory to generate from or export
+    pretrained: str | None = None  # "gpt2" ... "gpt2-xl", or a Hugging Face GPT-2 folder, to generate from
+    prompt: str | None = None      # None with --task generate: an interactive loop
     generation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,16 +232,45 @@ class RunConfig:
                       "train": TrainConfig(**values["train"])})
 
 
-GENERATION_DEFAULTS = dict(max_new_tokens=60, temperature=0.8, top_k=40, top_p=None)
+# How --task generate decodes (config_run.generation_params; flags override each key).
+GENERATION_DEFAULTS: dict[str, Any] = dict(
+    max_new_tokens=60, temperature=0.8, top_k=40, top_p=None, repetition_penalty=1.0,
+    num_beams=1, length_penalty=1.0, stop_strings=[], use_cache=True)
+
+
+def check_generation(values: dict[str, Any]) -> dict[str, Any]:
+    """The decoding settings, complete and checked (the decoding functions check them again)."""
+    _check_keys("generation_params", values, list(GENERATION_DEFAULTS))
+    values = {**GENERATION_DEFAULTS, **values}
+    _check_int("max_new_tokens (or --max-new-tokens)", values["max_new_tokens"])
+    _check_float("temperature (or --temperature)", values["temperature"], 0.0)
+    if values["top_k"] is not None:
+        _check_int("top_k (or --top-k)", values["top_k"])
+    if values["top_p"] is not None:
+        _check_float("top_p (or --top-p)", values["top_p"], 0.0, 1.0, low_inclusive=False)
+    _check_float("repetition_penalty (or --repetition-penalty)", values["repetition_penalty"], 0.0,
+                 low_inclusive=False)
+    _check_int("num_beams (or --num-beams)", values["num_beams"])
+    _check_float("length_penalty (or --length-penalty)", values["length_penalty"], -10.0, 10.0)
+    stops = values["stop_strings"]
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise ConfigError(f"stop_strings (or --stop) must be a list of non-empty strings, got {stops!r}.")
+    if not isinstance(values["use_cache"], bool):
+        raise ConfigError(f"use_cache must be True or False, got {values['use_cache']!r}.")
+    if values["num_beams"] > 1 and (values["temperature"] != 0 or stops):
+        raise ConfigError("beam search (num_beams > 1) picks the most probable text, so it does not "
+                          "sample and takes no stop strings: set temperature to 0 (--temperature 0) "
+                          "and drop the stop strings, or keep num_beams at 1.")
+    return {**values, "stop_strings": list(stops)}
 
 
 def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = None) -> RunConfig:
     """Combine config_run.py's names (`settings`) with command-line overrides (`cli`).
 
     `cli` holds only the flags the user gave: task, mode, device, model, tokenizer,
-    bpe_vocab_size, data, out, resume, checkpoint, prompt, seed, and training values
-    (num_epochs, batch_size, learning_rate, max_steps), plus generation values
-    (max_new_tokens, temperature, top_k, top_p).
+    bpe_vocab_size, data, out, resume, checkpoint, pretrained, prompt, seed, and training
+    values (num_epochs, batch_size, learning_rate, max_steps), plus generation values
+    (the keys of GENERATION_DEFAULTS).
     """
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     _check_keys("config_run.py", {k: v for k, v in settings.items() if not k.startswith("_")},
@@ -298,16 +328,22 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{name} must be a path string or None, got {value!r}.")
 
-    generation = {**GENERATION_DEFAULTS,
-                  **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}}
-    _check_int("--max-new-tokens", generation["max_new_tokens"])
-    if task == "generate" and not cli.get("checkpoint"):
-        raise ConfigError("--task generate needs --checkpoint DIR: the run directory of a "
-                          "trained model, e.g. --checkpoint runs/pretrain-quick.")
+    params = settings.get("generation_params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"generation_params must be a dict, got {type(params).__name__}.")
+    generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
+    checkpoint, pretrained = cli.get("checkpoint"), cli.get("pretrained")
+    if task == "generate" and bool(checkpoint) == bool(pretrained):
+        raise ConfigError("--task generate needs one model: --checkpoint DIR (the run directory of a "
+                          "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "
+                          "also gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder).")
+    if task == "export" and not (checkpoint and out):
+        raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER "
+                          "(where config.json and model.safetensors for transformers are written).")
     return RunConfig(task=task, mode=mode, model_name=model_name, model=model, train=train,
                      tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
                      device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
-                     checkpoint=cli.get("checkpoint"), prompt=cli.get("prompt"),
+                     checkpoint=checkpoint, pretrained=pretrained, prompt=cli.get("prompt"),
                      generation=generation)
 
 

@@ -3,18 +3,27 @@ norm and a linear head that scores every vocabulary entry at every position (cha
 
     token ids (B, T) -> tok_emb + pos_emb -> dropout -> n_layers x TransformerBlock
                      -> final LayerNorm -> out_head -> logits (B, T, vocab_size)
+
+It also reads and writes OpenAI's GPT-2 weights in the Hugging Face layout (chapter 6).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from minigpt.attention import KVCache
 from minigpt.blocks import LayerNorm, TransformerBlock
-from minigpt.config import GPTConfig
+from minigpt.config import ConfigError, GPTConfig, did_you_mean
+from minigpt.data import download_file
+from minigpt.tokenizer import cache_dir
+
+HF_BASE_URL = "https://huggingface.co"
 
 
 class GPTModel(nn.Module):
@@ -96,3 +105,190 @@ class GPTModel(nn.Module):
     def parameter_memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Memory the weights alone take in `dtype` (fp32: 4 bytes each)."""
         return self.num_parameters() * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def from_pretrained(cls, name: str, dtype: torch.dtype | None = None, cache: str | Path | None = None,
+                        base_url: str = HF_BASE_URL) -> "GPTModel":
+        """OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), or a folder holding a
+        Hugging Face GPT-2 (config.json + model.safetensors, e.g. from `save_hf_gpt2`).
+
+        Named models are downloaded once from the Hugging Face hub into `cache` (default
+        <cache>/hf/<name>, see MINIGPT_CACHE_DIR); the model comes back in eval mode.
+        """
+        folder = Path(name)
+        if not folder.is_dir():
+            folder = download_hf_gpt2(name, cache, base_url)
+        for filename in ("config.json", "model.safetensors"):
+            if not (folder / filename).is_file():
+                raise ConfigError(f"{folder} has no {filename}; a Hugging Face GPT-2 folder holds "
+                                  "config.json and model.safetensors.")
+        try:
+            hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{folder / 'config.json'} is not valid JSON ({err}).") from None
+        model = cls(config_from_hf_gpt2(hf_config))
+        load_hf_gpt2_state_dict(model, read_safetensors(folder / "model.safetensors"))
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# GPT-2 weights in the Hugging Face layout (chapter 6)
+# ---------------------------------------------------------------------------------------
+#
+# OpenAI's GPT-2 checkpoints are published on the Hugging Face hub as safetensors files in
+# the layout of `transformers.GPT2LMHeadModel`. Three differences from minigpt's names:
+#   - the projections are `Conv1D` layers, which store their weight as (in, out): the
+#     transpose of `nn.Linear`'s (out, in);
+#   - `c_attn` is the fused query/key/value projection with the same [Q | K | V] order as
+#     minigpt's `qkv`, so it needs only the transpose, not a split;
+#   - the output head is tied to the token embedding, so the file holds no `lm_head.weight`.
+
+# minigpt name (in block i) -> Hugging Face name, and whether the weight is transposed.
+_BLOCK_NAMES = {
+    "norm1.scale": ("ln_1.weight", False), "norm1.shift": ("ln_1.bias", False),
+    "att.qkv.weight": ("attn.c_attn.weight", True), "att.qkv.bias": ("attn.c_attn.bias", False),
+    "att.out_proj.weight": ("attn.c_proj.weight", True), "att.out_proj.bias": ("attn.c_proj.bias", False),
+    "norm2.scale": ("ln_2.weight", False), "norm2.shift": ("ln_2.bias", False),
+    "ff.layers.0.weight": ("mlp.c_fc.weight", True), "ff.layers.0.bias": ("mlp.c_fc.bias", False),
+    "ff.layers.2.weight": ("mlp.c_proj.weight", True), "ff.layers.2.bias": ("mlp.c_proj.bias", False),
+}
+_TOP_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
+              "final_norm.scale": "ln_f.weight", "final_norm.shift": "ln_f.bias"}
+
+
+def _hf_names(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
+    """Every minigpt parameter name -> (Hugging Face name without "transformer.", transposed)."""
+    names = {ours: (theirs, False) for ours, theirs in _TOP_NAMES.items()}
+    for i in range(cfg.n_layers):
+        for ours, (theirs, transposed) in _BLOCK_NAMES.items():
+            if ours == "att.qkv.bias" and not cfg.qkv_bias:
+                continue
+            names[f"trf_blocks.{i}.{ours}"] = (f"h.{i}.{theirs}", transposed)
+    return names
+
+
+def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
+    """The `GPTConfig` of a Hugging Face GPT-2 config.json, refusing settings minigpt computes differently."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ConfigError(f"this is a {hf.get('model_type')!r} model; minigpt loads GPT-2 (model_type 'gpt2').")
+    different = {
+        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
+        "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
+        "scale_attn_weights": not hf.get("scale_attn_weights", True),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+        "add_cross_attention": hf.get("add_cross_attention", False),
+    }
+    unsupported = [f"{key}={hf.get(key)!r}" for key, differs in different.items() if differs]
+    if unsupported:
+        raise ConfigError(f"this GPT-2 variant computes something minigpt's GPT-2 does not "
+                          f"({', '.join(unsupported)}); only the standard GPT-2 settings load.")
+    return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
+                     n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=0.0, qkv_bias=True,
+                     tie_weights=hf.get("tie_word_embeddings", True))
+
+
+def hf_gpt2_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The config.json with which `transformers.GPT2LMHeadModel` rebuilds a minigpt model."""
+    gpt2_vocab = cfg.vocab_size == 50257  # GPT-2's tokenizer: "<|endoftext|>" is id 50256
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
+            "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
+            "tie_word_embeddings": cfg.tie_weights,
+            "bos_token_id": 50256 if gpt2_vocab else None, "eos_token_id": 50256 if gpt2_vocab else None}
+
+
+def load_hf_gpt2_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a Hugging Face GPT-2 state dict (with or without the "transformer." prefix) into `model`.
+
+    Every weight the model needs must be there with the right shape; the attention-mask
+    buffers some files carry (`attn.bias`, `attn.masked_bias`) are not weights and are skipped.
+    """
+    theirs = {key.removeprefix("transformer."): value for key, value in state_dict.items()
+              if not key.endswith((".attn.bias", ".attn.masked_bias"))}
+    names = _hf_names(model.cfg)
+    expected = {hf_name for hf_name, _ in names.values()}
+    missing = sorted(expected - set(theirs))
+    extra = sorted(set(theirs) - expected - {"lm_head.weight"}
+                   - {f"h.{i}.attn.c_attn.bias" for i in range(model.cfg.n_layers)})
+    if missing or extra:
+        raise ConfigError(f"these GPT-2 weights do not fit a model with {model.cfg.n_layers} layers: "
+                          f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}.")
+    ours = dict(model.named_parameters())
+    with torch.no_grad():
+        for our_name, (hf_name, transposed) in names.items():
+            value = theirs[hf_name].t() if transposed else theirs[hf_name]
+            if value.shape != ours[our_name].shape:
+                raise ConfigError(f"{hf_name} has shape {tuple(value.shape)}, but {our_name} needs "
+                                  f"{tuple(ours[our_name].shape)}: the config does not match the weights.")
+            ours[our_name].copy_(value)
+        if not model.cfg.qkv_bias:
+            for i in range(model.cfg.n_layers):
+                bias = theirs.get(f"h.{i}.attn.c_attn.bias")
+                if bias is not None and bias.abs().max() > 0:
+                    raise ConfigError("the weights have query/key/value biases but the model was built "
+                                      "with qkv_bias=False; build it with qkv_bias=True.")
+        if not model.cfg.tie_weights:  # an untied head: the file's own, or a copy of the embedding
+            head = state_dict.get("lm_head.weight", theirs["wte.weight"])
+            model.out_head.weight.copy_(head)
+
+
+def to_hf_gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's weights under `transformers.GPT2LMHeadModel`'s names (the inverse of loading)."""
+    ours = dict(model.named_parameters())
+    state = {}
+    for our_name, (hf_name, transposed) in _hf_names(model.cfg).items():
+        value = ours[our_name].detach()
+        state["transformer." + hf_name] = (value.t() if transposed else value).contiguous()
+    if not model.cfg.qkv_bias:  # GPT-2 always has these biases: zeros compute the same thing
+        for i in range(model.cfg.n_layers):
+            state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(
+                3 * model.cfg.emb_dim, dtype=model.tok_emb.weight.dtype)
+    if not model.cfg.tie_weights:
+        state["lm_head.weight"] = model.out_head.weight.detach().contiguous()
+    return state
+
+
+def save_hf_gpt2(model: GPTModel, directory: str | Path) -> Path:
+    """Write config.json + model.safetensors, which `GPT2LMHeadModel.from_pretrained(directory)` loads."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_gpt2_config(model.cfg), indent=2) + "\n")
+    state = {name: value.cpu() for name, value in to_hf_gpt2_state_dict(model).items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file: no pickle, so nothing in it can run code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"could not read {path} as safetensors ({err}); the file is incomplete "
+                          "or corrupt: delete it and download it again.") from None
+
+
+HF_GPT2_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                 "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+
+
+def download_hf_gpt2(name: str, cache: str | Path | None = None, base_url: str = HF_BASE_URL) -> Path:
+    """Download a GPT-2's config.json and model.safetensors from the hub, once; return their folder."""
+    if name not in HF_GPT2_REPOS:
+        raise ConfigError(f"unknown pretrained model {name!r}: choose one of "
+                          f"{', '.join(map(repr, HF_GPT2_REPOS))}, or give the path of a folder "
+                          f"holding config.json and model.safetensors.{did_you_mean(name, list(HF_GPT2_REPOS))}")
+    folder = Path(cache) if cache is not None else cache_dir() / "hf" / name
+    repo_url = f"{base_url.rstrip('/')}/{HF_GPT2_REPOS[name]}/resolve/main"
+    for filename in ("config.json", "model.safetensors"):
+        download_file(f"{repo_url}/{filename}", folder / filename)
+    return folder

@@ -73,6 +73,25 @@ def test_generate_without_checkpoint_says_what_to_pass():
         resolve_run_config({}, {"task": "generate"})
     with pytest.raises(ConfigError, match="--max-new-tokens"):
         resolve_run_config({}, {"task": "generate", "checkpoint": "runs/x", "max_new_tokens": 0})
+    with pytest.raises(ConfigError, match="one model"):
+        resolve_run_config({}, {"task": "generate", "checkpoint": "runs/x", "pretrained": "gpt2"})
+
+
+@pytest.mark.parametrize("params, words", [
+    (dict(temprature=0.5), ["temprature", "temperature"]),
+    (dict(num_beams=4), ["temperature to 0"]),
+    (dict(top_p=1.5), ["top_p", "1.5"]),
+    (dict(stop_strings="\n"), ["stop_strings", "list"]),
+    (dict(repetition_penalty=0), ["repetition_penalty"]),
+])
+def test_generation_params_are_checked(params, words):
+    with pytest.raises(ConfigError) as err:
+        resolve_run_config({"generation_params": params}, {"task": "generate", "pretrained": "gpt2"})
+    for word in words:
+        assert word in str(err.value)
+    run = resolve_run_config({"generation_params": dict(num_beams=4, temperature=0)},
+                             {"task": "generate", "pretrained": "gpt2", "top_k": 5})
+    assert run.generation["num_beams"] == 4 and run.generation["top_k"] == 5
 
 
 def test_gpt_config_is_frozen_and_validated():

@@ -12,9 +12,9 @@ from conftest import find_verdict
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_main(*args, cwd):
+def run_main(*args, cwd, stdin=None):
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, input=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,36 @@ def test_generate_from_the_saved_run(quick_run):
     assert again.stdout == result.stdout  # SEED fixes sampling
 
 
+def test_interactive_generation_continues_each_line_until_an_empty_one(quick_run):
+    _, run_dir = quick_run
+    result = run_main("--task", "generate", "--checkpoint", str(run_dir), "--max-new-tokens", "5",
+                      "--temperature", "0", cwd=run_dir.parent.parent, stdin="I had\nThe picture\n\nnever read\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("> ") == 3  # two answers, then the empty line ends the loop
+    greedy = run_main("--task", "generate", "--checkpoint", str(run_dir), "--max-new-tokens", "5",
+                      "--temperature", "0", "--prompt", "I had", cwd=run_dir.parent.parent)
+    assert greedy.stdout.startswith("I had")
+    assert greedy.stdout[len("I had"):] in result.stdout  # the same continuation, streamed
+
+
+def test_beam_search_and_export_from_the_command_line(quick_run, tmp_path):
+    _, run_dir = quick_run
+    result = run_main("--task", "generate", "--checkpoint", str(run_dir), "--prompt", "I had",
+                      "--num-beams", "3", "--temperature", "0", "--max-new-tokens", "6", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("I had"), result.stderr[-2000:]
+    result = run_main("--task", "export", "--checkpoint", str(run_dir), "--out", "hf", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and "GPT2LMHeadModel" in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "no-such-file.txt"], "no text file"),
     (["--resume", "runs/never-ran"], "no run to resume"),
     (["--task", "generate", "--checkpoint", "runs/never-ran"], "no checkpoint"),
     (["--task", "generate"], "--checkpoint"),
+    (["--task", "generate", "--pretrained", "gpt3"], "unknown pretrained model"),
+    (["--task", "generate", "--pretrained", "gpt2", "--num-beams", "2"], "temperature"),
+    (["--task", "export", "--checkpoint", "runs/x"], "--out"),
 ])
 def test_user_errors_exit_cleanly_with_a_message(tmp_path, args, message):
     result = run_main(*args, cwd=tmp_path)
