@@ -20,8 +20,7 @@ from torch import nn
 from minigpt.attention import KVCache
 from minigpt.blocks import LayerNorm, TransformerBlock
 from minigpt.config import ConfigError, GPTConfig, did_you_mean
-from minigpt.data import download_file
-from minigpt.tokenizer import cache_dir
+from minigpt.data import cache_dir, download_file
 
 HF_BASE_URL = "https://huggingface.co"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,7 +29,7 @@ import regex
 from tqdm.auto import tqdm
 
 from minigpt.config import TOKENIZERS, ConfigError, did_you_mean
-from minigpt.data import download_file
+from minigpt.data import cache_dir, download_file
 
 END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<|unk|>"
@@ -529,13 +528,6 @@ GPT2_FILES = {
     "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
 }
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept: $MINIGPT_CACHE_DIR, else ~/.cache/minigpt."""
-    if os.environ.get("MINIGPT_CACHE_DIR"):
-        return Path(os.environ["MINIGPT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt"
 
 
 def download_gpt2_files(directory: str | Path | None = None,

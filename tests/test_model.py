@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.blocks import GELU, LayerNorm
+from minigpt.blocks import GELU, LayerNorm, layer_norm_by_hand
 from minigpt.config import GPTConfig, model_config
 from minigpt.model import GPTModel
 
@@ -73,13 +73,18 @@ def test_changing_a_later_token_never_changes_earlier_logits(tiny_cfg):
     assert not torch.allclose(before[:, 7:], after[:, 7:])
 
 
-def test_layer_norm_and_gelu_match_pytorch():
+def test_layer_norm_and_gelu_match_their_formulas():
     x = torch.randn(4, 5, 32) * 3 + 1
     norm = LayerNorm(32)
     with torch.no_grad():
         norm.scale.uniform_(0.5, 1.5)
         norm.shift.uniform_(-1, 1)
-    assert torch.allclose(norm(x), F.layer_norm(x, (32,), norm.scale, norm.shift, eps=1e-5), atol=1e-5)
+    # The formula with explicit sums over the last dimension (n = 32, variance divided by n).
+    mean = x.sum(-1, keepdim=True) / 32
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / 32
+    expected = norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
+    assert torch.allclose(norm(x), expected, atol=1e-5)
+    assert torch.allclose(layer_norm_by_hand(x, norm.scale, norm.shift), expected, atol=1e-5)
     assert torch.allclose(GELU()(x), F.gelu(x, approximate="tanh"), atol=1e-6)
 
 

@@ -1,0 +1,126 @@
+"""Decoding speed of the 124M GPT-2 architecture: KV cache vs no cache vs `transformers`.
+
+One process builds a GPT-2 124M with random weights (speed does not depend on what the
+weights say), copies the same weights into `transformers.GPT2LMHeadModel`, and decodes
+greedily `--new-tokens` tokens after a short prompt with:
+
+    minigpt, cache      minigpt.generation.generate(..., use_cache=True)   (the default)
+    minigpt, no cache   the same with use_cache=False: the whole text goes through every step
+    transformers        GPT2LMHeadModel.generate(do_sample=False), its own KV cache
+
+The runs alternate (cache, transformers, cache, transformers, ...) so that a busy neighbour
+slows both alike, and the table reports medians; the slow no-cache run goes once. All three
+must produce the same tokens, which the script checks.
+
+    python benchmarks/bench_generate.py                       # 512 tokens, 1 thread, 3 repeats
+    python benchmarks/bench_generate.py --threads 2 --new-tokens 128 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_models(device: str):
+    import torch
+    import transformers
+
+    from minigpt.config import model_config
+    from minigpt.model import GPTModel, hf_gpt2_config, to_hf_gpt2_state_dict
+
+    torch.manual_seed(0)
+    ours = GPTModel(model_config("gpt2-small", qkv_bias=True, tie_weights=True, drop_rate=0.0))
+    config = transformers.GPT2Config(**{k: v for k, v in hf_gpt2_config(ours.cfg).items()
+                                        if k not in ("architectures", "model_type")})
+    config.eos_token_id = config.bos_token_id = None  # decode every one of the tokens asked for
+    theirs = transformers.GPT2LMHeadModel(config)
+    missing, unexpected = theirs.load_state_dict(to_hf_gpt2_state_dict(ours), strict=False)
+    assert not unexpected and all(name == "lm_head.weight" for name in missing), (missing, unexpected)
+    theirs.tie_weights()
+    return ours.to(device).eval(), theirs.to(device).eval()
+
+
+def timed(fn, device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-no-cache", action="store_true", help="leave out the slow uncached run")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from minigpt.generation import generate
+
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    ours, theirs = build_models(args.device)
+    prompt = torch.randint(0, 50257, (1, args.prompt_tokens), device=args.device)
+    n = args.new_tokens
+
+    def minigpt_cached():
+        return generate(ours, prompt, n)
+
+    def minigpt_uncached():
+        return generate(ours, prompt, n, use_cache=False)
+
+    def hf_greedy():
+        with torch.no_grad():
+            return theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    print(f"GPT-2 124M (random weights), greedy, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens | "
+          f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}", flush=True)
+    minigpt_cached(), hf_greedy()  # warm-up: allocator, kernels, lazy imports
+    times = {"minigpt, KV cache": [], "transformers generate": []}
+    outputs = {}
+    for repeat in range(args.repeats):
+        for name, fn in (("minigpt, KV cache", minigpt_cached), ("transformers generate", hf_greedy)):
+            seconds, outputs[name] = timed(fn, args.device)
+            times[name].append(seconds)
+            print(f"  run {repeat + 1}: {name}: {seconds:.2f} s", flush=True)
+    if not args.skip_no_cache:
+        seconds, outputs["minigpt, no cache"] = timed(minigpt_uncached, args.device)
+        times["minigpt, no cache"] = [seconds]
+        print(f"  minigpt, no cache: {seconds:.2f} s", flush=True)
+
+    reference = outputs["minigpt, KV cache"]
+    cached = statistics.median(times["minigpt, KV cache"])
+    print()
+    print("| decoding | time | tokens/s | minigpt cache is faster by | same tokens |")
+    print("|---|---|---|---|---|")
+    for name, runs in times.items():
+        seconds = statistics.median(runs)
+        speedup = "—" if name == "minigpt, KV cache" else f"{seconds / cached:.2f}×"
+        same = "yes" if torch.equal(outputs[name], reference) else "NO"
+        label = f"{seconds:.2f} s" + (f" (median of {len(runs)})" if len(runs) > 1 else "")
+        print(f"| {name} | {label} | {n / seconds:.1f} | {speedup} | {same} |")
+    ratios = [h / c for h, c in zip(times["transformers generate"], times["minigpt, KV cache"])]
+    print(f"\nper-pair transformers / minigpt ratios: {', '.join(f'{r:.2f}' for r in ratios)}")
+
+
+if __name__ == "__main__":
+    main()
