@@ -47,10 +47,19 @@ def layer_norm_by_hand(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
 
 
 class GELU(nn.Module):
-    """GPT-2's activation: a smooth ReLU, x * Phi(x), with Phi approximated through tanh."""
+    """GPT-2's activation: a smooth ReLU, x * Phi(x), with Phi approximated through tanh.
+
+    GELU(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+        # Fast path: the formula above as one fused kernel (`gelu_by_hand` writes it out).
+        return F.gelu(x, approximate="tanh")
+
+
+def gelu_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, operation by operation."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
 class FeedForward(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.blocks import GELU, LayerNorm, layer_norm_by_hand
+from minigpt.blocks import GELU, LayerNorm, gelu_by_hand, layer_norm_by_hand
 from minigpt.config import GPTConfig, model_config
 from minigpt.model import GPTModel
 
@@ -85,7 +85,11 @@ def test_layer_norm_and_gelu_match_their_formulas():
     expected = norm.scale * (x - mean) / torch.sqrt(var + 1e-5) + norm.shift
     assert torch.allclose(norm(x), expected, atol=1e-5)
     assert torch.allclose(layer_norm_by_hand(x, norm.scale, norm.shift), expected, atol=1e-5)
-    assert torch.allclose(GELU()(x), F.gelu(x, approximate="tanh"), atol=1e-6)
+    # GELU's tanh form, written with math.tanh on every element (Hendrycks & Gimpel, 2016).
+    expected = torch.tensor([0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+                             for v in x.flatten().tolist()]).view_as(x)
+    assert torch.allclose(GELU()(x), expected, atol=1e-5)
+    assert torch.allclose(gelu_by_hand(x), expected, atol=1e-5)
 
 
 def test_initial_loss_is_close_to_log_vocab_size():
