@@ -201,7 +201,9 @@ def beam_search(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, 
     sum(log p(token)) / generated_length ** length_penalty: 0 ranks by total probability
     (favouring short answers), larger values favour longer ones. A candidate that ends in
     `eos_id` is set aside as finished; a row is done when it has `num_beams` finished
-    sequences and none still running can beat them. Rows are padded with `eos_id` (or 0).
+    sequences and the best one still running, scored at its current length, does not beat
+    the worst of them (the usual stopping rule, as in `transformers`). Rows are padded with
+    `eos_id` (or 0).
     """
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ConfigError(f"num_beams must be a whole number >= 1, got {num_beams!r}.")
