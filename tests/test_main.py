@@ -78,6 +78,12 @@ def test_beam_search_and_export_from_the_command_line(quick_run, tmp_path):
     result = run_main("--task", "export", "--checkpoint", str(run_dir), "--out", "hf", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "hf" / "model.safetensors").is_file() and "GPT2LMHeadModel" in result.stdout
+    # The exported folder is a GPT-2 like OpenAI's: --pretrained reads it and writes the same text.
+    greedy = ["--prompt", "I had", "--temperature", "0", "--max-new-tokens", "6"]
+    from_folder = run_main("--task", "generate", "--pretrained", "hf", *greedy, cwd=tmp_path)
+    from_run = run_main("--task", "generate", "--checkpoint", str(run_dir), *greedy, cwd=tmp_path)
+    assert from_folder.returncode == 0, from_folder.stderr[-2000:]
+    assert from_folder.stdout == from_run.stdout
 
 
 @pytest.mark.parametrize("args, message", [
