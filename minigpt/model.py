@@ -289,5 +289,10 @@ def download_hf_gpt2(name: str, cache: str | Path | None = None, base_url: str =
     folder = Path(cache) if cache is not None else cache_dir() / "hf" / name
     repo_url = f"{base_url.rstrip('/')}/{HF_GPT2_REPOS[name]}/resolve/main"
     for filename in ("config.json", "model.safetensors"):
-        download_file(f"{repo_url}/{filename}", folder / filename)
+        try:
+            download_file(f"{repo_url}/{filename}", folder / filename)
+        except ConfigError as err:
+            raise ConfigError(f"{err} {name} needs both config.json and model.safetensors from "
+                              f"https://huggingface.co/{HF_GPT2_REPOS[name]} in {folder}; or pass any "
+                              "folder holding them (--pretrained path/to/folder).") from None
     return folder
