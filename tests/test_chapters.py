@@ -1,0 +1,130 @@
+"""The handbook stays true to the code: every `minigpt.…` name a chapter mentions exists, every
+chapter has its notebook and figures, and results the chapters quote are what the code gives."""
+
+import importlib
+import inspect
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+CHAPTERS = sorted((ROOT / "chapters").glob("[0-9][0-9]-*.md"))
+# `minigpt.module.Name` or `minigpt.module.Name.attribute`, as the chapters write them in code spans.
+NAME = re.compile(r"`(minigpt(?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def resolve(dotted: str):
+    """Import the longest module prefix of `dotted`, then follow attributes; raises if any is missing."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            if isinstance(obj, type) and not hasattr(obj, attribute):
+                # An instance attribute set in __init__, such as GPTModel.tok_emb.
+                if f"self.{attribute} =" not in inspect.getsource(obj):
+                    raise AttributeError(f"{obj.__name__} has no attribute {attribute!r}")
+                return obj
+            obj = getattr(obj, attribute)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda path: path.stem)
+def test_every_name_a_chapter_mentions_exists(chapter):
+    names = sorted(set(NAME.findall(chapter.read_text(encoding="utf-8"))))
+    missing = []
+    for name in names:
+        try:
+            resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"{chapter.name} names things the package does not have: {missing}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda path: path.stem)
+def test_every_chapter_has_its_notebook_and_its_figures(chapter):
+    number, slug = chapter.stem.split("-", 1)
+    assert (ROOT / "notebooks" / f"ch{number}-{slug}.ipynb").is_file()
+    text = chapter.read_text(encoding="utf-8")
+    for figure in re.findall(r"\]\((figures/[^)]+\.png)\)", text):
+        assert (ROOT / "chapters" / figure).is_file(), figure
+    index = (ROOT / "chapters" / "README.md").read_text(encoding="utf-8")
+    assert chapter.name in index, f"chapters/README.md does not list {chapter.name}"
+
+
+def chapter_text(prefix: str) -> str:
+    matches = [path for path in CHAPTERS if path.name.startswith(prefix)]
+    if not matches:
+        pytest.skip(f"chapter {prefix} is not written yet")
+    return matches[0].read_text(encoding="utf-8")
+
+
+def meta_model(preset: str, **overrides):
+    from minigpt.config import model_config
+    from minigpt.model import GPTModel
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return GPTModel(model_config(preset, **overrides))
+
+
+# ---------------------------------------------------------------------------------------
+# Results the chapters quote, computed again here. Each entry: the chapter, the text as the
+# chapter writes it, and a function that computes that text from the code.
+# ---------------------------------------------------------------------------------------
+
+def verdict_counts():
+    from minigpt.data import load_text
+    from minigpt.tokenizer import get_tokenizer
+
+    path = ROOT / "the-verdict.txt"
+    if not path.is_file():
+        pytest.skip("the-verdict.txt is not in the repository root")
+    text = load_text(path)
+    return len(text), len(get_tokenizer("gpt2").encode(text))
+
+
+def kv_cache_megabytes(preset: str) -> str:
+    cache = meta_model(preset).new_kv_cache(batch_size=1, max_tokens=1024)
+    return f"{cache.memory_bytes() / 1e6:.1f}"
+
+
+def best_two_beams_probability() -> str:
+    from types import SimpleNamespace
+
+    from minigpt.generation import beam_search
+
+    table = torch.tensor([[0.10, 0.50, 0.40], [0.33, 0.33, 0.34], [0.05, 0.05, 0.90]])
+
+    class TableModel(torch.nn.Module):
+        cfg = SimpleNamespace(context_length=8, vocab_size=3)
+
+        def forward(self, idx, cache=None):
+            return torch.log(table)[idx]
+
+    path = beam_search(TableModel(), torch.tensor([[0]]), 2, num_beams=2, length_penalty=0.0,
+                       use_cache=False)[0].tolist()
+    return f"{table[path[0], path[1]] * table[path[1], path[2]]:.2f}"
+
+
+QUOTED = [
+    ("02", "20,479 characters", lambda: f"{verdict_counts()[0]:,} characters"),
+    ("02", "(5,145 tokens each)", lambda: f"({verdict_counts()[1]:,} tokens each)"),
+    ("06", "= 75.5$ MB", lambda: f"= {kv_cache_megabytes('gpt2-small')}$ MB"),
+    ("06", "GPT-2 xl needs 629 MB", lambda: f"GPT-2 xl needs {float(kv_cache_megabytes('gpt2-xl')):.0f} MB"),
+    ("06", "$0.4 \\times 0.9 = 0.36$", lambda: f"$0.4 \\times 0.9 = {best_two_beams_probability()}$"),
+    ("06", "$\\ln 62 = 4.13$", lambda: f"$\\ln 62 = {math.log(62):.2f}$"),
+]
+
+
+@pytest.mark.parametrize("prefix, quoted, compute", QUOTED, ids=[f"{c}:{q}" for c, q, _ in QUOTED])
+def test_quoted_results_are_what_the_code_gives(prefix, quoted, compute):
+    text = chapter_text(prefix)
+    assert quoted in text, f"chapter {prefix} no longer says {quoted!r}: update this test or the chapter"
+    assert compute() == quoted
