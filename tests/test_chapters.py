@@ -113,7 +113,35 @@ def best_two_beams_probability() -> str:
     return f"{table[path[0], path[1]] * table[path[1], path[2]]:.2f}"
 
 
+def initial_loss_of_gpt_mini() -> str:
+    import torch.nn.functional as F
+
+    from minigpt.config import model_config
+    from minigpt.model import GPTModel
+
+    torch.manual_seed(123)
+    model = GPTModel(model_config("gpt-mini", drop_rate=0.0)).eval()
+    torch.manual_seed(123)
+    idx, targets = torch.randint(0, 50257, (4, 64)), torch.randint(0, 50257, (4, 64))
+    with torch.no_grad():
+        return f"{F.cross_entropy(model(idx).flatten(0, 1), targets.flatten()).item():.4f}"
+
+
+def block_parameters() -> str:
+    from minigpt.blocks import TransformerBlock
+    from minigpt.config import GPTConfig
+
+    return f"{sum(p.numel() for p in TransformerBlock(GPTConfig(emb_dim=768, n_heads=4)).parameters()):,}"
+
+
 QUOTED = [
+    ("04", "163,009,536", lambda: f"{meta_model('gpt2-small').num_parameters():,}"),
+    ("04", "124,412,160", lambda: f"{meta_model('gpt2-small', tie_weights=True).num_parameters():,}"),
+    ("04", "124,439,808", lambda: f"{meta_model('gpt2-small', tie_weights=True, qkv_bias=True).num_parameters():,}"),
+    ("04", "38,597,376", lambda: f"{meta_model('gpt2-small').num_parameters() - meta_model('gpt2-small', tie_weights=True).num_parameters():,}"),
+    ("04", "7,085,568", block_parameters),
+    ("04", "10.8478", initial_loss_of_gpt_mini),
+    ("04", "10.8249", lambda: f"{math.log(50257):.4f}"),
     ("02", "20,479 characters", lambda: f"{verdict_counts()[0]:,} characters"),
     ("02", "(5,145 tokens each)", lambda: f"({verdict_counts()[1]:,} tokens each)"),
     ("06", "= 75.5$ MB", lambda: f"= {kv_cache_megabytes('gpt2-small')}$ MB"),
