@@ -134,7 +134,23 @@ def block_parameters() -> str:
     return f"{sum(p.numel() for p in TransformerBlock(GPTConfig(emb_dim=768, n_heads=4)).parameters()):,}"
 
 
+def verdict_split_tokens() -> str:
+    from minigpt.data import load_text, split_text
+    from minigpt.tokenizer import get_tokenizer
+
+    if not (ROOT / "the-verdict.txt").is_file():
+        pytest.skip("the-verdict.txt is not in the repository root")
+    tokenizer = get_tokenizer("gpt2")
+    train, val = (len(tokenizer.encode(part)) for part in split_text(load_text(ROOT / "the-verdict.txt")))
+    return f"{train:,} + {val:,} = {train + val:,}"
+
+
 QUOTED = [
+    ("01", "13,673,984", lambda: f"{meta_model('gpt-mini').num_parameters():,}"),
+    ("01", "7,241,088", lambda: f"{meta_model('gpt-mini').num_parameters(exclude_output_head=True):,}"),
+    ("01", "162,419,712", lambda: f"{meta_model('gpt2-small', context_length=256).num_parameters():,}"),
+    ("01", "49,336,320", lambda: f"{meta_model('gpt2-small', context_length=256, n_layers=6, emb_dim=384, n_heads=6).num_parameters():,}"),
+    ("01", "4,612 + 534 = 5,146", verdict_split_tokens),
     ("04", "163,009,536", lambda: f"{meta_model('gpt2-small').num_parameters():,}"),
     ("04", "124,412,160", lambda: f"{meta_model('gpt2-small', tie_weights=True).num_parameters():,}"),
     ("04", "124,439,808", lambda: f"{meta_model('gpt2-small', tie_weights=True, qkv_bias=True).num_parameters():,}"),
