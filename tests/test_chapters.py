@@ -145,7 +145,41 @@ def verdict_split_tokens() -> str:
     return f"{train:,} + {val:,} = {train + val:,}"
 
 
+def hand_worked_cross_entropy() -> str:
+    from minigpt.train import calc_loss_batch
+
+    logits = torch.tensor([[[2.0, 1.0, 0.1, -1.0], [0.5, 2.5, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, idx):
+            return logits
+
+    targets = torch.tensor([[0, 1, 3]])
+    return f"**{calc_loss_batch(targets, targets, Fixed(), 'cpu').item():.4f}**"
+
+
+def decayed_parameters(model, group: int) -> str:
+    from minigpt.config import TrainConfig
+    from minigpt.train import make_optimizer
+
+    return f"{sum(p.numel() for p in make_optimizer(model, TrainConfig()).param_groups[group]['params']):,}"
+
+
+def adamw_pure_decay() -> str:
+    weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, weight_decay=0.1)
+    weight.grad = torch.zeros(2)
+    optimizer.step()
+    return f"$[1, -2]$ becomes $[{weight[0].item():.2f}, {weight[1].item():.2f}]$"
+
+
 QUOTED = [
+    ("05", "**0.6992**", hand_worked_cross_entropy),
+    ("05", "162,915,840", lambda: decayed_parameters(meta_model("gpt2-small"), 0)),
+    ("05", "93,696", lambda: decayed_parameters(meta_model("gpt2-small"), 1)),
+    ("05", "925,696", lambda: decayed_parameters(meta_model("gpt-mini", vocab_size=512, context_length=64), 0)),
+    ("05", "ln 50{,}257 = 10.8249", lambda: f"ln 50{{,}}257 = {math.log(50257):.4f}"),
+    ("05", "$[1, -2]$ becomes $[0.99, -1.98]$", adamw_pure_decay),
     ("01", "13,673,984", lambda: f"{meta_model('gpt-mini').num_parameters():,}"),
     ("01", "7,241,088", lambda: f"{meta_model('gpt-mini').num_parameters(exclude_output_head=True):,}"),
     ("01", "162,419,712", lambda: f"{meta_model('gpt2-small', context_length=256).num_parameters():,}"),
