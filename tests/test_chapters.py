@@ -173,7 +173,28 @@ def adamw_pure_decay() -> str:
     return f"$[1, -2]$ becomes $[{weight[0].item():.2f}, {weight[1].item():.2f}]$"
 
 
+SIX_TOKENS = [[0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64],
+              [0.22, 0.58, 0.33], [0.77, 0.25, 0.10], [0.05, 0.80, 0.55]]  # "Your journey starts with one step"
+
+
+def journey_context() -> str:
+    from minigpt.attention import simple_self_attention
+
+    values = simple_self_attention(torch.tensor(SIX_TOKENS))[1].tolist()
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def attention_parameters() -> str:
+    from minigpt.attention import MultiHeadAttention
+
+    return f"{sum(p.numel() for p in MultiHeadAttention(768, 768, 12, qkv_bias=True).parameters()):,}"
+
+
 QUOTED = [
+    ("03", "(0.4419, 0.6515, 0.5683)", journey_context),
+    ("03", "0.2379", lambda: f"{torch.softmax(torch.tensor(SIX_TOKENS) @ torch.tensor(SIX_TOKENS[1]), 0)[1]:.4f}"),
+    ("03", "2,362,368", attention_parameters),
+    ("03", "402{,}653{,}184", lambda: f"{8 * 12 * 1024 * 1024 * 4:,}".replace(",", "{,}")),
     ("05", "**0.6992**", hand_worked_cross_entropy),
     ("05", "162,915,840", lambda: decayed_parameters(meta_model("gpt2-small"), 0)),
     ("05", "93,696", lambda: decayed_parameters(meta_model("gpt2-small"), 1)),
