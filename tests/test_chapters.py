@@ -227,3 +227,10 @@ def test_quoted_results_are_what_the_code_gives(prefix, quoted, compute):
     text = chapter_text(prefix)
     assert quoted in text, f"chapter {prefix} no longer says {quoted!r}: update this test or the chapter"
     assert compute() == quoted
+
+
+def test_every_test_a_chapter_cites_exists():
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(
+        path.read_text(encoding="utf-8") for path in (ROOT / "tests").glob("test_*.py")), re.M))
+    cited = {name for chapter in CHAPTERS for name in re.findall(r"`(test_\w+)`", chapter.read_text(encoding="utf-8"))}
+    assert cited <= defined, f"chapters cite tests that do not exist: {sorted(cited - defined)}"
