@@ -126,6 +126,12 @@ def model_config(preset: str, **overrides: Any) -> GPTConfig:
 # ---------------------------------------------------------------------------------------
 
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAMPLINGS = ("auto", "sliding", "random")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @dataclass(frozen=True)
@@ -143,9 +149,17 @@ class TrainConfig:
     start_context: str = "Every effort moves you"  # prompt for the per-epoch sample
     num_workers: int = 0         # DataLoader worker processes
     max_steps: int | None = None # stop after this many optimizer steps (None: all epochs)
-    lr_schedule: str = "constant"  # "constant", or "cosine" decay to 10% after warm-up
+    lr_schedule: str = "constant"  # "constant", or "cosine" decay to min_lr after warm-up
     warmup_steps: int = 0        # linear learning-rate warm-up from 0
+    min_lr: float | None = None  # where the cosine ends (None: 10% of learning_rate)
     grad_clip: float | None = None  # clip the gradient's global norm to this (None: off)
+    beta1: float = 0.9           # AdamW's momentum of the gradient
+    beta2: float = 0.999         # AdamW's momentum of the squared gradient (0.95-0.99 for larger/noisier runs)
+    micro_batch_size: int | None = None  # windows per forward/backward; batch_size / it = accumulation steps (None: batch_size)
+    precision: str = "auto"      # "fp32", "bf16", "fp16" (with a gradient scaler), or "auto": bf16 on CUDA GPUs that have it, else fp32
+    compile: bool = False        # torch.compile the model (off by itself where unsupported: Windows, MPS)
+    sampling: str = "auto"       # "sliding": every window once per epoch; "random": windows at random starts; "auto": random for token files
+    peak_tflops: float | None = None  # the device's peak for the MFU estimate (None: known GPUs only)
 
     def __post_init__(self) -> None:
         _check_int("num_epochs", self.num_epochs)
@@ -163,8 +177,33 @@ class TrainConfig:
             _check_int("max_steps", self.max_steps)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.min_lr is not None:
+            _check_float("min_lr", self.min_lr, 0.0)
+            if self.min_lr > self.learning_rate:
+                raise ConfigError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); "
+                                  "the cosine decays from learning_rate down to min_lr: lower min_lr.")
         if self.grad_clip is not None:
             _check_float("grad_clip", self.grad_clip, 0.0, low_inclusive=False)
+        _check_float("beta1", self.beta1, 0.0, 1.0, high_inclusive=False)
+        _check_float("beta2", self.beta2, 0.0, 1.0, high_inclusive=False)
+        if self.micro_batch_size is not None:
+            _check_int("micro_batch_size", self.micro_batch_size)
+            if self.batch_size % self.micro_batch_size:
+                raise ConfigError(
+                    f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                    f"({self.micro_batch_size}): each optimizer step adds up batch_size / micro_batch_size "
+                    f"micro-batches. Pick micro_batch_size from {divisors(self.batch_size)}.")
+        _check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}.")
+        _check_choice("sampling", self.sampling, SAMPLINGS)
+        if self.peak_tflops is not None:
+            _check_float("peak_tflops", self.peak_tflops, 0.0, low_inclusive=False)
+
+    @property
+    def micro_batch(self) -> int:
+        """Windows in one forward/backward pass (batch_size when there is no accumulation)."""
+        return self.micro_batch_size or self.batch_size
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,6 +228,10 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
         train=dict(num_epochs=10, batch_size=2, learning_rate=4e-4, weight_decay=0.1,
                    eval_freq=5, eval_iter=5, max_length=256, stride=256)),
 }
+
+# The TrainConfig values that have a command-line flag (they override every mode).
+TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
+               "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq")
 
 # The keys `custom_params` may hold; model_overrides may hold any GPTConfig field but vocab_size.
 CUSTOM_PARAM_KEYS = [f.name for f in fields(TrainConfig)] + ["model_overrides"]
@@ -268,9 +311,8 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
     """Combine config_run.py's names (`settings`) with command-line overrides (`cli`).
 
     `cli` holds only the flags the user gave: task, mode, device, model, tokenizer,
-    bpe_vocab_size, data, out, resume, checkpoint, pretrained, prompt, seed, and training
-    values (num_epochs, batch_size, learning_rate, max_steps), plus generation values
-    (the keys of GENERATION_DEFAULTS).
+    bpe_vocab_size, data, out, resume, checkpoint, pretrained, prompt, seed, the training
+    values in TRAIN_FLAGS, and the generation values (the keys of GENERATION_DEFAULTS).
     """
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
     _check_keys("config_run.py", {k: v for k, v in settings.items() if not k.startswith("_")},
@@ -297,7 +339,7 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
     else:
         base = MODE_DEFAULTS[mode]
         train_values, model_values = dict(base["train"]), dict(base["model_overrides"])
-    for key in ("num_epochs", "batch_size", "learning_rate", "max_steps"):
+    for key in TRAIN_FLAGS:
         if key in cli:
             train_values[key] = cli[key]
 
@@ -347,8 +389,10 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
                      generation=generation)
 
 
-# What may change when a stopped run continues; everything else is the run's own.
-RESUME_OVERRIDES = ("resume", "num_epochs", "max_steps", "device", "task")
+# What may change when a stopped run continues; everything else is the run's own. How a
+# step is computed (micro-batches, precision, compile) may change with the machine.
+RESUME_TRAIN_OVERRIDES = ("num_epochs", "max_steps", "micro_batch_size", "precision", "compile")
+RESUME_OVERRIDES = ("resume", "device", "task") + RESUME_TRAIN_OVERRIDES
 
 
 def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConfig:
@@ -365,7 +409,7 @@ def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConf
         raise ConfigError("--resume continues training; use --task pretrain (or leave --task out).")
     run = RunConfig.from_dict(saved)
     train = _build("the resumed training settings", replace, run.train,
-                   **{k: cli[k] for k in ("num_epochs", "max_steps") if k in cli})
+                   **{k: cli[k] for k in RESUME_TRAIN_OVERRIDES if k in cli})
     return replace(run, train=train, resume=cli["resume"], device=cli.get("device", run.device))
 
 

@@ -4,16 +4,23 @@ A language model learns to predict each next token, so a training example is a w
 `max_length` token ids and the same window shifted one token to the right. `GPTDataset`
 cuts a token stream into such windows every `stride` tokens; `create_dataloader` batches
 them in an order fixed by a seed, so that a run, and a resumed run, see the same batches.
+
+A corpus too large to hold as a Python list (a big file, or a folder of them) is tokenized
+once into a token file on disk, which `TokenFile` reads through a memory map (chapter 9):
+the operating system pages in the windows a batch needs, and nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -27,6 +34,18 @@ VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 VERDICT_PATH = PROJECT_ROOT / "the-verdict.txt"
+
+# Tiny Shakespeare (1.1 MB, 40,000 lines of the plays), from Andrej Karpathy's char-rnn
+# repository: the usual corpus for character-level models, and chapter 9's benchmark.
+TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
+                        "data/tinyshakespeare/input.txt")
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+# Corpora `--data` knows by name: downloaded once, checked against their SHA-256.
+NAMED_CORPORA = ("the-verdict", "tinyshakespeare")
+
+# A text file above this size, or any folder, is tokenized into a token file on disk.
+LARGE_TEXT_BYTES = 32 * 2**20
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,11 +163,28 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def corpus_path(data: str | Path | None) -> Path:
+    """Where the text of `--data` is: a named corpus (downloaded on first use), or the path given."""
+    if data is None or (str(data) == "the-verdict" and not Path(data).exists()):
+        return download_file(VERDICT_URL, VERDICT_PATH, sha256=VERDICT_SHA256)
+    if str(data) == "tinyshakespeare" and not Path(data).exists():
+        return download_file(TINY_SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt",
+                             sha256=TINY_SHAKESPEARE_SHA256)
+    path = Path(data)
+    if not path.exists():
+        raise ConfigError(f"no text file or folder at {path} (--data / DATA); check the path, or "
+                          f"name a corpus minigpt downloads: {', '.join(NAMED_CORPORA)}.")
+    return path
+
+
 def load_text(path: str | Path | None = None) -> str:
-    """The training text: the file at `path`, or the-verdict.txt (downloaded on first use)."""
-    if path is None:
-        path = download_file(VERDICT_URL, VERDICT_PATH, sha256=VERDICT_SHA256)
-    return read_text(path)
+    """The training text: the file at `path`, a named corpus, or the-verdict.txt (downloaded on first use)."""
+    return read_text(corpus_path(path))
+
+
+def is_large_corpus(path: Path) -> bool:
+    """Folders and big files are tokenized into a token file; small files are read into memory."""
+    return path.is_dir() or path.stat().st_size > LARGE_TEXT_BYTES
 
 
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
@@ -158,15 +194,190 @@ def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------
+# Large corpora: tokenized once into token files, read through a memory map
+# ---------------------------------------------------------------------------------------
+
+TOKEN_FILES_FORMAT = "minigpt-tokens-v1"
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """The text files of a corpus: the file itself, or every .txt file under a folder, sorted."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise ConfigError(f"the folder {path} holds no .txt files; --data takes a UTF-8 text file "
+                          "or a folder of .txt files (searched recursively).")
+    return files
+
+
+def _line_start_before(text: str, end: int) -> int:
+    """The last position < end that starts a line beginning with a letter or digit (0 if none).
+
+    GPT-2's pre-tokenizer never joins a newline to the letter after it, so text cut at such
+    a position encodes, piece by piece, to exactly the tokens of the whole.
+    """
+    i = text.rfind("\n", 0, end - 1)
+    while i >= 0 and not text[i + 1].isalnum():
+        i = text.rfind("\n", 0, i)
+    return i + 1
+
+
+def iter_text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[str]:
+    """A file's text in pieces of about `piece_chars` characters, each cut at a line start."""
+    buffer = ""
+    with open(file, encoding="utf-8") as handle:
+        while True:
+            try:
+                block = handle.read(piece_chars)
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{file} is not UTF-8 text ({err.reason}); convert it to UTF-8 "
+                                  "or move it out of the corpus folder.") from None
+            buffer += block
+            cut = _line_start_before(buffer, len(buffer)) if block else len(buffer)
+            if cut > 0:
+                yield buffer[:cut]
+                buffer = buffer[cut:]
+            if not block:
+                return
+
+
+def corpus_characters(files: list[Path]) -> str:
+    """Every distinct character of the corpus, sorted: a character tokenizer's vocabulary."""
+    chars: set[str] = set()
+    for file in files:
+        for piece in iter_text_pieces(file):
+            chars.update(piece)
+    return "".join(sorted(chars))
+
+
+def corpus_sample(files: list[Path], max_chars: int) -> str:
+    """The first `max_chars` characters of the corpus (to train a BPE on a big one)."""
+    pieces, size = [], 0
+    for file in files:
+        for piece in iter_text_pieces(file):
+            pieces.append(piece)
+            size += len(piece)
+            if size >= max_chars:
+                return "".join(pieces)[:max_chars]
+    return "".join(pieces)
+
+
+def token_folder(files: list[Path], tokenizer_key: str, root: Path | None = None) -> Path:
+    """Where the token files of (these files, this tokenizer) live: a folder named by a hash of
+    the files' paths, sizes and modification times and of the tokenizer, so a changed corpus
+    or another tokenizer gets new token files, and an unchanged one reuses them."""
+    listing = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(json.dumps([TOKEN_FILES_FORMAT, listing, tokenizer_key]).encode()).hexdigest()
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", files[0].parent.name if len(files) > 1 else files[0].stem)
+    return (root or cache_dir() / "tokens") / f"{name}-{key[:16]}"
+
+
+def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: float = 0.9) -> dict[str, Any]:
+    """Tokenize the corpus into folder/train.bin and folder/val.bin (one token id per 2 or 4 bytes).
+
+    The split falls at the first line start after `train_ratio` of the corpus's bytes; files
+    are joined in sorted order with the end-of-text token between them (when the tokenizer
+    has one). meta.json, written last, marks the folder complete.
+    """
+    from tqdm.auto import tqdm
+
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    total_bytes = sum(f.stat().st_size for f in files)
+    split_at = int(train_ratio * total_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {"train": 0, "val": 0}
+    outputs = {split: open(folder / f"{split}.bin.tmp", "wb") for split in counts}
+
+    def write(split: str, text: str) -> None:
+        ids = tokenizer.encode(text, allowed_special="all")
+        np.asarray(ids, dtype=dtype).tofile(outputs[split])
+        counts[split] += len(ids)
+
+    done = 0
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing the corpus",
+                  dynamic_ncols=True) as bar:
+            for index, file in enumerate(files):
+                if index > 0 and tokenizer.eos_id is not None:  # a document boundary
+                    np.asarray([tokenizer.eos_id], dtype=dtype).tofile(outputs["train" if done < split_at else "val"])
+                    counts["train" if done < split_at else "val"] += 1
+                for piece in iter_text_pieces(file):
+                    size = len(piece.encode("utf-8"))
+                    if done < split_at < done + size:  # the split falls inside this piece
+                        chars = len(piece.encode("utf-8")[:split_at - done].decode("utf-8", errors="ignore"))
+                        cut = piece.find("\n", chars)
+                        while cut >= 0 and cut + 1 < len(piece) and not piece[cut + 1].isalnum():
+                            cut = piece.find("\n", cut + 1)
+                        cut = len(piece) if cut < 0 or cut + 1 >= len(piece) else cut + 1
+                        write("train", piece[:cut])
+                        write("val", piece[cut:])
+                    else:
+                        write("train" if done < split_at else "val", piece)
+                    done += size
+                    bar.update(size)
+    finally:
+        for handle in outputs.values():
+            handle.close()
+    for split in counts:
+        os.replace(folder / f"{split}.bin.tmp", folder / f"{split}.bin")
+    meta = {"format": TOKEN_FILES_FORMAT, "dtype": np.dtype(dtype).name, "train_tokens": counts["train"],
+            "val_tokens": counts["val"], "tokenizer_spec": tokenizer.spec(), "bytes": total_bytes,
+            "files": [str(f) for f in files]}
+    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+    return meta
+
+
+def read_token_files(folder: Path) -> tuple["TokenFile", "TokenFile", dict[str, Any]] | None:
+    """The train and validation token files in `folder`, and their meta.json; None if incomplete."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("format") != TOKEN_FILES_FORMAT:
+        return None
+    return (TokenFile(folder / "train.bin", meta["dtype"]), TokenFile(folder / "val.bin", meta["dtype"]), meta)
+
+
+class TokenFile:
+    """Token ids stored on disk, read through a memory map: slicing gives a (n,) long tensor.
+
+    Only the path travels when a DataLoader worker process receives it; each process maps
+    the file itself.
+    """
+
+    def __init__(self, path: str | Path, dtype: str) -> None:
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=self.dtype, mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return self.path.stat().st_size // self.dtype.itemsize
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return torch.from_numpy(self.array[index].astype(np.int64))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "dtype": self.dtype, "_array": None}
+
+
+# ---------------------------------------------------------------------------------------
 # Windows and batches
 # ---------------------------------------------------------------------------------------
 
 class GPTDataset(Dataset):
-    """Sliding windows over a token stream: input = ids[i : i+L], target = ids[i+1 : i+L+1]."""
+    """Windows over a token stream: input = ids[i : i+L], target = ids[i+1 : i+L+1], one
+    starting every `stride` tokens (stride 1: at every token, for random-window sampling)."""
 
-    def __init__(self, token_ids: list[int] | torch.Tensor, max_length: int, stride: int,
+    def __init__(self, token_ids: list[int] | torch.Tensor | TokenFile, max_length: int, stride: int,
                  name: str = "the text") -> None:
-        self.token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        # A TokenFile stays on disk; anything else becomes one tensor in memory.
+        self.token_ids = token_ids if isinstance(token_ids, TokenFile) else torch.as_tensor(token_ids, dtype=torch.long)
         self.max_length = max_length
         num_tokens = len(self.token_ids)
         if num_tokens < max_length + 1:
@@ -190,45 +401,91 @@ class SeededSampler(Sampler[int]):
     """Visits the dataset in an order fixed by (seed, epoch), and can start part-way through.
 
     The order of epoch e is a permutation drawn from a generator seeded with seed + e (or
-    0, 1, 2, ... without shuffling). Knowing the epoch and the number of examples already
-    consumed is then enough to continue exactly where an interrupted run stopped.
+    0, 1, 2, ... without shuffling); with `draws`, it is that many examples drawn at random
+    with replacement instead (random windows over a large corpus). Knowing the epoch and the
+    number of examples already consumed is then enough to continue exactly where an
+    interrupted run stopped.
+
+    Data parallelism: the order is cut into global batches of `batch_size` examples, one per
+    optimizer step, and process `rank` of `world_size` takes its slice of each. Every step
+    therefore sees the same examples whatever the number of processes or micro-batches.
     """
 
-    def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, num_examples: int, shuffle: bool = True, seed: int = 0, batch_size: int = 1,
+                 rank: int = 0, world_size: int = 1, draws: int | None = None) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of world_size ({world_size}).")
         self.num_examples = num_examples
         self.shuffle = shuffle
         self.seed = seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.draws = draws
         self.epoch = 0
         self.start = 0
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Complete global batches in one epoch."""
+        return (self.draws or self.num_examples) // self.batch_size
+
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Use epoch `epoch`'s order, skipping its first `start` examples."""
+        """Use epoch `epoch`'s order, skipping its first `start` examples (a whole number of batches)."""
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.draws is not None:
+            return torch.randint(self.num_examples, (self.draws,), generator=generator).tolist()
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_examples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_examples))
-        return iter(order[self.start:])
+            return torch.randperm(self.num_examples, generator=generator).tolist()
+        return list(range(self.num_examples))
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        if self.batch_size == 1:
+            return iter(order[self.start:])
+        share = self.batch_size // self.world_size
+        mine = []
+        for first in range(self.start, self.steps_per_epoch * self.batch_size, self.batch_size):
+            mine += order[first + self.rank * share:first + (self.rank + 1) * share]
+        return iter(mine)
 
     def __len__(self) -> int:
-        return self.num_examples - self.start
+        if self.batch_size == 1:
+            return (self.draws or self.num_examples) - self.start
+        return (self.steps_per_epoch * self.batch_size - self.start) // self.world_size
 
 
-def create_dataloader(token_ids: list[int] | torch.Tensor, batch_size: int = 4, max_length: int = 256,
-                      stride: int = 128, shuffle: bool = True, drop_last: bool = True,
-                      num_workers: int = 0, seed: int = 0, name: str = "the text") -> DataLoader:
-    """Batches of (inputs, targets), each (batch_size, max_length), in a seeded order."""
-    dataset = GPTDataset(token_ids, max_length, stride, name=name)
-    if drop_last and len(dataset) < batch_size:
+def create_dataloader(token_ids: list[int] | torch.Tensor | TokenFile, batch_size: int = 4,
+                      max_length: int = 256, stride: int = 128, shuffle: bool = True, drop_last: bool = True,
+                      num_workers: int = 0, seed: int = 0, name: str = "the text",
+                      micro_batch_size: int | None = None, rank: int = 0, world_size: int = 1,
+                      random_windows: bool = False) -> DataLoader:
+    """Batches of (inputs, targets), each (micro_batch_size or batch_size, max_length), in a seeded order.
+
+    With `drop_last` the loader serves optimizer steps of `batch_size` windows: process `rank`
+    of `world_size` gets its share of each, in micro-batches of `micro_batch_size`. With
+    `random_windows`, windows start at any token and each epoch draws as many as fit the
+    stream end to end, at random.
+    """
+    dataset = GPTDataset(token_ids, max_length, 1 if random_windows else stride, name=name)
+    micro = micro_batch_size or batch_size
+    if drop_last and batch_size % (micro * world_size):
+        raise ConfigError(
+            f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro}) x processes "
+            f"({world_size}) = {micro * world_size}, so that every process runs the same number of "
+            "micro-batches per step; change batch_size or micro_batch_size.")
+    draws = None
+    if random_windows:
+        draws = max(len(dataset.token_ids) // max_length, batch_size)
+    elif drop_last and len(dataset) < batch_size:
         raise ConfigError(
             f"{name} gives {len(dataset)} windows of {max_length} tokens, fewer than one batch "
             f"of batch_size={batch_size}: lower batch_size to at most {len(dataset)}, lower "
             f"max_length or stride, or use a longer text.")
-    sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed)
+    sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, batch_size=batch_size if drop_last else 1,
+                            rank=rank, world_size=world_size, draws=draws)
     # The loader gets a generator of its own so that iterating it never draws from the
     # global random state (which dropout uses): a resumed run then replays exactly.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+    return DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed))

@@ -9,24 +9,31 @@ perplexity = exp(loss) reads as "as unsure as a uniform choice among this many t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from minigpt.config import ConfigError, RunConfig, TrainConfig
-from minigpt.data import VERDICT_PATH, create_dataloader, load_text, split_text
+from minigpt.config import TOKENIZERS, ConfigError, RunConfig, TrainConfig
+from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample,
+                          create_dataloader, is_large_corpus, read_text, read_token_files, split_text,
+                          token_folder, write_token_files)
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
@@ -82,24 +89,154 @@ def evaluate_model(model: torch.nn.Module, train_loader: DataLoader, val_loader:
 # ---------------------------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, decaying only the matrices: biases and norm gains stay free of weight decay."""
+    """AdamW, decaying only the matrices: biases and norm gains stay free of weight decay.
+
+    The fused implementation updates every tensor in one kernel per step instead of a dozen
+    small ones per tensor: the same arithmetic, 4-7x faster on a CPU (chapter 9).
+    """
     params = list(model.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=fused_adamw_available(params))
+
+
+def fused_adamw_available(params: list[torch.Tensor]) -> bool:
+    """Fused AdamW needs floating-point weights on a device that has its kernel (CPU, CUDA, MPS)."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "mps")
+                                for p in params)
 
 
 def learning_rate_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """The learning rate for optimizer step `step` (0-based): linear warm-up, then constant
-    or a cosine decay to 10% of the peak at `total_steps`."""
+    or a cosine decay to `min_lr` (default 10% of the peak) at `total_steps`."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.learning_rate
-    min_lr = 0.1 * cfg.learning_rate
+    min_lr = 0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     return min_lr + 0.5 * (cfg.learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------
+# Speed and scale (chapter 9): mixed precision, compile, several processes
+# ---------------------------------------------------------------------------------------
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """"auto" becomes bf16 on CUDA GPUs that have it (Ampere and later), fp16 on older ones,
+    and fp32 on CPUs and Apple GPUs, where half precision rarely pays."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return "bf16" if bf16_gpu else "fp16" if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cuda" and not bf16_gpu:
+        raise ConfigError("precision 'bf16': this GPU has no bfloat16 (it came with Ampere); set "
+                          "precision to 'fp16' (trained with a gradient scaler) or 'fp32'.")
+    return name
+
+
+def autocast(precision: str, device: torch.device):
+    """Run the forward pass in mixed precision: matrix products in bf16/fp16, while softmax,
+    norms and the loss stay in fp32 (PyTorch's autocast keeps its list). fp32: no change."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def compile_model(model: torch.nn.Module, wanted: bool, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """`torch.compile(model)` where it works, else the model as it is; and a note saying which."""
+    if not wanted:
+        return model, "off"
+    if sys.platform == "win32":
+        return model, "off (torch.compile is not supported on Windows; training runs eagerly)"
+    if device.type == "mps":
+        return model, "off (torch.compile does not support Apple's MPS yet; training runs eagerly)"
+    if device.type == "cpu" and not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        return model, "off (torch.compile on a CPU needs a C compiler, and none is on PATH)"
+    return torch.compile(model), "on"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Which process this is when `torchrun` starts several (rank 0 of 1 otherwise)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def start_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group `torchrun` set up (its RANK / LOCAL_RANK / WORLD_SIZE variables).
+
+    NCCL links GPUs, one per process; gloo links CPU processes. Without torchrun: one process.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(), device
+    if device.type == "mps":
+        raise ConfigError("torchrun with several processes does not work on Apple's MPS; "
+                          "add --device cpu, or run one process (python main.py).")
+    info = Distributed(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world_size)
+    if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started {world_size} processes per machine but this one has "
+                              f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node={torch.cuda.device_count()}.")
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    # A generous timeout: rank 0 may tokenize a large corpus while the others wait.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    return info, device
+
+
+def agree(loss: torch.Tensor, stop: bool, world: Distributed) -> tuple[float, bool]:
+    """The step's loss averaged over processes, and whether any process was asked to stop
+    (all must stop after the same step, or the others would wait forever for it)."""
+    if not world.active:
+        return loss.item(), stop
+    both = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
+    dist.all_reduce(both)
+    return both[0].item() / world.world_size, both[1].item() > 0
+
+
+# Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, for the MFU estimate.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+                   ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+
+
+def peak_tflops(device: torch.device, cfg: TrainConfig) -> float | None:
+    """The device's peak for MFU: `peak_tflops` if set, else a known GPU's bf16 peak; None if unknown."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                return tflops
+    return None
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float | None, str]:
+    """The most memory training held: CUDA's allocator peak on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA tensors, peak"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, "not measured on this system"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,9 +248,9 @@ class TrainState:
     """Everything that changes while training and must survive a stop and a resume."""
 
     epoch: int = 0            # epochs completed
-    step_in_epoch: int = 0    # batches done in the current epoch
+    step_in_epoch: int = 0    # optimizer steps done in the current epoch
     global_step: int = 0      # optimizer steps done
-    tokens_seen: int = 0      # training tokens consumed
+    tokens_seen: int = 0      # training tokens consumed (all processes together)
     train_time_s: float = 0.0 # wall time inside training steps (excludes evaluation)
     elapsed_s: float = 0.0    # wall time of the whole loop
     eval_steps: list[int] = field(default_factory=list)
@@ -126,104 +263,165 @@ class TrainState:
 
 @dataclass
 class Loaders:
-    train: DataLoader        # shuffled, the batches the optimizer sees
-    train_eval: DataLoader   # the same windows in fixed order, to measure the train loss
+    train: DataLoader        # shuffled (or random windows): the batches the optimizer sees
+    train_eval: DataLoader   # windows of the training split in fixed order, to measure the train loss
     val: DataLoader
 
 
-class StopRequest:
-    """Ctrl-C during training asks the loop to finish its step, save and stop.
+@dataclass
+class StepSetup:
+    """How a step is computed; none of it changes what is computed (up to rounding)."""
 
-    A second Ctrl-C interrupts at once, as usual. Outside the main thread (where Python
-    cannot install signal handlers) this does nothing.
+    device: torch.device
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: scales the loss so small gradients survive
+    world: Distributed = field(default_factory=Distributed)
+    peak_tflops: float | None = None
+    flops_per_token: float = 0.0
+
+
+class StopRequest:
+    """Ctrl-C (or SIGTERM) during training asks the loop to finish its step, save and stop.
+
+    A second Ctrl-C interrupts at once, as usual. SIGTERM is what `torchrun` and job
+    schedulers send before they kill a process, so it saves too. Outside the main thread
+    (where Python cannot install signal handlers) this does nothing.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C behaves as usual
+        signal.signal(signum, self._previous[signum])  # a second signal behaves as usual
         tqdm.write("\nCtrl-C: stopping after this step and saving a resumable checkpoint "
                    "(press Ctrl-C again to quit at once).")
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+        self._previous = {}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[tuple[torch.Tensor, torch.Tensor]], setup: StepSetup,
+               grad_clip: float | None = None) -> torch.Tensor:
+    """One optimizer step over one batch given as micro-batches; returns the batch's mean loss.
+
+    Gradient accumulation: the gradients of k micro-batches, each loss divided by k, add up
+    to the gradient of their mean, which is the gradient of the whole batch (every
+    micro-batch has the same number of tokens). Under DDP the processes average their
+    gradients during the last backward; the earlier ones skip that exchange (`no_sync`).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=setup.device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        exchange = contextlib.nullcontext() if last or not setup.world.active else model.no_sync()
+        with exchange:
+            with autocast(setup.precision, setup.device):
+                loss = calc_loss_batch(inputs, targets, model, setup.device) / len(micro_batches)
+            (setup.scaler.scale(loss) if setup.scaler else loss).backward()
+        total += loss.detach()
+    if setup.scaler:
+        setup.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if setup.scaler:
+        setup.scaler.step(optimizer)  # skipped if a gradient overflowed; the scale then shrinks
+        setup.scaler.update()
+    else:
+        optimizer.step()
+    return total
 
 
 def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loaders,
                device: torch.device, cfg: TrainConfig, state: TrainState, total_steps: int,
                tokenizer, log_every: int = 10, stop: StopRequest | None = None,
-               on_epoch_end: Callable[[], None] | None = None) -> bool:
+               on_epoch_end: Callable[[], None] | None = None, setup: StepSetup | None = None,
+               train_model: torch.nn.Module | None = None) -> bool:
     """Train from `state` until `total_steps` or the last epoch; True if it got there.
 
     The loop can stop after any step (Ctrl-C) and continue later from the saved state:
     the data order depends only on (seed, epoch), and the learning rate only on the step.
     `on_epoch_end` runs after every epoch but the last (pretrain saves a checkpoint there).
+    `train_model` is what the steps run (the model compiled and/or wrapped for DDP; by
+    default `model` itself); evaluation and samples use `model`'s weights, which are the same.
     """
     stop = stop or StopRequest()
+    setup = setup or StepSetup(device)
+    train_model = train_model or model
+    world = setup.world
     model.train()
     sampler = loaders.train.sampler
+    accumulation = cfg.batch_size // (cfg.micro_batch * world.world_size)
+    tokens_per_step = cfg.batch_size * cfg.max_length
     loop_start = time.perf_counter()
     elapsed_before = state.elapsed_s
     last_log_step, last_log_time = state.global_step, state.train_time_s
+    stopping = False
     while state.epoch < cfg.num_epochs and state.global_step < total_steps:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * cfg.batch_size)
-        steps_this_epoch = state.step_in_epoch + len(loaders.train)
-        bar = tqdm(loaders.train, total=steps_this_epoch, initial=state.step_in_epoch,
+        steps_this_epoch = sampler.steps_per_epoch
+        micro_batches = iter(loaders.train)
+        bar = tqdm(total=steps_this_epoch, initial=state.step_in_epoch, disable=not world.is_main,
                    desc=f"epoch {state.epoch + 1}/{cfg.num_epochs}", unit="step", leave=False,
                    dynamic_ncols=True)
-        for inputs, targets in bar:
+        while state.step_in_epoch < steps_this_epoch:
             step_start = time.perf_counter()
             lr = learning_rate_at(state.global_step, cfg, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss = calc_loss_batch(inputs, targets, model, device)
-            if not torch.isfinite(loss):
+            batch = [next(micro_batches) for _ in range(accumulation)]
+            loss = train_step(train_model, optimizer, batch, setup, cfg.grad_clip)
+            # .item() waits for the step to finish, so the timing is honest.
+            batch_loss, stopping = agree(loss, stop.requested, world)
+            if not math.isfinite(batch_loss):
                 raise ConfigError(
-                    f"the loss became {loss.item()} at step {state.global_step + 1} (learning rate "
+                    f"the loss became {batch_loss} at step {state.global_step + 1} (learning rate "
                     f"{lr:.2e}); training diverged. Start a new run with a lower learning_rate "
                     f"(now {cfg.learning_rate}) or with grad_clip set (e.g. 1.0).")
-            loss.backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            batch_loss = loss.item()  # waits for the step to finish, so the timing is honest
             state.train_time_s += time.perf_counter() - step_start
             state.global_step += 1
             state.step_in_epoch += 1
-            state.tokens_seen += inputs.numel()
+            state.tokens_seen += tokens_per_step
             state.batch_losses.append(batch_loss)
+            bar.update(1)
             bar.set_postfix(loss=f"{batch_loss:.3f}")
 
             evaluate_now = state.global_step % cfg.eval_freq == 0
             if evaluate_now:
-                train_loss, val_loss = evaluate_model(model, loaders.train_eval, loaders.val,
-                                                      device, cfg.eval_iter)
+                with autocast(setup.precision, device):
+                    train_loss, val_loss = evaluate_model(model, loaders.train_eval, loaders.val,
+                                                          device, cfg.eval_iter)
                 state.eval_steps.append(state.global_step)
                 state.eval_tokens_seen.append(state.tokens_seen)
                 state.train_losses.append(train_loss)
                 state.val_losses.append(val_loss)
-            if evaluate_now or state.global_step % log_every == 0:
+            if (evaluate_now or state.global_step % log_every == 0) and world.is_main:
                 steps = state.global_step - last_log_step
-                seconds = state.train_time_s - last_log_time
+                seconds = max(state.train_time_s - last_log_time, 1e-9)
                 recent = state.batch_losses[-steps:] if steps else [batch_loss]
                 line = (f"epoch {state.epoch + 1} step {state.global_step:>6,}  "
                         f"batch loss {sum(recent) / len(recent):.3f}  lr {lr:.2e}  "
-                        f"{steps * inputs.numel() / max(seconds, 1e-9):,.0f} tok/s")
+                        f"{steps * tokens_per_step / seconds:,.0f} tok/s")
+                if setup.peak_tflops:
+                    flops = setup.flops_per_token * steps * tokens_per_step / seconds / world.world_size
+                    line += f"  MFU {100 * flops / (setup.peak_tflops * 1e12):.1f}%"
                 if evaluate_now:
                     line += f"  | train loss {train_loss:.3f}  val loss {val_loss:.3f}"
                 tqdm.write(line)
                 last_log_step, last_log_time = state.global_step, state.train_time_s
-            if stop.requested or state.global_step >= total_steps:
+            if stopping or state.global_step >= total_steps:
                 break
         bar.close()
         if state.step_in_epoch == steps_this_epoch:  # the epoch ran to its end
@@ -231,12 +429,13 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             state.step_in_epoch = 0
             sample = generate_text(model, tokenizer, cfg.start_context, max_new_tokens=50)
             state.samples.append({"epoch": state.epoch, "step": state.global_step, "text": sample})
-            tqdm.write(f"sample after epoch {state.epoch}: {sample!r}")
+            if world.is_main:
+                tqdm.write(f"sample after epoch {state.epoch}: {sample!r}")
             state.elapsed_s = elapsed_before + time.perf_counter() - loop_start
             more_to_come = state.epoch < cfg.num_epochs and state.global_step < total_steps
             if on_epoch_end is not None and more_to_come:
                 on_epoch_end()
-        if stop.requested:
+        if stopping:
             break
     state.elapsed_s = elapsed_before + time.perf_counter() - loop_start
     return state.epoch >= cfg.num_epochs or state.global_step >= total_steps
@@ -247,10 +446,12 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
 # ---------------------------------------------------------------------------------------
 
 def save_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Optimizer,
-                    state: TrainState, run: RunConfig, extra: dict[str, Any] | None = None) -> Path:
+                    state: TrainState, run: RunConfig, extra: dict[str, Any] | None = None,
+                    rng: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write everything needed to rebuild the model and to continue training exactly.
 
     Written to a temporary file and renamed, so an interruption never leaves a broken file.
+    `rng` defaults to this process's random state (see `rng_states` for several processes).
     """
     path = Path(path)
     checkpoint = {
@@ -261,13 +462,39 @@ def save_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": rng or rng_states(Distributed()),
+        "scaler": scaler.state_dict() if scaler else None,
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
     return path
+
+
+def rng_states(world: Distributed) -> dict[str, Any]:
+    """The random state of every process (dropout draws from it), gathered on all of them."""
+    mine = {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not world.active:
+        return {**mine, "ranks": [mine]}
+    everyone: list[Any] = [None] * world.world_size
+    dist.all_gather_object(everyone, mine)
+    return {**everyone[0], "ranks": everyone}
+
+
+def restore_rng(rng: dict[str, Any], world: Distributed) -> None:
+    """Put back this process's random state from a checkpoint (its own rank's, when saved)."""
+    ranks = rng.get("ranks") or [rng]
+    mine = ranks[world.rank] if len(ranks) == world.world_size else None
+    if mine is None:  # another number of processes: dropout streams start afresh, all else is exact
+        if world.is_main:
+            tqdm.write(f"note: the checkpoint was written by {len(ranks)} process(es), this run has "
+                       f"{world.world_size}; the data order and weights continue exactly, dropout's "
+                       "random draws do not.")
+        return
+    torch.set_rng_state(mine["torch"])
+    if torch.cuda.is_available() and mine["cuda"]:
+        torch.cuda.set_rng_state_all(mine["cuda"])
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -339,35 +566,114 @@ def choose_run_dir(run: RunConfig) -> Path:
     return out
 
 
-def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
-    """Train a GPT as `run` says, writing the run directory; returns (model, tokenizer, metrics, dir)."""
-    checkpoint = load_checkpoint(run.resume) if run.resume else None
-    device = pick_device(run.device)
-    run_dir = choose_run_dir(run)
-    torch.manual_seed(run.seed)
+@dataclass
+class Corpus:
+    """The training data, tokenized: ids in memory for a small text, token files for a large one."""
 
-    text = load_text(run.data)
-    data_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if checkpoint is not None and checkpoint["data_sha256"] != data_sha256:
-        raise ConfigError(f"the training text differs from the one the run in {run_dir} started "
-                          "with; resume with the same --data, or start a new run.")
+    tokenizer: Any
+    train_ids: list[int] | TokenFile
+    val_ids: list[int] | TokenFile
+    fingerprint: str        # identifies the data, so a resumed run can check it is the same
+    description: str        # the header's "data" line
+    tokenizer_note: str     # the header's "tokenizer" line
+    on_disk: bool           # token files (random windows by default) rather than a list
+
+
+def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed) -> Corpus:
+    """Read and tokenize `run.data`, building the tokenizer first unless a resumed run brings its own."""
+    path = corpus_path(run.data)
+    if is_large_corpus(path):
+        return _prepare_token_files(run, path, checkpoint, world)
+    text = read_text(path)
+    fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
     train_text, val_text = split_text(text, train_ratio=0.9)
-    tokenizer_start = time.perf_counter()
+    started = time.perf_counter()
     if checkpoint is not None:
         tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
     else:
         # A trained BPE learns from the training split only, so validation text stays unseen;
         # a character vocabulary needs every character of both splits to encode them.
-        try:
-            tokenizer = get_tokenizer(run.tokenizer, text=train_text if run.tokenizer == "train" else text,
-                                      vocab_size=run.bpe_vocab_size)
-        except ConfigError as err:
-            if run.tokenizer != "train":
-                raise
-            raise ConfigError(f"training a BPE of BPE_VOCAB_SIZE (or --vocab-size) = {run.bpe_vocab_size} "
-                              f"tokens on the training split: {err}") from None
-    tokenizer_note = describe_tokenizer(tokenizer, run, time.perf_counter() - tokenizer_start,
-                                        resumed=checkpoint is not None)
+        tokenizer = _build_tokenizer(run, train_text if run.tokenizer == "train" else text)
+    note = describe_tokenizer(tokenizer, run, time.perf_counter() - started, resumed=checkpoint is not None)
+    # "<|endoftext|>" written in the corpus separates documents: encode it as its token.
+    train_ids = tokenizer.encode(train_text, allowed_special="all")
+    val_ids = tokenizer.encode(val_text, allowed_special="all")
+    description = (f"{path.name}: {len(text):,} characters, {len(train_ids) + len(val_ids):,} tokens "
+                   f"({tokenizer.name}); train {len(train_ids):,} / validation {len(val_ids):,} tokens")
+    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=False)
+
+
+# A BPE trained for a large corpus learns from its first this many characters.
+BPE_SAMPLE_CHARS = 10_000_000
+
+
+def _prepare_token_files(run: RunConfig, path: Path, checkpoint: dict[str, Any] | None,
+                         world: Distributed) -> Corpus:
+    """Tokenize a large corpus once into token files (rank 0 writes, the others wait), or reuse them."""
+    files = corpus_files(path)
+    request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
+    folder = token_folder(files, f"{request}-{run.bpe_vocab_size}" if request == "train" else request)
+    started = time.perf_counter()
+    reused = read_token_files(folder) is not None
+    if world.is_main and not reused:
+        if checkpoint is not None:
+            tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
+        elif run.tokenizer == "char":
+            tokenizer = _build_tokenizer(run, corpus_characters(files))
+        else:
+            tokenizer = _build_tokenizer(run, corpus_sample(files, BPE_SAMPLE_CHARS))
+        write_token_files(files, tokenizer, folder)
+    if world.active:
+        dist.barrier()
+    train_ids, val_ids, meta = read_token_files(folder)
+    tokenizer = tokenizer_from_spec(meta["tokenizer_spec"])
+    seconds = time.perf_counter() - started
+    note = describe_tokenizer(tokenizer, run, 0.0, resumed=checkpoint is not None)
+    if run.tokenizer == "train" and checkpoint is None:
+        note += f" (learned from the corpus's first {BPE_SAMPLE_CHARS:,} characters)"
+    listing = [(str(f.resolve()), f.stat().st_size) for f in files]
+    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    how = f"reused from {folder}" if reused else f"written to {folder} in {seconds:.1f} s"
+    description = (f"{path.name}: {len(files):,} file(s), {meta['bytes'] / 2**20:,.1f} MiB, "
+                   f"{meta['train_tokens'] + meta['val_tokens']:,} tokens ({tokenizer.name}); train "
+                   f"{meta['train_tokens']:,} / validation {meta['val_tokens']:,} tokens; token files {how}")
+    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=True)
+
+
+def _build_tokenizer(run: RunConfig, text: str):
+    try:
+        return get_tokenizer(run.tokenizer, text=text, vocab_size=run.bpe_vocab_size)
+    except ConfigError as err:
+        if run.tokenizer != "train":
+            raise
+        raise ConfigError(f"training a BPE of BPE_VOCAB_SIZE (or --vocab-size) = {run.bpe_vocab_size} "
+                          f"tokens on the training split: {err}") from None
+
+
+def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+    """Train a GPT as `run` says, writing the run directory; returns (model, tokenizer, metrics, dir).
+
+    Started by `torchrun --nproc_per_node=N`, it is one of N data-parallel processes: each
+    trains on its share of every batch, and only rank 0 prints and writes files.
+    """
+    checkpoint = load_checkpoint(run.resume) if run.resume else None
+    world, device = start_distributed(pick_device(run.device))
+    try:
+        return _pretrain(run, checkpoint, world, device, stop)
+    finally:
+        if world.active:
+            dist.destroy_process_group()
+
+
+def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed, device: torch.device,
+              stop: StopRequest | None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+    run_dir = choose_run_dir(run)
+    torch.manual_seed(run.seed)
+    corpus = prepare_corpus(run, checkpoint, world)
+    if checkpoint is not None and checkpoint["data_sha256"] != corpus.fingerprint:
+        raise ConfigError(f"the training text differs from the one the run in {run_dir} started "
+                          "with; resume with the same --data, or start a new run.")
+    tokenizer = corpus.tokenizer
     run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
     cfg = run.train
     try:  # the per-epoch sample must not fail after an epoch of training: check its prompt now
@@ -376,76 +682,112 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
         raise ConfigError(f"start_context {cfg.start_context!r} cannot be encoded: {err} "
                           "Or set custom_params['start_context'] to text from the corpus.") from None
 
-    # "<|endoftext|>" written in the corpus separates documents: encode it as its token.
-    train_ids = tokenizer.encode(train_text, allowed_special="all")
-    val_ids = tokenizer.encode(val_text, allowed_special="all")
-    shape = dict(batch_size=cfg.batch_size, max_length=cfg.max_length, stride=cfg.stride,
-                 num_workers=cfg.num_workers, seed=run.seed)
+    random_windows = cfg.sampling == "random" or (cfg.sampling == "auto" and corpus.on_disk)
+    shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=run.seed)
+    evaluation = dict(batch_size=cfg.micro_batch, shuffle=False, drop_last=False, **shape)
     loaders = Loaders(
-        train=create_dataloader(train_ids, shuffle=True, drop_last=True, name="the training split (90%)", **shape),
-        train_eval=create_dataloader(train_ids, shuffle=False, drop_last=False, name="the training split", **shape),
-        val=create_dataloader(val_ids, shuffle=False, drop_last=False, name="the validation split (10%)", **shape))
-    steps_per_epoch = len(loaders.train)
+        train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch,
+                                rank=world.rank, world_size=world.world_size, random_windows=random_windows,
+                                shuffle=True, drop_last=True, name="the training split (90%)", **shape),
+        train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
+        val=create_dataloader(corpus.val_ids, name="the validation split (10%)", **evaluation))
+    steps_per_epoch = loaders.train.sampler.steps_per_epoch
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
     model = GPTModel(run.model).to(device)
     optimizer = make_optimizer(model, cfg)
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = TrainState(**checkpoint["state"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        restore_rng(checkpoint["rng"], world)
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
         if state.epoch >= cfg.num_epochs or state.global_step >= total_steps:
             raise ConfigError(f"the run in {run_dir} already finished {state.global_step} steps "
                               f"({state.epoch} epochs); raise --epochs (or --max-steps, if it set "
                               "one) to train it further.")
+    elif world.active:
+        torch.manual_seed(run.seed + world.rank)  # each process its own dropout draws
+    if device.type == "cuda":
+        # TF32: fp32 matrix products on tensor cores with a 10-bit mantissa, several times faster.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    fast_model, compile_note = compile_model(model, cfg.compile, device)
+    train_model = fast_model
+    if world.active:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            fast_model, device_ids=[device.index] if device.type == "cuda" else None)
+    setup = StepSetup(device, precision, scaler, world, peak_tflops(device, cfg),
+                      model.flops_per_token(cfg.max_length))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(tokenizer, BPETokenizer) and tokenizer.source != "gpt2":
-        tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
-    print_header(run, device, model, tokenizer, tokenizer_note, text, train_ids, val_ids,
-                 steps_per_epoch, total_steps, run_dir, state)
-    extra = {"tokenizer_spec": tokenizer.spec(), "data_sha256": data_sha256}
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(tokenizer, BPETokenizer) and tokenizer.source != "gpt2":
+            tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
+        print_header(run, device, model, tokenizer, corpus, steps_per_epoch, total_steps, run_dir, state,
+                     setup, compile_note, fused=optimizer.defaults.get("fused", False),
+                     random_windows=random_windows)
+    extra = {"tokenizer_spec": tokenizer.spec(), "data_sha256": corpus.fingerprint}
 
     def save(completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
-        save_checkpoint(run_dir / CHECKPOINT_NAME, model, optimizer, state, run, extra)
-        metrics = make_metrics(state, model, device, completed, final)
-        write_run_files(run_dir, run, metrics, extra, len(train_ids), len(val_ids))
+        rng = rng_states(world)  # every process takes part in gathering the random states
+        metrics = make_metrics(state, model, device, completed, final, run, setup, compile_note)
+        if world.is_main:
+            save_checkpoint(run_dir / CHECKPOINT_NAME, model, optimizer, state, run, extra, rng, scaler)
+            write_run_files(run_dir, run, metrics, extra, len(corpus.train_ids), len(corpus.val_ids))
         return metrics
 
     with (stop or StopRequest()) as stop:
         completed = train_loop(model, optimizer, loaders, device, cfg, state, total_steps, tokenizer,
-                               log_every=run.log_every, stop=stop,
-                               on_epoch_end=lambda: save(completed=False))
+                               log_every=run.log_every, stop=stop, on_epoch_end=lambda: save(completed=False),
+                               setup=setup, train_model=train_model)
     final = None
     if completed:  # measure the finished model on every window of both splits
-        final = evaluate_model(model, loaders.train_eval, loaders.val, device, eval_iter=None)
+        with autocast(precision, device):
+            final = evaluate_model(model, loaders.train_eval, loaders.val, device, eval_iter=None)
     metrics = save(completed, final)
-    print_summary(metrics, run_dir, completed)
+    if world.is_main:
+        print_summary(metrics, run_dir, completed)
     return model, tokenizer, metrics, run_dir
 
 
 def make_metrics(state: TrainState, model: GPTModel, device: torch.device, completed: bool,
-                 final: tuple[float, float] | None) -> dict[str, Any]:
-    """The numbers a run reports: final and best losses, perplexity, speed, and histories."""
+                 final: tuple[float, float] | None, run: RunConfig | None = None,
+                 setup: StepSetup | None = None, compile_note: str = "off") -> dict[str, Any]:
+    """The numbers a run reports: final and best losses, perplexity, speed, memory, and histories."""
+    setup = setup or StepSetup(device)
     if final is not None:
         final_train, final_val = final
     else:  # stopped early: the last periodic evaluation is the latest measurement
         final_train = state.train_losses[-1] if state.train_losses else None
         final_val = state.val_losses[-1] if state.val_losses else None
     val_points = state.val_losses + ([final_val] if final_val is not None else [])
+    tokens_per_sec = state.tokens_seen / state.train_time_s if state.train_time_s else None
+    # Achieved compute per device: FLOPs per token x tokens per second, shared by the processes.
+    tflops = (setup.flops_per_token * tokens_per_sec / setup.world.world_size / 1e12
+              if tokens_per_sec and setup.flops_per_token else None)
+    memory, memory_kind = peak_memory_mib(device)
+    accumulation = (run.train.batch_size // (run.train.micro_batch * setup.world.world_size)) if run else 1
     return {
         "completed": completed,
         "final_train_loss": final_train,
         "final_val_loss": final_val,
         "best_val_loss": min(val_points) if val_points else None,
         "perplexity": math.exp(final_val) if final_val is not None else None,
-        "tokens_per_sec": state.tokens_seen / state.train_time_s if state.train_time_s else None,
+        "tokens_per_sec": tokens_per_sec,
+        "tflops_per_device": tflops,
+        "mfu": tflops / setup.peak_tflops if tflops and setup.peak_tflops else None,
+        "peak_tflops": setup.peak_tflops,
+        "peak_memory_mib": memory,
+        "peak_memory_kind": memory_kind,
         "elapsed_s": state.elapsed_s,
         "train_time_s": state.train_time_s,
         "total_tokens": state.tokens_seen,
@@ -453,6 +795,10 @@ def make_metrics(state: TrainState, model: GPTModel, device: torch.device, compl
         "epochs_completed": state.epoch,
         "num_parameters": model.num_parameters(),
         "device": str(device),
+        "processes": setup.world.world_size,
+        "precision": setup.precision,
+        "compile": compile_note,
+        "accumulation_steps": accumulation,
         "eval_steps": state.eval_steps,
         "tokens_seen": state.eval_tokens_seen,
         "train_losses": state.train_losses,
@@ -465,7 +811,7 @@ def make_metrics(state: TrainState, model: GPTModel, device: torch.device, compl
 def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extra: dict[str, Any],
                     train_tokens: int, val_tokens: int) -> None:
     """config.json (enough to rebuild and rerun), metrics.json, and the loss plot."""
-    config = {**run.to_dict(), "data_path": str(Path(run.data).resolve()) if run.data else str(VERDICT_PATH),
+    config = {**run.to_dict(), "data_path": str(corpus_path(run.data).resolve()),
               **extra, "train_tokens": train_tokens, "val_tokens": val_tokens,
               "torch_version": torch.__version__}
     if "saved" in config["tokenizer_spec"]:  # a BPE's merges: in the checkpoint and tokenizer.bpe
@@ -502,27 +848,40 @@ def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool)
             f"saved as {TOKENIZER_NAME}")
 
 
-def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenizer, tokenizer_note: str,
-                 text: str, train_ids: list[int], val_ids: list[int], steps_per_epoch: int,
-                 total_steps: int, run_dir: Path, state: TrainState) -> None:
+def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenizer, corpus: Corpus,
+                 steps_per_epoch: int, total_steps: int, run_dir: Path, state: TrainState, setup: StepSetup,
+                 compile_note: str, fused: bool, random_windows: bool) -> None:
     cfg, m = run.train, run.model
-    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    threads = f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})" \
+        if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    processes = (f"; {setup.world.world_size} processes (torchrun, DDP over "
+                 f"{'nccl' if device.type == 'cuda' else 'gloo'})" if setup.world.active else "")
     schedule = cfg.lr_schedule + (f", {cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else "")
+    if cfg.lr_schedule == "cosine":
+        schedule += f", down to {0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr:g}"
+    accumulation = cfg.batch_size // (cfg.micro_batch * setup.world.world_size)
+    split = "" if accumulation == 1 and not setup.world.active else (
+        f" = {cfg.micro_batch} per micro-batch x {accumulation} accumulation step(s) x "
+        f"{setup.world.world_size} process(es)")
+    windows = "random windows" if random_windows else f"sliding windows, stride {cfg.stride}"
+    mfu = f"; MFU against {setup.peak_tflops:g} TFLOP/s" if setup.peak_tflops else ""
     rows = [
-        ("device", f"{device}{threads}, torch {torch.__version__}"),
+        ("device", f"{device}{threads}, torch {torch.__version__}{processes}"),
+        ("speed", f"precision {setup.precision}, compile {compile_note}, fused AdamW {'yes' if fused else 'no'}"
+                  f"{', TF32 matmuls' if device.type == 'cuda' else ''}; "
+                  f"{setup.flops_per_token / 1e6:,.1f} MFLOPs per token{mfu}"),
         ("model", f"{run.model_name}: {m.n_layers} layers, {m.n_heads} heads, emb_dim {m.emb_dim}, "
                   f"context {m.context_length}, vocab {m.vocab_size:,}, dropout {m.drop_rate}, "
                   f"qkv_bias {m.qkv_bias}, tied head {m.tie_weights}"),
         ("parameters", f"{model.num_parameters():,} ({model.num_parameters(exclude_output_head=True):,} "
                        f"without the output head); {model.parameter_memory_bytes() / 2**20:,.1f} MiB in fp32"),
-        ("tokenizer", tokenizer_note),
-        ("data", f"{Path(run.data).name if run.data else VERDICT_PATH.name}: {len(text):,} characters, "
-                 f"{len(train_ids) + len(val_ids):,} tokens ({tokenizer.name}); "
-                 f"train {len(train_ids):,} / validation {len(val_ids):,} tokens"),
-        ("batches", f"{cfg.batch_size} x {cfg.max_length} tokens, stride {cfg.stride}; "
-                    f"{steps_per_epoch} steps per epoch"),
-        ("training", f"{cfg.num_epochs} epoch(s), {total_steps} steps; AdamW lr {cfg.learning_rate:g} "
-                     f"({schedule}), weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
+        ("tokenizer", corpus.tokenizer_note),
+        ("data", corpus.description),
+        ("batches", f"{cfg.batch_size} x {cfg.max_length} tokens per step{split}; {windows}; "
+                    f"{steps_per_epoch:,} steps per epoch"),
+        ("training", f"{cfg.num_epochs} epoch{'s' if cfg.num_epochs > 1 else ''}, {total_steps:,} steps; "
+                     f"AdamW lr {cfg.learning_rate:g} ({schedule}), betas ({cfg.beta1}, {cfg.beta2}), "
+                     f"weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
         ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split; "
                        f"sample from {cfg.start_context!r} each epoch"),
         ("seed", str(run.seed)),
@@ -540,12 +899,18 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool) -> No
         return "n/a" if value is None else format(value, spec)
 
     status = "finished" if completed else "stopped early (resume with --resume " + str(run_dir) + ")"
+    compute = ""
+    if metrics["tflops_per_device"]:
+        compute = f"; {metrics['tflops_per_device']:.3g} TFLOP/s per device"
+        if metrics["mfu"]:
+            compute += f", MFU {100 * metrics['mfu']:.1f}% of {metrics['peak_tflops']:g}"
     print(f"\ntraining {status}")
     print(f"  final train loss   {fmt(metrics['final_train_loss'])}")
     print(f"  final val loss     {fmt(metrics['final_val_loss'])}  (best {fmt(metrics['best_val_loss'])})")
     print(f"  val perplexity     {fmt(metrics['perplexity'], ',.1f')}")
     print(f"  tokens seen        {metrics['total_tokens']:,} in {metrics['steps']:,} steps")
-    print(f"  throughput         {fmt(metrics['tokens_per_sec'], ',.0f')} tokens/s (training steps only)")
+    print(f"  throughput         {fmt(metrics['tokens_per_sec'], ',.0f')} tokens/s (training steps only){compute}")
+    print(f"  peak memory        {fmt(metrics['peak_memory_mib'], ',.0f')} MiB ({metrics['peak_memory_kind']})")
     print(f"  wall time          {metrics['elapsed_s']:.1f} s")
     files = ["checkpoint.pt", "config.json", "metrics.json", "training_losses.png"]
     if (run_dir / TOKENIZER_NAME).is_file():
