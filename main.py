@@ -5,6 +5,8 @@
     python main.py --data my.txt --tokenizer char    # your own text
     python main.py --tokenizer train --vocab-size 2048   # learn a BPE on the training text first
     python main.py --resume runs/pretrain-quick --epochs 3
+    python main.py --data tinyshakespeare --tokenizer char --mode custom   # Shakespeare, character by character
+    torchrun --nproc_per_node=2 main.py --batch-size 8 --micro-batch-size 2   # data-parallel, 2 processes
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
     python main.py --task generate --pretrained gpt2          # chat with OpenAI's GPT-2 (downloads 0.5 GB once)
     python main.py --task export --checkpoint runs/pretrain-quick --out exported/   # for transformers
@@ -18,8 +20,9 @@ import sys
 from pathlib import Path
 
 import config_run
-from minigpt.config import (GENERATION_DEFAULTS, MODEL_PRESETS, MODES, TASKS, TOKENIZERS, ConfigError,
-                            resolve_resume_config, resolve_run_config, settings_from_module)
+from minigpt.config import (GENERATION_DEFAULTS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, SAMPLINGS, TASKS,
+                            TOKENIZERS, ConfigError, resolve_resume_config, resolve_run_config,
+                            settings_from_module)
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
@@ -33,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
                         help=f"{', '.join(TOKENIZERS)}, or a saved BPE file (config_run.TOKENIZER)")
     parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int, metavar="N",
                         help="size of the BPE that --tokenizer train learns (config_run.BPE_VOCAB_SIZE)")
-    parser.add_argument("--data", help="a UTF-8 text file to train on (default: the-verdict.txt)")
+    parser.add_argument("--data", help="a UTF-8 text file or a folder of .txt files, or a corpus by name: "
+                                       "the-verdict (default), tinyshakespeare")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<mode>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped or finished run in DIR")
     parser.add_argument("--epochs", dest="num_epochs", type=int, help="number of epochs")
@@ -41,6 +45,19 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--seed", type=int, help="config_run.SEED")
+    scale = parser.add_argument_group("training at scale (chapter 9; defaults: the mode's settings)")
+    scale.add_argument("--micro-batch-size", type=int, metavar="N",
+                       help="windows per forward/backward; batch size / N = gradient accumulation steps")
+    scale.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on recent CUDA GPUs, fp32 on CPU")
+    scale.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model (ignored where unsupported)")
+    scale.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    scale.add_argument("--warmup-steps", type=int, metavar="N")
+    scale.add_argument("--min-lr", type=float, help="where the cosine schedule ends (default: lr / 10)")
+    scale.add_argument("--grad-clip", type=float, help="clip the gradient norm to this")
+    scale.add_argument("--sampling", choices=SAMPLINGS,
+                       help="sliding: each window once per epoch; random: random windows (auto: random for token files)")
+    scale.add_argument("--eval-freq", type=int, metavar="N", help="evaluate every N steps")
     parser.add_argument("--checkpoint", metavar="DIR", help="run directory to generate from or export")
     parser.add_argument("--pretrained", metavar="NAME|DIR",
                         help="generate with OpenAI's GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "

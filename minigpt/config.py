@@ -67,6 +67,9 @@ def _check_keys(where: str, given: dict, valid: list[str]) -> None:
 # The model
 # ---------------------------------------------------------------------------------------
 
+ACTIVATIONS = ("gelu_tanh", "gelu")
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """The shape of a GPT, with the book's names. Defaults are GPT-2 small (124M)."""
@@ -79,6 +82,7 @@ class GPTConfig:
     drop_rate: float = 0.1      # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False      # bias in the query/key/value projections (GPT-2 had one)
     tie_weights: bool = False   # output head shares the token embedding matrix (GPT-2 did)
+    activation: str = "gelu_tanh"  # GPT-2's tanh-approximated GELU, or "gelu": the exact x * Phi(x)
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size)
@@ -90,6 +94,7 @@ class GPTConfig:
         for name in ("qkv_bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        _check_choice("activation", self.activation, ACTIVATIONS)
         if self.emb_dim % self.n_heads != 0:
             divisors = [h for h in range(1, min(self.emb_dim, 64) + 1) if self.emb_dim % h == 0]
             raise ConfigError(

@@ -40,6 +40,8 @@ class GPTModel(nn.Module):
             # both reads tokens in and scores them out, saving vocab_size * emb_dim weights.
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
+        if cfg.tie_weights:  # token vectors now start at N(0, 0.02): positions must not drown them
+            nn.init.normal_(self.pos_emb.weight, mean=0.0, std=0.02)
         # GPT-2's scaled init: each block adds two branches to the residual stream, so the
         # layers that write into it start smaller by 1/sqrt(2 * n_layers), keeping the
         # stream's variance from growing with depth.
@@ -55,7 +57,9 @@ class GPTModel(nn.Module):
         Embeddings keep PyTorch's N(0, 1): token vectors that start far apart are learned much
         faster on a small corpus (on the-verdict, full mode reaches train loss 5.1 by step 25
         this way and is still at 6.0 by step 45 with GPT-2's N(0, 0.02) embeddings). A tied
-        head shares the token embedding and, being a Linear, gives it N(0, 0.02).
+        head shares the token embedding and, being a Linear, gives it N(0, 0.02); the
+        position embedding then starts at N(0, 0.02) too, or positions would drown the tokens
+        (on Tiny Shakespeare, characters, validation loss 3.35 instead of 2.4 after 200 steps).
         """
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -181,12 +185,16 @@ def _hf_names(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
     return names
 
 
+# transformers' names for the activations minigpt computes.
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
 def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
     """The `GPTConfig` of a Hugging Face GPT-2 config.json, refusing settings minigpt computes differently."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ConfigError(f"this is a {hf.get('model_type')!r} model; minigpt loads GPT-2 (model_type 'gpt2').")
     different = {
-        "activation_function": hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+        "activation_function": hf.get("activation_function", "gelu_new") not in HF_ACTIVATIONS,
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
         "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
         "scale_attn_weights": not hf.get("scale_attn_weights", True),
@@ -199,7 +207,8 @@ def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
                           f"({', '.join(unsupported)}); only the standard GPT-2 settings load.")
     return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
                      n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=0.0, qkv_bias=True,
-                     tie_weights=hf.get("tie_word_embeddings", True))
+                     tie_weights=hf.get("tie_word_embeddings", True),
+                     activation=HF_ACTIVATIONS[hf.get("activation_function", "gelu_new")])
 
 
 def hf_gpt2_config(cfg: GPTConfig) -> dict[str, Any]:
@@ -208,7 +217,8 @@ def hf_gpt2_config(cfg: GPTConfig) -> dict[str, Any]:
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
             "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": None,
-            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": 1e-5,
             "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
             "tie_word_embeddings": cfg.tie_weights,
             "bos_token_id": 50256 if gpt2_vocab else None, "eos_token_id": 50256 if gpt2_vocab else None}

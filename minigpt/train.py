@@ -605,6 +605,8 @@ def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Dis
 
 # A BPE trained for a large corpus learns from its first this many characters.
 BPE_SAMPLE_CHARS = 10_000_000
+# The final evaluation of a token-file corpus reads this many batches of each split.
+FINAL_EVAL_BATCHES = 200
 
 
 def _prepare_token_files(run: RunConfig, path: Path, checkpoint: dict[str, Any] | None,
@@ -691,6 +693,8 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
                                 shuffle=True, drop_last=True, name="the training split (90%)", **shape),
         train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
         val=create_dataloader(corpus.val_ids, name="the validation split (10%)", **evaluation))
+    # A token file may hold billions of tokens: the final evaluation then reads a fixed sample.
+    final_eval_batches = max(cfg.eval_iter, FINAL_EVAL_BATCHES) if corpus.on_disk else None
     steps_per_epoch = loaders.train.sampler.steps_per_epoch
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_steps is not None:
@@ -734,7 +738,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
             tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
         print_header(run, device, model, tokenizer, corpus, steps_per_epoch, total_steps, run_dir, state,
                      setup, compile_note, fused=optimizer.defaults.get("fused", False),
-                     random_windows=random_windows)
+                     random_windows=random_windows, final_eval_batches=final_eval_batches)
     extra = {"tokenizer_spec": tokenizer.spec(), "data_sha256": corpus.fingerprint}
 
     def save(completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -750,9 +754,9 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
                                log_every=run.log_every, stop=stop, on_epoch_end=lambda: save(completed=False),
                                setup=setup, train_model=train_model)
     final = None
-    if completed:  # measure the finished model on every window of both splits
+    if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
         with autocast(precision, device):
-            final = evaluate_model(model, loaders.train_eval, loaders.val, device, eval_iter=None)
+            final = evaluate_model(model, loaders.train_eval, loaders.val, device, final_eval_batches)
     metrics = save(completed, final)
     if world.is_main:
         print_summary(metrics, run_dir, completed)
@@ -850,7 +854,7 @@ def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool)
 
 def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenizer, corpus: Corpus,
                  steps_per_epoch: int, total_steps: int, run_dir: Path, state: TrainState, setup: StepSetup,
-                 compile_note: str, fused: bool, random_windows: bool) -> None:
+                 compile_note: str, fused: bool, random_windows: bool, final_eval_batches: int | None) -> None:
     cfg, m = run.train, run.model
     threads = f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})" \
         if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
@@ -882,7 +886,8 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
         ("training", f"{cfg.num_epochs} epoch{'s' if cfg.num_epochs > 1 else ''}, {total_steps:,} steps; "
                      f"AdamW lr {cfg.learning_rate:g} ({schedule}), betas ({cfg.beta1}, {cfg.beta2}), "
                      f"weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
-        ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split; "
+        ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split, at the end on "
+                       f"{'every window' if final_eval_batches is None else f'{final_eval_batches} batches'}; "
                        f"sample from {cfg.start_context!r} each epoch"),
         ("seed", str(run.seed)),
         ("run directory", str(run_dir) + (f" (resuming at step {state.global_step})" if state.global_step else "")),
