@@ -119,7 +119,10 @@ class ExplicitMultiHeadAttention(nn.Module):
         x = x.view(batch, num_tokens, self.num_heads, self.head_dim)  # (B, T, H, D)
         return x.transpose(1, 2)                                       # (B, H, T, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: "LayerKVCache | None" = None) -> torch.Tensor:
+        # `cache` lets it stand in for MultiHeadAttention inside a block (the benchmarks do).
+        if cache is not None:
+            raise ValueError("the teaching attention keeps no KV cache; generate with use_cache=False.")
         batch, num_tokens, _ = x.shape
         queries = self.split_heads(self.W_query(x))  # (B, H, T, D)
         keys = self.split_heads(self.W_key(x))       # (B, H, T, D)

@@ -160,7 +160,7 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradient's global norm to this (None: off)
     beta1: float = 0.9           # AdamW's momentum of the gradient
     beta2: float = 0.999         # AdamW's momentum of the squared gradient (0.95-0.99 for larger/noisier runs)
-    micro_batch_size: int | None = None  # windows per forward/backward; batch_size / it = accumulation steps (None: batch_size)
+    micro_batch_size: int | None = None  # windows per forward/backward per process (None: batch_size / processes)
     precision: str = "auto"      # "fp32", "bf16", "fp16" (with a gradient scaler), or "auto": bf16 on CUDA GPUs that have it, else fp32
     compile: bool = False        # torch.compile the model (off by itself where unsupported: Windows, MPS)
     sampling: str = "auto"       # "sliding": every window once per epoch; "random": windows at random starts; "auto": random for token files
@@ -204,11 +204,6 @@ class TrainConfig:
         _check_choice("sampling", self.sampling, SAMPLINGS)
         if self.peak_tflops is not None:
             _check_float("peak_tflops", self.peak_tflops, 0.0, low_inclusive=False)
-
-    @property
-    def micro_batch(self) -> int:
-        """Windows in one forward/backward pass (batch_size when there is no accumulation)."""
-        return self.micro_batch_size or self.batch_size
 
 
 # ---------------------------------------------------------------------------------------

@@ -211,20 +211,35 @@ def corpus_files(path: Path) -> list[Path]:
     return files
 
 
-def _line_start_before(text: str, end: int) -> int:
-    """The last position < end that starts a line beginning with a letter or digit (0 if none).
+def _is_cut(text: str, i: int) -> bool:
+    """Whether text may be cut just before position i: a newline followed by a visible character.
 
-    GPT-2's pre-tokenizer never joins a newline to the letter after it, so text cut at such
-    a position encodes, piece by piece, to exactly the tokens of the whole.
+    GPT-2's pre-tokenizer splits whitespace before a word as [all but its last character]
+    [its last character], and the word starts a chunk of its own. So a newline that ends a
+    run of whitespace is a chunk by itself, and text cut just before it encodes, piece by
+    piece, to exactly the tokens of the whole (a character tokenizer does not mind either).
     """
+    return 0 < i < len(text) - 1 and text[i] == "\n" and not text[i + 1].isspace()
+
+
+def _line_start_before(text: str, end: int) -> int:
+    """The last cut position below `end`, or 0 if there is none."""
     i = text.rfind("\n", 0, end - 1)
-    while i >= 0 and not text[i + 1].isalnum():
+    while i > 0 and not _is_cut(text, i):
         i = text.rfind("\n", 0, i)
-    return i + 1
+    return max(i, 0)
+
+
+def _line_start_after(text: str, start: int) -> int:
+    """The first cut position at or after `start`, or len(text) if there is none."""
+    i = text.find("\n", max(start, 1))
+    while i >= 0 and not _is_cut(text, i):
+        i = text.find("\n", i + 1)
+    return len(text) if i < 0 else i
 
 
 def iter_text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[str]:
-    """A file's text in pieces of about `piece_chars` characters, each cut at a line start."""
+    """A file's text in pieces of about `piece_chars` characters, each cut before a newline."""
     buffer = ""
     with open(file, encoding="utf-8") as handle:
         while True:
@@ -276,7 +291,7 @@ def token_folder(files: list[Path], tokenizer_key: str, root: Path | None = None
 def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: float = 0.9) -> dict[str, Any]:
     """Tokenize the corpus into folder/train.bin and folder/val.bin (one token id per 2 or 4 bytes).
 
-    The split falls at the first line start after `train_ratio` of the corpus's bytes; files
+    The split falls at the first newline after `train_ratio` of the corpus's bytes; files
     are joined in sorted order with the end-of-text token between them (when the tokenizer
     has one). meta.json, written last, marks the folder complete.
     """
@@ -306,10 +321,7 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
                     size = len(piece.encode("utf-8"))
                     if done < split_at < done + size:  # the split falls inside this piece
                         chars = len(piece.encode("utf-8")[:split_at - done].decode("utf-8", errors="ignore"))
-                        cut = piece.find("\n", chars)
-                        while cut >= 0 and cut + 1 < len(piece) and not piece[cut + 1].isalnum():
-                            cut = piece.find("\n", cut + 1)
-                        cut = len(piece) if cut < 0 or cut + 1 >= len(piece) else cut + 1
+                        cut = _line_start_after(piece, chars)
                         write("train", piece[:cut])
                         write("val", piece[cut:])
                     else:
@@ -352,8 +364,9 @@ class TokenFile:
 
     @property
     def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.memmap(self.path, dtype=self.dtype, mode="r")
+        if self._array is None:  # (an empty file cannot be mapped)
+            self._array = (np.memmap(self.path, dtype=self.dtype, mode="r") if len(self)
+                           else np.empty(0, dtype=self.dtype))
         return self._array
 
     def __len__(self) -> int:

@@ -108,14 +108,14 @@ class GPTModel(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at `seq_len` tokens per window (chapter 9).
 
-        Each weight a token meets costs a multiply and an add forward (2 FLOPs) and twice that
-        backward: 6 per weight. Embedding lookups cost nothing; a tied head still multiplies.
-        Attention adds its scores and their weighted sum, 2 x 2 x seq_len x emb_dim per layer
-        forward, so 12 x n_layers x emb_dim x seq_len with the backward (as in the PaLM paper).
+        Each matrix weight a token meets costs a multiply and an add forward (2 FLOPs) and
+        twice that backward: 6 per weight. Embedding lookups cost nothing, a tied head still
+        multiplies, and biases and norms are too few to count. Attention adds its scores and
+        their weighted sum, 2 x 2 x seq_len x emb_dim per layer forward, so 12 x n_layers x
+        emb_dim x seq_len with the backward (the PaLM paper's estimate, causal mask ignored).
         """
-        weights = self.num_parameters() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
-        if self.cfg.tie_weights:
-            weights += self.out_head.weight.numel()
+        lookups = {self.tok_emb.weight, self.pos_emb.weight} - {self.out_head.weight}  # a tied head multiplies
+        weights = sum(p.numel() for p in self.parameters() if p.dim() == 2 and p not in lookups)
         return 6 * weights + 12 * self.cfg.n_layers * self.cfg.emb_dim * seq_len
 
     def parameter_memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:

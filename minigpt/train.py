@@ -200,6 +200,16 @@ def start_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     return info, device
 
 
+def micro_batch_size(cfg: TrainConfig, world: Distributed) -> int:
+    """Windows per forward/backward in each process: the setting, or the batch split evenly."""
+    if cfg.micro_batch_size is not None:
+        return cfg.micro_batch_size
+    if cfg.batch_size % world.world_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) does not split evenly between {world.world_size} "
+                          f"processes; make it a multiple of {world.world_size}.")
+    return cfg.batch_size // world.world_size
+
+
 def agree(loss: torch.Tensor, stop: bool, world: Distributed) -> tuple[float, bool]:
     """The step's loss averaged over processes, and whether any process was asked to stop
     (all must stop after the same step, or the others would wait forever for it)."""
@@ -363,7 +373,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     world = setup.world
     model.train()
     sampler = loaders.train.sampler
-    accumulation = cfg.batch_size // (cfg.micro_batch * world.world_size)
+    accumulation = cfg.batch_size // (micro_batch_size(cfg, world) * world.world_size)
     tokens_per_step = cfg.batch_size * cfg.max_length
     loop_start = time.perf_counter()
     elapsed_before = state.elapsed_s
@@ -686,9 +696,10 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
 
     random_windows = cfg.sampling == "random" or (cfg.sampling == "auto" and corpus.on_disk)
     shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=run.seed)
-    evaluation = dict(batch_size=cfg.micro_batch, shuffle=False, drop_last=False, **shape)
+    micro = micro_batch_size(cfg, world)
+    evaluation = dict(batch_size=micro, shuffle=False, drop_last=False, **shape)
     loaders = Loaders(
-        train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch,
+        train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
                                 rank=world.rank, world_size=world.world_size, random_windows=random_windows,
                                 shuffle=True, drop_last=True, name="the training split (90%)", **shape),
         train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
@@ -779,7 +790,8 @@ def make_metrics(state: TrainState, model: GPTModel, device: torch.device, compl
     tflops = (setup.flops_per_token * tokens_per_sec / setup.world.world_size / 1e12
               if tokens_per_sec and setup.flops_per_token else None)
     memory, memory_kind = peak_memory_mib(device)
-    accumulation = (run.train.batch_size // (run.train.micro_batch * setup.world.world_size)) if run else 1
+    world = setup.world
+    accumulation = run.train.batch_size // (micro_batch_size(run.train, world) * world.world_size) if run else 1
     return {
         "completed": completed,
         "final_train_loss": final_train,
@@ -863,9 +875,10 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
     schedule = cfg.lr_schedule + (f", {cfg.warmup_steps} warm-up steps" if cfg.warmup_steps else "")
     if cfg.lr_schedule == "cosine":
         schedule += f", down to {0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr:g}"
-    accumulation = cfg.batch_size // (cfg.micro_batch * setup.world.world_size)
+    micro = micro_batch_size(cfg, setup.world)
+    accumulation = cfg.batch_size // (micro * setup.world.world_size)
     split = "" if accumulation == 1 and not setup.world.active else (
-        f" = {cfg.micro_batch} per micro-batch x {accumulation} accumulation step(s) x "
+        f" = {micro} per micro-batch x {accumulation} accumulation step(s) x "
         f"{setup.world.world_size} process(es)")
     windows = "random windows" if random_windows else f"sliding windows, stride {cfg.stride}"
     mfu = f"; MFU against {setup.peak_tflops:g} TFLOP/s" if setup.peak_tflops else ""
