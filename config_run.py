@@ -16,7 +16,9 @@ TOKENIZER = "gpt2"    # "gpt2": GPT-2's BPE through tiktoken (50,257 tokens)
                       # "train": learn a new BPE of BPE_VOCAB_SIZE tokens on the training split first
                       # or the path of a saved BPE, e.g. "runs/pretrain-quick/tokenizer.bpe"
 BPE_VOCAB_SIZE = 1024 # size of the BPE that TOKENIZER = "train" learns (the model's vocab_size follows)
-DATA = None           # None: the-verdict.txt (downloaded once); or the path of any UTF-8 text file
+DATA = None           # None: the-verdict.txt (downloaded once); "tinyshakespeare" (1.1 MB, downloaded once);
+                      # the path of any UTF-8 text file; or a folder of .txt files (big corpora are
+                      # tokenized once into token files on disk and read through a memory map)
 OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run)
 
 SEED = 123            # fixes the initial weights, the data order and sampling: same seed, same losses
@@ -34,6 +36,17 @@ custom_params = {
     "stride": 256,             # step between windows; = max_length means no overlap
     "start_context": "Every effort moves you",  # prompt for the sample printed after each epoch
     "num_workers": 0,          # DataLoader worker processes
+    "lr_schedule": "constant", # or "cosine": decay from learning_rate to min_lr after the warm-up
+    "warmup_steps": 0,         # linear learning-rate warm-up
+    "min_lr": None,            # where the cosine ends (None: learning_rate / 10)
+    "grad_clip": None,         # clip the gradient norm to this, e.g. 1.0
+    "beta2": 0.999,            # AdamW's second-moment decay (0.95-0.99 for bigger batches and models)
+    # Training at scale (chapter 9). None of these changes what a step computes, only how:
+    "micro_batch_size": None,  # windows per forward/backward per process; batch_size / it = gradient
+                               # accumulation steps (None: batch_size split across processes)
+    "precision": "auto",       # "auto": bf16 on CUDA GPUs that have it, fp32 on CPU; or "fp32", "bf16", "fp16"
+    "compile": False,          # torch.compile the model: faster GPU steps after a minute of compiling
+    "sampling": "auto",        # "sliding" windows once per epoch, "random" windows; auto: random for token files
     "model_overrides": {       # changes to the model preset (gpt2-small unless MODEL says otherwise)
         "emb_dim": 768,
         "n_heads": 12,
@@ -41,6 +54,8 @@ custom_params = {
         "drop_rate": 0.1,
         "qkv_bias": False,
         "context_length": 256,
+        "tie_weights": False,   # the output head shares the token embedding (GPT-2 did)
+        "activation": "gelu_tanh",  # GPT-2's GELU; "gelu" is the exact one (nanoGPT, faster on CPUs)
     },
 }
 
