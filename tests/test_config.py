@@ -133,3 +133,20 @@ def test_tokenizer_names_paths_and_the_bpe_size_resolve(tmp_path):
     assert resolve(TOKENIZER=str(saved)).tokenizer == str(saved)  # read when the run starts
     with pytest.raises(ConfigError, match="--vocab-size cannot change"):
         resolve_resume_config(run.to_dict(), {"resume": "runs/x", "bpe_vocab_size": 300})
+
+
+def test_the_readme_documents_every_setting_and_flag():
+    """Every custom_params key, model override and command-line flag appears in the README."""
+    import re
+    from dataclasses import fields
+
+    from conftest import ROOT
+    from minigpt.config import MODEL_OVERRIDE_KEYS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in [field.name for field in fields(TrainConfig)] + MODEL_OVERRIDE_KEYS:
+        assert f"`{name}`" in readme, name
+    flags = re.findall(r'add_argument\("(--[a-z-]+)"', (ROOT / "main.py").read_text(encoding="utf-8"))
+    assert len(flags) > 30
+    for flag in flags:
+        assert f"`{flag}" in readme, flag
