@@ -358,7 +358,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                device: torch.device, cfg: TrainConfig, state: TrainState, total_steps: int,
                tokenizer, log_every: int = 10, stop: StopRequest | None = None,
                on_epoch_end: Callable[[], None] | None = None, setup: StepSetup | None = None,
-               train_model: torch.nn.Module | None = None) -> bool:
+               train_model: torch.nn.Module | None = None, eval_batches: int | None = None) -> bool:
     """Train from `state` until `total_steps` or the last epoch; True if it got there.
 
     The loop can stop after any step (Ctrl-C) and continue later from the saved state:
@@ -366,6 +366,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     `on_epoch_end` runs after every epoch but the last (pretrain saves a checkpoint there).
     `train_model` is what the steps run (the model compiled and/or wrapped for DDP; by
     default `model` itself); evaluation and samples use `model`'s weights, which are the same.
+    Evaluations read `eval_batches` batches of each split (default `cfg.eval_iter`).
     """
     stop = stop or StopRequest()
     setup = setup or StepSetup(device)
@@ -412,7 +413,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             if evaluate_now:
                 with autocast(setup.precision, device):
                     train_loss, val_loss = evaluate_model(model, loaders.train_eval, loaders.val,
-                                                          device, cfg.eval_iter)
+                                                          device, eval_batches or cfg.eval_iter)
                 state.eval_steps.append(state.global_step)
                 state.eval_tokens_seen.append(state.tokens_seen)
                 state.train_losses.append(train_loss)
@@ -615,7 +616,7 @@ def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Dis
 
 # A BPE trained for a large corpus learns from its first this many characters.
 BPE_SAMPLE_CHARS = 10_000_000
-# The final evaluation of a token-file corpus reads this many batches of each split.
+# The final evaluation of a token-file corpus reads this many batches (of batch_size windows) of each split.
 FINAL_EVAL_BATCHES = 200
 
 
@@ -697,6 +698,8 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     random_windows = cfg.sampling == "random" or (cfg.sampling == "auto" and corpus.on_disk)
     shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=run.seed)
     micro = micro_batch_size(cfg, world)
+    # Evaluations read eval_iter batches of batch_size windows, in micro-batches (less memory).
+    eval_batches = cfg.eval_iter * (cfg.batch_size // micro)
     evaluation = dict(batch_size=micro, shuffle=False, drop_last=False, **shape)
     loaders = Loaders(
         train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
@@ -705,7 +708,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
         val=create_dataloader(corpus.val_ids, name="the validation split (10%)", **evaluation))
     # A token file may hold billions of tokens: the final evaluation then reads a fixed sample.
-    final_eval_batches = max(cfg.eval_iter, FINAL_EVAL_BATCHES) if corpus.on_disk else None
+    final_eval_batches = max(eval_batches, FINAL_EVAL_BATCHES * (cfg.batch_size // micro)) if corpus.on_disk else None
     steps_per_epoch = loaders.train.sampler.steps_per_epoch
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_steps is not None:
@@ -763,7 +766,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     with (stop or StopRequest()) as stop:
         completed = train_loop(model, optimizer, loaders, device, cfg, state, total_steps, tokenizer,
                                log_every=run.log_every, stop=stop, on_epoch_end=lambda: save(completed=False),
-                               setup=setup, train_model=train_model)
+                               setup=setup, train_model=train_model, eval_batches=eval_batches)
     final = None
     if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
         with autocast(precision, device):
@@ -900,7 +903,7 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
                      f"AdamW lr {cfg.learning_rate:g} ({schedule}), betas ({cfg.beta1}, {cfg.beta2}), "
                      f"weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
         ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split, at the end on "
-                       f"{'every window' if final_eval_batches is None else f'{final_eval_batches} batches'}; "
+                       f"{'every window' if final_eval_batches is None else f'{final_eval_batches * micro:,} windows'}; "
                        f"sample from {cfg.start_context!r} each epoch"),
         ("seed", str(run.seed)),
         ("run directory", str(run_dir) + (f" (resuming at step {state.global_step})" if state.global_step else "")),
