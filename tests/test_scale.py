@@ -158,16 +158,20 @@ def assert_same_weights(dir_a, dir_b, atol):
 
 def test_two_gloo_processes_train_the_same_weights_as_one(tmp_path, text_file):
     cli = {"data": str(text_file)}
-    _, _, single, _ = pretrain(resolve_run_config(small(), {**cli, "out": str(tmp_path / "one")}))
+    _, _, single, _ = pretrain(resolve_run_config(small(custom_params=dict(eval_freq=4)),
+                                                  {**cli, "out": str(tmp_path / "one")}))
     # Two processes of 1-window micro-batches, 2 accumulation steps each: the same 4-window step.
-    output = torchrun(tmp_path, 2, small(custom_params=dict(micro_batch_size=1)), {**cli, "out": str(tmp_path / "two")})
+    output = torchrun(tmp_path, 2, small(custom_params=dict(micro_batch_size=1, eval_freq=4)),
+                      {**cli, "out": str(tmp_path / "two")})
     assert output.count("minigpt | pretrain") == 1  # only rank 0 prints
     assert "2 processes (torchrun, DDP over gloo)" in output
     assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["processes"] == 2 and two["accumulation_steps"] == 2
     assert two["batch_losses"] == pytest.approx(single["batch_losses"], abs=1e-5)
-    assert two["tokens_seen"] == single["tokens_seen"]
+    assert two["tokens_seen"] == single["tokens_seen"] and len(two["val_losses"]) > 2
+    for key in ("train_losses", "val_losses"):  # evaluations read the same windows too
+        assert two[key] == pytest.approx(single[key], abs=1e-5), key
 
 
 def test_a_stopped_ddp_run_resumes_exactly_with_dropout_on(tmp_path, text_file):
