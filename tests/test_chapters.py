@@ -190,7 +190,42 @@ def attention_parameters() -> str:
     return f"{sum(p.numel() for p in MultiHeadAttention(768, 768, 12, qkv_bias=True).parameters()):,}"
 
 
+def gpt_mini_flops() -> str:
+    from minigpt.config import model_config
+    from minigpt.model import GPTModel
+
+    model = GPTModel(model_config("gpt-mini", vocab_size=65, drop_rate=0.0))
+    return f"{int(model.flops_per_token(128) * 4 * 128):,}"
+
+
+def first_global_batch() -> str:
+    from minigpt.data import SeededSampler
+
+    batch = list(SeededSampler(100, shuffle=True, seed=123, batch_size=8))[:8]
+    halves = [list(SeededSampler(100, shuffle=True, seed=123, batch_size=8, rank=r, world_size=2))[:4]
+              for r in range(2)]
+    return f"{batch} in one process; with\n  two, rank 0 gets {halves[0]} and rank 1 {halves[1]}"
+
+
+def activation_bytes_formula(L: int, C: int, H: int, V: int) -> str:
+    return f"{4 * (L * (16 * C + H + 4) + 2 * C + V + 2) + 16:,} bytes"
+
+
+def largest_micro_batches(gigabytes) -> str:
+    """Section 9.10's table, gpt2-small in bf16: sequences of 1,024 tokens that fit beside the states."""
+    L, C, H, V = 12, 768, 12, 50257
+    per_token = L * (36 * C + 16 + 4 * H) + 6 * C + 8 + 4 * V + 16
+    parameters = meta_model("gpt2-small").num_parameters()
+    return " / ".join(str(int((gb * 1e9 - 18 * parameters) // (per_token * 1024))) for gb in gigabytes)
+
+
 QUOTED = [
+    ("09", "| 2,844,131,328 |", lambda: f"| {gpt_mini_flops()} |"),
+    ("09", "854.4 MFLOPs per token", lambda: f"{meta_model('gpt2-small').flops_per_token(1024) / 1e6:.1f} MFLOPs per token"),
+    ("09", "[82, 92, 2, 36, 32, 1, 5, 90] in one process; with\n  two, rank 0 gets [82, 92, 2, 36] and rank 1 [32, 1, 5, 90]", first_global_batch),
+    ("09", "34,204 bytes", lambda: activation_bytes_formula(4, 128, 4, 65)),
+    ("09", "38 / 67 / 139", lambda: largest_micro_batches((24, 40, 80))),
+    ("09", "$\\log_2 62 = 5.95$", lambda: f"$\\log_2 62 = {math.log2(62):.2f}$"),
     ("03", "(0.4419, 0.6515, 0.5683)", journey_context),
     ("03", "0.2379", lambda: f"{torch.softmax(torch.tensor(SIX_TOKENS) @ torch.tensor(SIX_TOKENS[1]), 0)[1]:.4f}"),
     ("03", "2,362,368", attention_parameters),
