@@ -53,6 +53,7 @@ custom_params = {
         "n_layers": 12,
         "drop_rate": 0.1,
         "qkv_bias": False,
+        "bias": True,           # biases in the other linear layers and LayerNorm shifts (nanoGPT drops them)
         "context_length": 256,
         "tie_weights": False,   # the output head shares the token embedding (GPT-2 did)
         "activation": "gelu_tanh",  # GPT-2's GELU; "gelu" is the exact one (nanoGPT, faster on CPUs)

@@ -6,7 +6,8 @@ n_embd 128, block 64, batch 12, lr 1e-3, no dropout, 2000 iterations, 100 warm-u
 This script trains, at that configuration and on the same data:
 
 - minigpt: `pretrain` itself, the code `python main.py` runs (char tokenizer, random
-  windows, warm-up + cosine, clipping at 1.0), with a tied head like nanoGPT's;
+  windows, warm-up + cosine, clipping at 1.0), set up as nanoGPT's model is: a tied head,
+  no biases (`bias=False`), the exact GELU (`activation="gelu"`);
 - "nanoGPT": a re-implementation, written here from nanoGPT's description, of its model
   (pre-norm blocks without biases, exact GELU, fused Q/K/V with PyTorch's attention kernel,
   tied head, N(0, 0.02) init with the scaled residual projections) and of its training step
@@ -194,7 +195,7 @@ def minigpt_settings(iters: int, out: Path) -> tuple[dict, dict]:
             start_context="ROMEO:", precision="fp32",
             model_overrides=dict(n_layers=c["n_layer"], n_heads=c["n_head"], emb_dim=c["n_embd"],
                                  context_length=c["block_size"], drop_rate=c["dropout"], tie_weights=True,
-                                 activation="gelu")))
+                                 activation="gelu", bias=False)))
     return settings, {"data": "tinyshakespeare", "out": str(out), "device": "cpu"}
 
 

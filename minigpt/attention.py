@@ -209,7 +209,7 @@ class MultiHeadAttention(nn.Module):
     """Causal multi-head attention as the model runs it: one fused Q/K/V matmul, one fast kernel."""
 
     def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
-                 qkv_bias: bool = False) -> None:
+                 qkv_bias: bool = False, out_bias: bool = True) -> None:
         super().__init__()
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
@@ -218,7 +218,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         # Rows [0, d_out) are the query projection, then the key, then the value projection.
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape

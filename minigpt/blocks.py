@@ -26,11 +26,11 @@ class LayerNorm(nn.Module):
     y = scale * (x - mean(x)) / sqrt(var(x) + eps) + shift, over the last dimension.
     """
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, emb_dim: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.scale = nn.Parameter(torch.ones(emb_dim))
-        self.shift = nn.Parameter(torch.zeros(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim)) if bias else None  # None: no shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Fast path: the formula above in one fused kernel instead of eight small ones (it
@@ -75,9 +75,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
             GELU(exact=cfg.activation == "gelu"),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +89,11 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.n_heads,
-                                      dropout=cfg.drop_rate, qkv_bias=cfg.qkv_bias)
+        self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.n_heads, dropout=cfg.drop_rate,
+                                      qkv_bias=cfg.qkv_bias, out_bias=cfg.bias)
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.norm1 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
+        self.norm2 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:

@@ -81,6 +81,7 @@ class GPTConfig:
     n_layers: int = 12          # transformer blocks
     drop_rate: float = 0.1      # dropout on embeddings, attention weights and residual branches
     qkv_bias: bool = False      # bias in the query/key/value projections (GPT-2 had one)
+    bias: bool = True           # biases in the other linear layers and LayerNorm shifts (nanoGPT drops them)
     tie_weights: bool = False   # output head shares the token embedding matrix (GPT-2 did)
     activation: str = "gelu_tanh"  # GPT-2's tanh-approximated GELU, or "gelu": the exact x * Phi(x)
 
@@ -91,7 +92,7 @@ class GPTConfig:
         _check_int("n_heads", self.n_heads)
         _check_int("n_layers", self.n_layers)
         _check_float("drop_rate", self.drop_rate, 0.0, 1.0, high_inclusive=False)
-        for name in ("qkv_bias", "tie_weights"):
+        for name in ("qkv_bias", "bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _check_choice("activation", self.activation, ACTIVATIONS)

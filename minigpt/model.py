@@ -33,7 +33,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = LayerNorm(cfg.emb_dim, bias=cfg.bias)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             # GPT-2 reuses the token embedding as the output head: one (vocab, emb) matrix
@@ -174,14 +174,21 @@ _TOP_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
               "final_norm.scale": "ln_f.weight", "final_norm.shift": "ln_f.bias"}
 
 
-def _hf_names(cfg: GPTConfig) -> dict[str, tuple[str, bool]]:
-    """Every minigpt parameter name -> (Hugging Face name without "transformer.", transposed)."""
-    names = {ours: (theirs, False) for ours, theirs in _TOP_NAMES.items()}
+def _has(cfg: GPTConfig, ours: str) -> bool:
+    """Whether a model with `cfg` has the parameter `ours` (it may lack biases and shifts)."""
+    if ours == "att.qkv.bias":
+        return cfg.qkv_bias
+    return cfg.bias or not ours.endswith((".bias", ".shift"))
+
+
+def _hf_names(cfg: GPTConfig, present: bool = True) -> dict[str, tuple[str, bool]]:
+    """Every minigpt parameter name -> (Hugging Face name without "transformer.", transposed);
+    with present=False, the names GPT-2 has and this model lacks (biases) instead."""
+    names = {ours: (theirs, False) for ours, theirs in _TOP_NAMES.items() if _has(cfg, ours) == present}
     for i in range(cfg.n_layers):
         for ours, (theirs, transposed) in _BLOCK_NAMES.items():
-            if ours == "att.qkv.bias" and not cfg.qkv_bias:
-                continue
-            names[f"trf_blocks.{i}.{ours}"] = (f"h.{i}.{theirs}", transposed)
+            if _has(cfg, ours) == present:
+                names[f"trf_blocks.{i}.{ours}"] = (f"h.{i}.{theirs}", transposed)
     return names
 
 
@@ -235,8 +242,8 @@ def load_hf_gpt2_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]
     names = _hf_names(model.cfg)
     expected = {hf_name for hf_name, _ in names.values()}
     missing = sorted(expected - set(theirs))
-    extra = sorted(set(theirs) - expected - {"lm_head.weight"}
-                   - {f"h.{i}.attn.c_attn.bias" for i in range(model.cfg.n_layers)})
+    absent = {hf_name for hf_name, _ in _hf_names(model.cfg, present=False).values()}  # biases it lacks
+    extra = sorted(set(theirs) - expected - {"lm_head.weight"} - absent)
     if missing or extra:
         raise ConfigError(f"these GPT-2 weights do not fit a model with {model.cfg.n_layers} layers: "
                           f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}.")
@@ -248,12 +255,11 @@ def load_hf_gpt2_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]
                 raise ConfigError(f"{hf_name} has shape {tuple(value.shape)}, but {our_name} needs "
                                   f"{tuple(ours[our_name].shape)}: the config does not match the weights.")
             ours[our_name].copy_(value)
-        if not model.cfg.qkv_bias:
-            for i in range(model.cfg.n_layers):
-                bias = theirs.get(f"h.{i}.attn.c_attn.bias")
-                if bias is not None and bias.abs().max() > 0:
-                    raise ConfigError("the weights have query/key/value biases but the model was built "
-                                      "with qkv_bias=False; build it with qkv_bias=True.")
+        for hf_name in sorted(absent & set(theirs)):  # zeros are no bias at all; anything else is lost
+            if theirs[hf_name].abs().max() > 0:
+                fix = "qkv_bias=True" if hf_name.endswith("c_attn.bias") else "bias=True"
+                raise ConfigError(f"the weights have a non-zero {hf_name} but the model was built without "
+                                  f"that bias; build it with {fix}.")
         if not model.cfg.tie_weights:  # an untied head: the file's own, or a copy of the embedding
             head = state_dict.get("lm_head.weight", theirs["wte.weight"])
             model.out_head.weight.copy_(head)
@@ -266,10 +272,11 @@ def to_hf_gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     for our_name, (hf_name, transposed) in _hf_names(model.cfg).items():
         value = ours[our_name].detach()
         state["transformer." + hf_name] = (value.t() if transposed else value).contiguous()
-    if not model.cfg.qkv_bias:  # GPT-2 always has these biases: zeros compute the same thing
-        for i in range(model.cfg.n_layers):
-            state[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(
-                3 * model.cfg.emb_dim, dtype=model.tok_emb.weight.dtype)
+    # GPT-2 always has its biases: zeros compute the same thing as none.
+    sizes = {"c_attn": 3 * model.cfg.emb_dim, "c_fc": 4 * model.cfg.emb_dim}
+    for hf_name, _ in _hf_names(model.cfg, present=False).values():
+        size = sizes.get(hf_name.split(".")[-2], model.cfg.emb_dim)
+        state["transformer." + hf_name] = torch.zeros(size, dtype=model.tok_emb.weight.dtype)
     if not model.cfg.tie_weights:
         state["lm_head.weight"] = model.out_head.weight.detach().contiguous()
     return state

@@ -73,9 +73,12 @@ def test_the_hub_layout_loads_too(hf_folder):
         assert (model.eval()(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("tie_weights, qkv_bias", [(False, False), (True, True)])
-def test_exported_model_loads_into_transformers_with_the_same_logits(tmp_path, tiny_cfg, tie_weights, qkv_bias):
-    model = GPTModel(replace(tiny_cfg, tie_weights=tie_weights, qkv_bias=qkv_bias)).eval()
+@pytest.mark.parametrize("tie_weights, qkv_bias, bias, activation", [
+    (False, False, True, "gelu_tanh"), (True, True, True, "gelu_tanh"), (True, False, False, "gelu")])
+def test_exported_model_loads_into_transformers_with_the_same_logits(tmp_path, tiny_cfg, tie_weights, qkv_bias,
+                                                                     bias, activation):
+    model = GPTModel(replace(tiny_cfg, tie_weights=tie_weights, qkv_bias=qkv_bias, bias=bias,
+                             activation=activation)).eval()
     save_hf_gpt2(model, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 97, (2, 16))
@@ -84,12 +87,15 @@ def test_exported_model_loads_into_transformers_with_the_same_logits(tmp_path, t
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is tie_weights
 
 
-def test_export_then_import_restores_every_weight(tiny_cfg):
-    model = GPTModel(replace(tiny_cfg, qkv_bias=True))
-    copy = GPTModel(replace(tiny_cfg, qkv_bias=True))
+@pytest.mark.parametrize("qkv_bias, bias", [(True, True), (False, False)])
+def test_export_then_import_restores_every_weight(tiny_cfg, qkv_bias, bias):
+    model = GPTModel(replace(tiny_cfg, qkv_bias=qkv_bias, bias=bias))
+    copy = GPTModel(replace(tiny_cfg, qkv_bias=qkv_bias, bias=bias))
     load_hf_gpt2_state_dict(copy, to_hf_gpt2_state_dict(model))
     for (name, ours), (_, theirs) in zip(model.named_parameters(), copy.named_parameters()):
         assert torch.equal(ours, theirs), name
+    if not bias:
+        assert all(p.dim() == 2 or name.endswith("scale") for name, p in model.named_parameters())
 
 
 def test_weights_that_do_not_fit_are_refused(hf_folder, tiny_cfg):
@@ -100,6 +106,9 @@ def test_weights_that_do_not_fit_are_refused(hf_folder, tiny_cfg):
         load_hf_gpt2_state_dict(GPTModel(replace(tiny_cfg, emb_dim=64, qkv_bias=True)), hf.state_dict())
     with pytest.raises(ConfigError, match="qkv_bias=True"):
         load_hf_gpt2_state_dict(GPTModel(replace(tiny_cfg, context_length=32)), hf.state_dict())
+    with pytest.raises(ConfigError, match="non-zero h.0.attn.c_proj.bias .* bias=True"):  # GPT-2 has biases
+        load_hf_gpt2_state_dict(GPTModel(replace(tiny_cfg, context_length=32, qkv_bias=True, bias=False)),
+                                hf.state_dict())
 
 
 def test_unsupported_variants_and_broken_files_get_clear_errors(tmp_path, hf_folder):
