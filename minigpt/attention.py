@@ -222,8 +222,10 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
-        qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim)
-        queries, keys, values = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        # One matmul, then three views: (B, T, d_out) -> (B, T, H, D) -> (B, H, T, D). In the
+        # backward pass the three gradients are joined by one concatenation.
+        queries, keys, values = (part.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+                                 for part in self.qkv(x).split(self.num_heads * self.head_dim, dim=2))
         past = 0
         if cache is not None:
             past = cache.length
