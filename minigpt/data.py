@@ -222,7 +222,7 @@ def _is_cut(text: str, i: int) -> bool:
     return 0 < i < len(text) - 1 and text[i] == "\n" and not text[i + 1].isspace()
 
 
-def _line_start_before(text: str, end: int) -> int:
+def _last_cut_before(text: str, end: int) -> int:
     """The last cut position below `end`, or 0 if there is none."""
     i = text.rfind("\n", 0, end - 1)
     while i > 0 and not _is_cut(text, i):
@@ -230,7 +230,7 @@ def _line_start_before(text: str, end: int) -> int:
     return max(i, 0)
 
 
-def _line_start_after(text: str, start: int) -> int:
+def _first_cut_after(text: str, start: int) -> int:
     """The first cut position at or after `start`, or len(text) if there is none."""
     i = text.find("\n", max(start, 1))
     while i >= 0 and not _is_cut(text, i):
@@ -249,7 +249,7 @@ def iter_text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[str]:
                 raise ConfigError(f"{file} is not UTF-8 text ({err.reason}); convert it to UTF-8 "
                                   "or move it out of the corpus folder.") from None
             buffer += block
-            cut = _line_start_before(buffer, len(buffer)) if block else len(buffer)
+            cut = _last_cut_before(buffer, len(buffer)) if block else len(buffer)
             if cut > 0:
                 yield buffer[:cut]
                 buffer = buffer[cut:]
@@ -321,7 +321,7 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
                     size = len(piece.encode("utf-8"))
                     if done < split_at < done + size:  # the split falls inside this piece
                         chars = len(piece.encode("utf-8")[:split_at - done].decode("utf-8", errors="ignore"))
-                        cut = _line_start_after(piece, chars)
+                        cut = _first_cut_after(piece, chars)
                         write("train", piece[:cut])
                         write("val", piece[cut:])
                     else:
