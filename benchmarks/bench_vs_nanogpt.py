@@ -183,10 +183,10 @@ class NanoRun:
 # minigpt at the same configuration
 # ---------------------------------------------------------------------------------------
 
-def minigpt_settings(iters: int, out: Path) -> tuple[dict, dict]:
+def minigpt_settings(iters: int, out: Path, seed: int = 1337) -> tuple[dict, dict]:
     c = NANOGPT_CPU
     settings = dict(
-        QUICK_MODE=False, CUSTOM_MODE=True, MODEL="gpt-mini", TOKENIZER="char", SEED=1337, LOG_EVERY=10**9,
+        QUICK_MODE=False, CUSTOM_MODE=True, MODEL="gpt-mini", TOKENIZER="char", SEED=seed, LOG_EVERY=10**9,
         custom_params=dict(
             num_epochs=100, max_steps=iters, batch_size=c["batch_size"], learning_rate=c["learning_rate"],
             weight_decay=c["weight_decay"], beta1=c["beta1"], beta2=c["beta2"], grad_clip=c["grad_clip"],
@@ -271,12 +271,20 @@ def interleaved_ms(runners: dict, rounds: int, block: int) -> dict[str, list[flo
     return times
 
 
+def summary(runs: list[dict]) -> dict:
+    """Means over seeds (one seed: that run)."""
+    return {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=NANOGPT_CPU["max_iters"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (printed; default 1)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing blocks per entry")
     parser.add_argument("--block", type=int, default=50, help="iterations per timing block")
+    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[1337],
+                        help="comma-separated seeds for the training runs (default 1337)")
+    parser.add_argument("--skip-timing", action="store_true", help="train and score only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -288,22 +296,29 @@ def main() -> None:
           f"{len(text):,} characters, vocabulary {tokenizer.vocab_size}, train {len(train_ids):,} / "
           f"validation {len(val_ids):,} tokens; {args.iters} iterations of 12 x 64 tokens")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings, cli = minigpt_settings(args.iters, Path(tmp) / "run")
+    results = {"minigpt": [], "nanoGPT re-implementation": []}
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings, cli = minigpt_settings(args.iters, Path(tmp) / "run", seed)
+            model, _, metrics, _ = pretrain(resolve_run_config(settings, cli))
+            results["minigpt"].append(dict(
+                val=val_loss(model, val_ids), estimate=nanogpt_style_estimate(model, val_ids),
+                ms=1000 * metrics["train_time_s"] / metrics["steps"], params=model.num_parameters()))
+        nano = NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, fused=False, seed=seed)
         started = time.perf_counter()
-        model, _, metrics, _ = pretrain(resolve_run_config(settings, cli))
-        mini = dict(val=val_loss(model, val_ids), estimate=nanogpt_style_estimate(model, val_ids),
-                    ms=1000 * metrics["train_time_s"] / metrics["steps"],
-                    wall=time.perf_counter() - started, params=model.num_parameters())
-
-    nano = NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, fused=False)
-    started = time.perf_counter()
-    for _ in range(args.iters):
-        nano.step()
-    seconds = time.perf_counter() - started
-    nano_result = dict(val=val_loss(nano.model, val_ids), estimate=nanogpt_style_estimate(nano.model, val_ids),
-                       ms=1000 * seconds / args.iters, wall=seconds,
-                       params=sum(p.numel() for p in nano.model.parameters()))
+        for _ in range(args.iters):
+            nano.step()
+        seconds = time.perf_counter() - started
+        results["nanoGPT re-implementation"].append(dict(
+            val=val_loss(nano.model, val_ids), estimate=nanogpt_style_estimate(nano.model, val_ids),
+            ms=1000 * seconds / args.iters, params=sum(p.numel() for p in nano.model.parameters())))
+    print(f"\nseed by seed (validation loss on every window / nanoGPT's 20-batch estimate):")
+    for name, runs in results.items():
+        print(f"  {name:<27} " + "  ".join(f"seed {seed}: {r['val']:.4f} / {r['estimate']:.4f}"
+                                            for seed, r in zip(args.seeds, runs)))
+    if args.skip_timing:
+        return
+    mini, nano_result = (summary(results[name]) for name in ("minigpt", "nanoGPT re-implementation"))
 
     runners = {"minigpt": MinigptSteps(train_ids, tokenizer.vocab_size, args.iters),
                "nanoGPT re-implementation": NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, False),
@@ -314,6 +329,7 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     reference = times["nanoGPT re-implementation"]
 
+    seeds = f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else ""
     print(f"\n{'model':<42} {'params':>8} {'val loss':>9} {'20-batch est.':>13} {'ms/iter (run)':>14} "
           f"{'ms/iter (interleaved)':>22} {'nanoGPT / this [range]':>24}")
     rows = [("minigpt", mini), ("nanoGPT re-implementation", nano_result),
@@ -324,9 +340,10 @@ def main() -> None:
         if result is None:
             print(f"{name:<42} {'':>8} {'':>9} {'':>13} {'':>14} {medians[name]:>22.1f} {ratio:>24}")
         else:
-            print(f"{name:<42} {result['params']:>8,} {result['val']:>9.4f} {result['estimate']:>13.4f} "
+            print(f"{name:<42} {result['params']:>8,.0f} {result['val']:>9.4f} {result['estimate']:>13.4f} "
                   f"{result['ms']:>14.1f} {medians[name]:>22.1f} {ratio:>24}")
-    print(f"\nnanoGPT's README reports a validation loss of about {NANOGPT_REPORTED_VAL_LOSS} for this run, "
+    print(f"\nlosses and run times{seeds}. nanoGPT's README reports a validation loss of about "
+          f"{NANOGPT_REPORTED_VAL_LOSS} for this run, "
           f"from its estimate on 20 random batches. 'val loss' scores every 64-token window of the "
           f"validation split; '20-batch est.' is nanoGPT's estimate, the same 20 batches for both models. "
           f"Interleaved: {args.rounds} blocks of {args.block} iterations each, taking turns; the ratio is "
