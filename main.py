@@ -5,7 +5,7 @@
     python main.py --data my.txt --tokenizer char    # your own text
     python main.py --tokenizer train --vocab-size 2048   # learn a BPE on the training text first
     python main.py --resume runs/pretrain-quick --epochs 3
-    python main.py --data tinyshakespeare --tokenizer char --mode custom   # Shakespeare, character by character
+    python main.py --data tinyshakespeare --tokenizer char --max-steps 2000   # Shakespeare, character by character
     torchrun --nproc_per_node=2 main.py --batch-size 8 --micro-batch-size 2   # data-parallel, 2 processes
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
     python main.py --task generate --pretrained gpt2          # chat with OpenAI's GPT-2 (downloads 0.5 GB once)

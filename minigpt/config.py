@@ -162,7 +162,7 @@ class TrainConfig:
     beta1: float = 0.9           # AdamW's momentum of the gradient
     beta2: float = 0.999         # AdamW's momentum of the squared gradient (0.95-0.99 for larger/noisier runs)
     micro_batch_size: int | None = None  # windows per forward/backward per process (None: batch_size / processes)
-    precision: str = "auto"      # "fp32", "bf16", "fp16" (with a gradient scaler), or "auto": bf16 on CUDA GPUs that have it, else fp32
+    precision: str = "auto"      # "fp32", "bf16", "fp16" (with a gradient scaler), or "auto": bf16 on CUDA GPUs that have it, fp16 on older ones, else fp32
     compile: bool = False        # torch.compile the model (off by itself where unsupported: Windows, MPS)
     sampling: str = "auto"       # "sliding": every window once per epoch; "random": windows at random starts; "auto": random for token files
     peak_tflops: float | None = None  # the device's peak for the MFU estimate (None: known GPUs only)

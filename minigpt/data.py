@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -304,10 +303,12 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
     counts = {"train": 0, "val": 0}
     outputs = {split: open(folder / f"{split}.bin.tmp", "wb") for split in counts}
 
-    def write(split: str, text: str) -> None:
-        ids = tokenizer.encode(text, allowed_special="all")
+    def append(split: str, ids: list[int]) -> None:
         np.asarray(ids, dtype=dtype).tofile(outputs[split])
         counts[split] += len(ids)
+
+    def write(split: str, text: str) -> None:
+        append(split, tokenizer.encode(text, allowed_special="all"))
 
     done = 0
     try:
@@ -315,8 +316,7 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
                   dynamic_ncols=True) as bar:
             for index, file in enumerate(files):
                 if index > 0 and tokenizer.eos_id is not None:  # a document boundary
-                    np.asarray([tokenizer.eos_id], dtype=dtype).tofile(outputs["train" if done < split_at else "val"])
-                    counts["train" if done < split_at else "val"] += 1
+                    append("train" if done < split_at else "val", [tokenizer.eos_id])
                 for piece in iter_text_pieces(file):
                     size = len(piece.encode("utf-8"))
                     if done < split_at < done + size:  # the split falls inside this piece

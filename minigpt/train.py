@@ -210,6 +210,11 @@ def micro_batch_size(cfg: TrainConfig, world: Distributed) -> int:
     return cfg.batch_size // world.world_size
 
 
+def accumulation_steps(cfg: TrainConfig, world: Distributed) -> int:
+    """Micro-batches each process adds up per optimizer step."""
+    return cfg.batch_size // (micro_batch_size(cfg, world) * world.world_size)
+
+
 def agree(loss: torch.Tensor, stop: bool, world: Distributed) -> tuple[float, bool]:
     """The step's loss averaged over processes, and whether any process was asked to stop
     (all must stop after the same step, or the others would wait forever for it)."""
@@ -221,8 +226,9 @@ def agree(loss: torch.Tensor, stop: bool, world: Distributed) -> tuple[float, bo
 
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, for the MFU estimate.
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-                   ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+# Matched by substring in this order (so "H100 PCIe" before "H100"); other GPUs give no MFU.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                   ("L40S", 362.1), ("V100", 125.0))
 
 
 def peak_tflops(device: torch.device, cfg: TrainConfig) -> float | None:
@@ -289,6 +295,10 @@ class StepSetup:
     peak_tflops: float | None = None
     flops_per_token: float = 0.0
 
+    def tflops_per_device(self, tokens_per_sec: float) -> float:
+        """Useful compute per device: FLOPs per token x tokens per second, shared by the processes."""
+        return self.flops_per_token * tokens_per_sec / self.world.world_size / 1e12
+
 
 class StopRequest:
     """Ctrl-C (or SIGTERM) during training asks the loop to finish its step, save and stop.
@@ -307,8 +317,9 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
         signal.signal(signum, self._previous[signum])  # a second signal behaves as usual
-        tqdm.write("\nCtrl-C: stopping after this step and saving a resumable checkpoint "
-                   "(press Ctrl-C again to quit at once).")
+        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        tqdm.write(f"\n{what}: stopping after this step and saving a resumable checkpoint "
+                   f"({what} again quits at once).")
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -374,7 +385,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     world = setup.world
     model.train()
     sampler = loaders.train.sampler
-    accumulation = cfg.batch_size // (micro_batch_size(cfg, world) * world.world_size)
+    accumulation = accumulation_steps(cfg, world)
     tokens_per_step = cfg.batch_size * cfg.max_length
     loop_start = time.perf_counter()
     elapsed_before = state.elapsed_s
@@ -426,8 +437,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                         f"batch loss {sum(recent) / len(recent):.3f}  lr {lr:.2e}  "
                         f"{steps * tokens_per_step / seconds:,.0f} tok/s")
                 if setup.peak_tflops:
-                    flops = setup.flops_per_token * steps * tokens_per_step / seconds / world.world_size
-                    line += f"  MFU {100 * flops / (setup.peak_tflops * 1e12):.1f}%"
+                    tflops = setup.tflops_per_device(steps * tokens_per_step / seconds)
+                    line += f"  MFU {100 * tflops / setup.peak_tflops:.1f}%"
                 if evaluate_now:
                     line += f"  | train loss {train_loss:.3f}  val loss {val_loss:.3f}"
                 tqdm.write(line)
@@ -699,7 +710,8 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=run.seed)
     micro = micro_batch_size(cfg, world)
     # Evaluations read eval_iter batches of batch_size windows, in micro-batches (less memory).
-    eval_batches = cfg.eval_iter * (cfg.batch_size // micro)
+    per_batch = cfg.batch_size // micro
+    eval_batches = cfg.eval_iter * per_batch
     evaluation = dict(batch_size=micro, shuffle=False, drop_last=False, **shape)
     loaders = Loaders(
         train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
@@ -708,7 +720,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
         val=create_dataloader(corpus.val_ids, name="the validation split (10%)", **evaluation))
     # A token file may hold billions of tokens: the final evaluation then reads a fixed sample.
-    final_eval_batches = max(eval_batches, FINAL_EVAL_BATCHES * (cfg.batch_size // micro)) if corpus.on_disk else None
+    final_eval_batches = max(cfg.eval_iter, FINAL_EVAL_BATCHES) * per_batch if corpus.on_disk else None
     steps_per_epoch = loaders.train.sampler.steps_per_epoch
     total_steps = steps_per_epoch * cfg.num_epochs
     if cfg.max_steps is not None:
@@ -789,12 +801,8 @@ def make_metrics(state: TrainState, model: GPTModel, device: torch.device, compl
         final_val = state.val_losses[-1] if state.val_losses else None
     val_points = state.val_losses + ([final_val] if final_val is not None else [])
     tokens_per_sec = state.tokens_seen / state.train_time_s if state.train_time_s else None
-    # Achieved compute per device: FLOPs per token x tokens per second, shared by the processes.
-    tflops = (setup.flops_per_token * tokens_per_sec / setup.world.world_size / 1e12
-              if tokens_per_sec and setup.flops_per_token else None)
+    tflops = setup.tflops_per_device(tokens_per_sec) if tokens_per_sec and setup.flops_per_token else None
     memory, memory_kind = peak_memory_mib(device)
-    world = setup.world
-    accumulation = run.train.batch_size // (micro_batch_size(run.train, world) * world.world_size) if run else 1
     return {
         "completed": completed,
         "final_train_loss": final_train,
@@ -817,7 +825,7 @@ def make_metrics(state: TrainState, model: GPTModel, device: torch.device, compl
         "processes": setup.world.world_size,
         "precision": setup.precision,
         "compile": compile_note,
-        "accumulation_steps": accumulation,
+        "accumulation_steps": accumulation_steps(run.train, setup.world) if run else 1,
         "eval_steps": state.eval_steps,
         "tokens_seen": state.eval_tokens_seen,
         "train_losses": state.train_losses,
@@ -879,7 +887,7 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
     if cfg.lr_schedule == "cosine":
         schedule += f", down to {0.1 * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr:g}"
     micro = micro_batch_size(cfg, setup.world)
-    accumulation = cfg.batch_size // (micro * setup.world.world_size)
+    accumulation = accumulation_steps(cfg, setup.world)
     split = "" if accumulation == 1 and not setup.world.active else (
         f" = {micro} per micro-batch x {accumulation} accumulation step(s) x "
         f"{setup.world.world_size} process(es)")
