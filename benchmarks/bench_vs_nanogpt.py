@@ -146,6 +146,13 @@ def nano_lr(it: int, max_iters: int) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
+def random_batch(data: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's get_batch: batch_size windows at random starts, and the same shifted by one."""
+    block = NANOGPT_CPU["block_size"]
+    ix = torch.randint(len(data) - block, (NANOGPT_CPU["batch_size"],), generator=generator)
+    return (torch.stack([data[i:i + block] for i in ix]), torch.stack([data[i + 1:i + 1 + block] for i in ix]))
+
+
 class NanoRun:
     """nanoGPT's training loop, one iteration at a time: a random batch, forward, backward,
     clip, step (and loss.item() every iteration, as its CPU command logs every iteration)."""
@@ -158,17 +165,10 @@ class NanoRun:
         self.data, self.max_iters, self.it = train_ids, max_iters, 0
         self.generator = torch.Generator().manual_seed(seed)
 
-    def get_batch(self):
-        block = NANOGPT_CPU["block_size"]
-        ix = torch.randint(len(self.data) - block, (NANOGPT_CPU["batch_size"],), generator=self.generator)
-        x = torch.stack([self.data[i:i + block] for i in ix])
-        y = torch.stack([self.data[i + 1:i + 1 + block] for i in ix])
-        return x, y
-
     def step(self) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = nano_lr(self.it, self.max_iters)
-        x, y = self.get_batch()
+        x, y = random_batch(self.data, self.generator)
         logits = self.model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
         loss.backward()
@@ -247,12 +247,10 @@ def nanogpt_style_estimate(model: nn.Module, val_ids: list[int], seed: int = 133
     (its README's CPU command), drawn here with a fixed generator."""
     data = torch.tensor(val_ids)
     generator = torch.Generator().manual_seed(seed)
-    block, losses = NANOGPT_CPU["block_size"], []
+    losses = []
     model.eval()
     for _ in range(20):
-        ix = torch.randint(len(data) - block, (NANOGPT_CPU["batch_size"],), generator=generator)
-        x = torch.stack([data[i:i + block] for i in ix])
-        y = torch.stack([data[i + 1:i + 1 + block] for i in ix])
+        x, y = random_batch(data, generator)
         losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
     model.train()
     return sum(losses) / len(losses)

@@ -125,7 +125,8 @@ def test_batch_must_split_evenly_between_processes_and_micro_batches():
         create_dataloader(list(range(200)), batch_size=6, max_length=8, stride=8, micro_batch_size=2, world_size=2)
 
 
-DDP_SCRIPT = """
+# Runs pretrain (or resumes) from JSON settings, as main.py would: under torchrun or alone.
+RUN_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from minigpt.config import resolve_resume_config, resolve_run_config
@@ -139,11 +140,15 @@ else:
 """
 
 
+def run_script(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    return str(script)
+
+
 def torchrun(tmp_path, processes, settings, cli):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(script), str(ROOT), json.dumps(settings), json.dumps(cli)]
+               run_script(tmp_path), str(ROOT), json.dumps(settings), json.dumps(cli)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -248,12 +253,10 @@ def test_a_compiled_model_computes_what_the_eager_one_does():
 
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path, text_file):
     """torchrun and job schedulers send SIGTERM before they kill a process."""
-    script = ("import json, sys; sys.path.insert(0, sys.argv[1]);"
-              "from minigpt.config import resolve_run_config; from minigpt.train import pretrain;"
-              "pretrain(resolve_run_config(json.loads(sys.argv[2]), json.loads(sys.argv[3])))")
     settings = small(LOG_EVERY=1, custom_params=dict(num_epochs=50))
     cli = {"out": str(tmp_path / "run"), "data": str(text_file)}
-    process = subprocess.Popen([sys.executable, "-u", "-c", script, str(ROOT), json.dumps(settings), json.dumps(cli)],
+    process = subprocess.Popen([sys.executable, "-u", run_script(tmp_path), str(ROOT), json.dumps(settings),
+                                json.dumps(cli)],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in process.stdout:
         if "step      3" in line:
