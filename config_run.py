@@ -45,7 +45,7 @@ custom_params = {
     "micro_batch_size": None,  # windows per forward/backward per process; batch_size / it = gradient
                                # accumulation steps (None: batch_size split across processes)
     "precision": "auto",       # "auto": bf16 on CUDA GPUs that have it, fp32 on CPU; or "fp32", "bf16", "fp16"
-    "compile": False,          # torch.compile the model: faster GPU steps after a minute of compiling
+    "compile": False,          # torch.compile the model: fused kernels, after a wait while it compiles
     "sampling": "auto",        # "sliding" windows once per epoch, "random" windows; auto: random for token files
     "model_overrides": {       # changes to the model preset (gpt2-small unless MODEL says otherwise)
         "emb_dim": 768,
