@@ -10,6 +10,11 @@
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
     python main.py --task generate --pretrained gpt2          # chat with OpenAI's GPT-2 (downloads 0.5 GB once)
     python main.py --task export --checkpoint runs/pretrain-quick --out exported/   # for transformers
+    python main.py --task classify --data reviews.csv            # a classifier (columns text,label)
+    python main.py --task classify --checkpoint runs/classify-quick --prompt "WINNER! Claim your prize"
+    python main.py --task sft --mode full                        # GPT-2 medium follows instructions
+    python main.py --task sft --pretrained gpt2 --trainable lora --lora-rank 16
+    python main.py --task generate --checkpoint runs/sft-quick --prompt "Name a primary color."
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import sys
 from pathlib import Path
 
 import config_run
-from minigpt.config import (GENERATION_DEFAULTS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, SAMPLINGS, TASKS,
-                            TOKENIZERS, ConfigError, resolve_resume_config, resolve_run_config,
-                            settings_from_module)
+from minigpt.config import (GENERATION_DEFAULTS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
+                            SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE, ConfigError, resolve_resume_config,
+                            resolve_run_config, settings_from_module)
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
@@ -37,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int, metavar="N",
                         help="size of the BPE that --tokenizer train learns (config_run.BPE_VOCAB_SIZE)")
     parser.add_argument("--data", help="a UTF-8 text file or a folder of .txt files, or a corpus by name: "
-                                       "the-verdict (default), tinyshakespeare")
+                                       "the-verdict (default), tinyshakespeare; for --task classify a "
+                                       ".csv/.tsv/.jsonl of text,label (default: SMS spam); for --task sft "
+                                       "a JSON list of instruction records (default: instruction-data.json)")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<mode>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped or finished run in DIR")
     parser.add_argument("--epochs", dest="num_epochs", type=int, help="number of epochs")
@@ -58,10 +65,11 @@ def parse_args(argv: list[str] | None = None) -> dict:
     scale.add_argument("--sampling", choices=SAMPLINGS,
                        help="sliding: each window once per epoch; random: random windows (auto: random for token files)")
     scale.add_argument("--eval-freq", type=int, metavar="N", help="evaluate every N steps")
-    parser.add_argument("--checkpoint", metavar="DIR", help="run directory to generate from or export")
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="run directory to generate from, export, fine-tune from, or classify with")
     parser.add_argument("--pretrained", metavar="NAME|DIR",
-                        help="generate with OpenAI's GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-                             "or a Hugging Face GPT-2 folder")
+                        help="OpenAI's GPT-2 to generate with or fine-tune: gpt2, gpt2-medium, gpt2-large, "
+                             "gpt2-xl, or a Hugging Face GPT-2 folder")
     parser.add_argument("--prompt", help="text to continue (--task generate); without it, an interactive loop")
     sampling = parser.add_argument_group("decoding (--task generate; defaults: config_run.generation_params)")
     sampling.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 60)")
@@ -75,6 +83,17 @@ def parse_args(argv: list[str] | None = None) -> dict:
                           help="stop when this text appears (repeatable; \\n is a newline), e.g. --stop '\\n\\n'")
     sampling.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
                           help="recompute the whole text at every step (slower; for comparison)")
+    tuning = parser.add_argument_group("fine-tuning (--task classify | sft, chapter 7; defaults: the mode's settings)")
+    tuning.add_argument("--trainable", choices=TRAINABLE,
+                        help="what trains: all weights, the last blocks + final norm + head, the head, or LoRA")
+    tuning.add_argument("--last-blocks", type=int, metavar="N", help="with --trainable last_blocks: how many")
+    tuning.add_argument("--lora-rank", type=int, metavar="R", help="rank of the LoRA matrices (default 8)")
+    tuning.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default 16)")
+    tuning.add_argument("--prompt-style", choices=PROMPT_STYLES, help="sft: the instruction template")
+    tuning.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="sft: put the loss on the responses only")
+    tuning.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
+                        help="sft: score the test responses with a local Ollama judge when one answers")
     cli = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     if "stop_strings" in cli:  # let --stop "\n\n" mean two newlines, as users type it
         cli["stop_strings"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cli["stop_strings"]]
@@ -82,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
 
 
 def load_for_generation(run):
-    """The model, its tokenizer and a one-line description, from a run directory or a pretrained GPT-2."""
+    """The model, its tokenizer, a one-line description, and the instruction template if the
+    model was instruction-tuned (None otherwise), from a run directory or a pretrained GPT-2."""
     from minigpt.model import GPTModel
     from minigpt.tokenizer import get_tokenizer
     from minigpt.train import load_model, pick_device
@@ -90,22 +110,28 @@ def load_for_generation(run):
     device = pick_device(run.device)
     if run.checkpoint:
         model, tokenizer, saved = load_model(run.checkpoint, device)
-        return model, tokenizer, f"{run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer)"
+        if saved["task"] == "classify":
+            raise ConfigError(f"{run.checkpoint} holds a classifier, which scores classes, not text; "
+                              f"classify with --task classify --checkpoint {run.checkpoint} --prompt TEXT.")
+        style = saved["finetune"]["prompt_style"] if saved["task"] == "sft" else None
+        what = f", instruction-tuned ({style} template)" if style else ""
+        return model, tokenizer, f"{run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer{what})", style
     model = GPTModel.from_pretrained(run.pretrained).to(device)
     if model.cfg.vocab_size != 50257:
         raise ConfigError(f"{run.pretrained} has a vocabulary of {model.cfg.vocab_size} tokens, not GPT-2's "
                           "50,257, so GPT-2's tokenizer does not fit it; generate from its minigpt run "
                           "directory with --checkpoint instead.")
     size = f"{model.num_parameters() / 1e6:.0f}M parameters"
-    return model, get_tokenizer("gpt2"), f"{run.pretrained} ({size}, gpt2 tokenizer)"
+    return model, get_tokenizer("gpt2"), f"{run.pretrained} ({size}, gpt2 tokenizer)", None
 
 
 def run_generate(run) -> None:
     import torch
 
+    from minigpt.data import format_prompt
     from minigpt.generation import generate_text, stream_text
 
-    model, tokenizer, source = load_for_generation(run)
+    model, tokenizer, source, style = load_for_generation(run)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(run.seed)
     options = dict(run.generation)
@@ -113,6 +139,8 @@ def run_generate(run) -> None:
     print(f"minigpt | generate | {source} | " + ", ".join(f"{k}={v!r}" for k, v in shown.items()), file=sys.stderr)
 
     def answer(prompt: str) -> None:
+        if style is not None:  # an instruction-tuned model answers prompts in its template
+            prompt = format_prompt({"instruction": prompt}, style)
         if options["num_beams"] > 1:  # beam search knows its answer only at the end
             print(generate_text(model, tokenizer, prompt, generator=generator, **options)[len(prompt):], flush=True)
             return
@@ -122,11 +150,12 @@ def run_generate(run) -> None:
         print(flush=True)
 
     if run.prompt is not None:
-        print(run.prompt, end="", flush=True)
+        print(run.prompt, end="\n" if style else "", flush=True)
         answer(run.prompt)
         return
-    print("Type a text and press Enter: the model continues it. Ctrl-C stops an answer; "
-          "an empty line or Ctrl-D quits.", file=sys.stderr)
+    print("Type an instruction and press Enter: the model answers it." if style else
+          "Type a text and press Enter: the model continues it.",
+          "Ctrl-C stops an answer; an empty line or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             prompt = input("> ")
@@ -141,11 +170,44 @@ def run_generate(run) -> None:
             print(" [stopped]", flush=True)
 
 
+def run_classify(run) -> None:
+    """Fine-tune a classifier; or, given a classifier's run directory, classify texts with it."""
+    from minigpt.finetune import classify, finetune
+    from minigpt.train import load_checkpoint, load_model, pick_device
+
+    if not (run.checkpoint and load_checkpoint(run.checkpoint)["run"]["task"] == "classify"):
+        finetune(run)
+        return
+    model, tokenizer, saved = load_model(run.checkpoint, pick_device(run.device))
+
+    def show(text: str) -> None:
+        label, probabilities = classify(model, tokenizer, text, saved["labels"], saved["train"]["max_length"])
+        print(f"{label}  (" + ", ".join(f"{name} {p:.3f}" for name, p in probabilities.items()) + ")", flush=True)
+
+    if run.prompt is not None:
+        show(run.prompt)
+        return
+    print(f"Type a text and press Enter: the classifier in {run.checkpoint} names its class. "
+          "An empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not text.strip():
+            return
+        show(text)
+
+
 def run_export(run) -> None:
     from minigpt.model import save_hf_gpt2
     from minigpt.train import load_model
 
     model, tokenizer, saved = load_model(run.checkpoint, "cpu")
+    if saved["task"] == "classify":
+        raise ConfigError(f"{run.checkpoint} holds a classifier; Hugging Face's GPT2LMHeadModel has a "
+                          "vocabulary head, so only pretrained and instruction-tuned runs export.")
     folder = save_hf_gpt2(model, run.out)
     print(f"wrote {folder}/config.json and {folder}/model.safetensors ({saved['model_name']}, "
           f"{model.num_parameters():,} parameters); load them with "
@@ -170,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             run_generate(run)
         elif run.task == "export":
             run_export(run)
+        elif run.task == "classify":
+            run_classify(run)
+        elif run.task == "sft":
+            from minigpt.finetune import finetune
+            finetune(run)
         else:
             from minigpt.train import pretrain
             pretrain(run)

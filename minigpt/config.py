@@ -208,10 +208,61 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------
+# Fine-tuning (chapter 7)
+# ---------------------------------------------------------------------------------------
+
+TRAINABLE = ("all", "last_blocks", "head", "lora")
+PROMPT_STYLES = ("alpaca", "chat")
+LORA_TARGET_CHOICES = ("qkv", "out_proj", "ff", "out_head")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What fine-tuning trains and how (`--task classify` and `--task sft`)."""
+
+    trainable: str = "all"       # "all" weights, the "last_blocks" + final norm + head, the "head" only, or "lora"
+    last_blocks: int = 1         # how many of the last transformer blocks "last_blocks" trains
+    lora_rank: int = 8           # r: LoRA adds B (out x r) @ A (r x in) beside each targeted weight
+    lora_alpha: float = 16.0     # LoRA's update is scaled by alpha / r
+    lora_dropout: float = 0.0    # dropout on the LoRA branch's input
+    lora_targets: tuple[str, ...] = ("qkv", "out_proj", "ff")  # which Linear layers get an adapter
+    balance: bool = True         # classify: draw as many examples of every class as the rarest has
+    prompt_style: str = "alpaca" # sft: "alpaca" (### Instruction: ...) or "chat" (<|user|> ... <|assistant|>)
+    mask_prompt: bool = False    # sft: the loss falls on the response only
+    max_new_tokens: int = 128    # sft: the longest response generated for each test instruction
+    judge: bool = True           # sft: also score the test responses with a local LLM judge, if one answers
+    judge_url: str = "http://localhost:11434"  # an Ollama-compatible server
+    judge_model: str = "llama3"
+
+    def __post_init__(self) -> None:
+        _check_choice("trainable", self.trainable, TRAINABLE)
+        _check_int("last_blocks", self.last_blocks)
+        _check_int("lora_rank", self.lora_rank)
+        _check_float("lora_alpha", self.lora_alpha, 0.0, low_inclusive=False)
+        _check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
+        targets = self.lora_targets
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+            raise ConfigError(f"lora_targets must be a non-empty list of layer names from "
+                              f"{', '.join(LORA_TARGET_CHOICES)}, got {targets!r}.")
+        for target in targets:
+            _check_choice("each of lora_targets", target, LORA_TARGET_CHOICES)
+        object.__setattr__(self, "lora_targets", tuple(targets))  # JSON gives a list back
+        _check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        for name in ("balance", "mask_prompt", "judge"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        _check_int("max_new_tokens", self.max_new_tokens)
+        for name in ("judge_url", "judge_model"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}.")
+
+
+# ---------------------------------------------------------------------------------------
 # One run: what config_run.py and the command line resolve to
 # ---------------------------------------------------------------------------------------
 
-TASKS = ("pretrain", "generate", "export")
+TASKS = ("pretrain", "generate", "export", "classify", "sft")
+FINETUNE_TASKS = ("classify", "sft")
 MODES = ("quick", "full", "custom")
 TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DEVICES = ("cpu", "cuda", "mps")
@@ -230,9 +281,43 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
                    eval_freq=5, eval_iter=5, max_length=256, stride=256)),
 }
 
+# Fine-tuning's modes. Quick: a small new model, to watch the mechanics in a minute on a CPU.
+# Full: the book's runs, starting from OpenAI's GPT-2 (downloaded once): a spam classifier from
+# GPT-2 124M training its last block, final norm and a new head; an instruction follower from
+# GPT-2 medium (355M) training everything.
+FINETUNE_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "classify": {
+        "quick": dict(
+            model="gpt-mini", model_overrides=dict(context_length=128, drop_rate=0.0), pretrained=None,
+            train=dict(num_epochs=3, batch_size=8, learning_rate=1e-3, weight_decay=0.1, eval_freq=20,
+                       eval_iter=5, max_length=128, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0),
+            finetune=dict(trainable="all")),
+        "full": dict(
+            model="gpt2-small", model_overrides=dict(drop_rate=0.0), pretrained="gpt2",
+            train=dict(num_epochs=5, batch_size=8, learning_rate=5e-5, weight_decay=0.1, eval_freq=50,
+                       eval_iter=5, max_length=256),
+            finetune=dict(trainable="last_blocks", last_blocks=1)),
+    },
+    "sft": {
+        "quick": dict(
+            model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
+            train=dict(num_epochs=1, batch_size=8, learning_rate=1e-3, weight_decay=0.1, eval_freq=20,
+                       eval_iter=5, max_length=256, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0),
+            finetune=dict(trainable="all", max_new_tokens=64)),
+        "full": dict(
+            model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained="gpt2-medium",
+            train=dict(num_epochs=2, batch_size=8, learning_rate=5e-5, weight_decay=0.1, eval_freq=5,
+                       eval_iter=5, max_length=1024),
+            finetune=dict(trainable="all", max_new_tokens=256)),
+    },
+}
+
 # The TrainConfig values that have a command-line flag (they override every mode).
 TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
                "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq")
+# The FinetuneConfig values that have a command-line flag.
+# (--task sft also takes --max-new-tokens for the responses it generates.)
+FINETUNE_FLAGS = ("trainable", "last_blocks", "lora_rank", "lora_alpha", "prompt_style", "mask_prompt", "judge")
 
 # The keys `custom_params` may hold; model_overrides may hold any GPTConfig field but vocab_size.
 CUSTOM_PARAM_KEYS = [f.name for f in fields(TrainConfig)] + ["model_overrides"]
@@ -240,7 +325,9 @@ MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_siz
 
 # The names config_run.py may define.
 RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
-                "DATA", "OUT", "SEED", "LOG_EVERY", "custom_params", "generation_params"]
+                "DATA", "OUT", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
+                "finetune_params"]
+FINETUNE_PARAM_KEYS = [f.name for f in fields(FinetuneConfig)]
 
 
 @dataclass(frozen=True)
@@ -264,6 +351,7 @@ class RunConfig:
     pretrained: str | None = None  # "gpt2" ... "gpt2-xl", or a Hugging Face GPT-2 folder, to generate from
     prompt: str | None = None      # None with --task generate: an interactive loop
     generation: dict[str, Any] = field(default_factory=dict)
+    finetune: FinetuneConfig | None = None  # --task classify / sft only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,8 +360,9 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         """Rebuild from `to_dict()`'s form (stored in checkpoints and config.json); extra keys are ignored."""
         values = {f.name: values[f.name] for f in fields(cls) if f.name in values}
-        return cls(**{**values, "model": GPTConfig(**values["model"]),
-                      "train": TrainConfig(**values["train"])})
+        finetune = values.get("finetune")
+        return cls(**{**values, "model": GPTConfig(**values["model"]), "train": TrainConfig(**values["train"]),
+                      "finetune": FinetuneConfig(**finetune) if finetune is not None else None})
 
 
 # How --task generate decodes (config_run.generation_params; flags override each key).
@@ -333,16 +422,20 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         raise ConfigError(f"custom_params['model_overrides'] must be a dict, got {overrides!r}.")
     _check_keys("custom_params['model_overrides']", overrides, MODEL_OVERRIDE_KEYS)
 
+    modes = FINETUNE_MODE_DEFAULTS[task] if task in FINETUNE_TASKS else MODE_DEFAULTS
     if mode == "custom":
-        base = MODE_DEFAULTS["full"]
+        base = modes["full"]
         train_values = {**base["train"], **{k: v for k, v in custom.items() if k != "model_overrides"}}
         model_values = {**base["model_overrides"], **overrides}
     else:
-        base = MODE_DEFAULTS[mode]
+        base = modes[mode]
         train_values, model_values = dict(base["train"]), dict(base["model_overrides"])
     for key in TRAIN_FLAGS:
         if key in cli:
             train_values[key] = cli[key]
+    finetune = None
+    if task in FINETUNE_TASKS:
+        finetune = _resolve_finetune(settings, cli, task, mode, base)
 
     model_name = cli.get("model") or settings.get("MODEL") or base["model"]
     _check_choice("MODEL (or --model)", model_name, tuple(MODEL_PRESETS))
@@ -376,6 +469,10 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         raise ConfigError(f"generation_params must be a dict, got {type(params).__name__}.")
     generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
     checkpoint, pretrained = cli.get("checkpoint"), cli.get("pretrained")
+    if task in FINETUNE_TASKS:
+        checkpoint, pretrained = _resolve_init(settings, checkpoint, pretrained, base)
+    if checkpoint and pretrained:
+        raise ConfigError("give --checkpoint DIR (a minigpt run) or --pretrained NAME (GPT-2), not both.")
     if task == "generate" and bool(checkpoint) == bool(pretrained):
         raise ConfigError("--task generate needs one model: --checkpoint DIR (the run directory of a "
                           "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "
@@ -387,7 +484,51 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
                      tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
                      device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
                      checkpoint=checkpoint, pretrained=pretrained, prompt=cli.get("prompt"),
-                     generation=generation)
+                     generation=generation, finetune=finetune)
+
+
+def _resolve_finetune(settings: dict[str, Any], cli: dict[str, Any], task: str, mode: str,
+                      base: dict[str, Any]) -> FinetuneConfig:
+    """The fine-tuning settings: the mode's, finetune_params in custom mode, then the flags."""
+    params = settings.get("finetune_params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"finetune_params must be a dict, got {type(params).__name__}.")
+    _check_keys("finetune_params", params, FINETUNE_PARAM_KEYS)
+    values = {**base["finetune"], **(params if mode == "custom" else {})}
+    values.update({key: cli[key] for key in FINETUNE_FLAGS if key in cli})
+    if task == "sft" and "max_new_tokens" in cli:
+        values["max_new_tokens"] = cli["max_new_tokens"]
+    return _build(f"the fine-tuning settings ({mode} mode)", FinetuneConfig, **values)
+
+
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def _resolve_init(settings: dict[str, Any], checkpoint: str | None, pretrained: str | None,
+                  base: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Where fine-tuning starts: --checkpoint / --pretrained, else INIT, else the mode's choice.
+
+    INIT is "scratch" (a new model), a GPT-2 name, a Hugging Face GPT-2 folder, or a minigpt
+    run directory (one holding checkpoint.pt).
+    """
+    if checkpoint or pretrained:
+        return checkpoint, pretrained
+    init = settings.get("INIT")
+    if init is None:
+        return None, base["pretrained"]
+    if not isinstance(init, str) or not init:
+        raise ConfigError(f"INIT must be None, 'scratch', a GPT-2 name, or a directory, got {init!r}.")
+    if init == "scratch":
+        return None, None
+    if init in PRETRAINED_NAMES:
+        return None, init
+    if (Path(init) / "checkpoint.pt").is_file():
+        return init, None
+    if (Path(init) / "config.json").is_file():
+        return None, init
+    raise ConfigError(f"INIT is {init!r}: not 'scratch', not a GPT-2 name ({', '.join(PRETRAINED_NAMES)}), "
+                      "and not a directory holding a minigpt run (checkpoint.pt) or a Hugging Face GPT-2 "
+                      f"(config.json).{did_you_mean(init, ('scratch',) + PRETRAINED_NAMES)}")
 
 
 # What may change when a stopped run continues; everything else is the run's own. How a
@@ -406,9 +547,10 @@ def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConf
             raise ConfigError(f"{flag} cannot change when resuming: a resumed run "
                               f"keeps its own settings (see {cli['resume']}/config.json). Drop the "
                               "flag, or start a new run with --out.")
-    if cli.get("task", "pretrain") != "pretrain":
-        raise ConfigError("--resume continues training; use --task pretrain (or leave --task out).")
     run = RunConfig.from_dict(saved)
+    if cli.get("task", run.task) != run.task:
+        raise ConfigError(f"--resume continues the {run.task} run in {cli['resume']}; use --task "
+                          f"{run.task} (or leave --task out).")
     train = _build("the resumed training settings", replace, run.train,
                    **{k: cli[k] for k in RESUME_TRAIN_OVERRIDES if k in cli})
     return replace(run, train=train, resume=cli["resume"], device=cli.get("device", run.device))

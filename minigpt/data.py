@@ -502,3 +502,262 @@ def create_dataloader(token_ids: list[int] | torch.Tensor | TokenFile, batch_siz
     # global random state (which dropout uses): a resumed run then replays exactly.
     return DataLoader(dataset, batch_size=micro, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning data (chapter 7): labelled texts and instructions, padded per batch
+# ---------------------------------------------------------------------------------------
+
+# Targets equal to this are skipped by the loss (it is F.cross_entropy's default ignore_index).
+IGNORE_INDEX = -100
+
+# 1,100 instruction/input/output records in the Alpaca format, from the repository of the book
+# "Build a Large Language Model (From Scratch)" (chapter 7).
+INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                        "ch07/01_main-chapter-code/instruction-data.json")
+INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+
+# The SMS Spam Collection (Almeida, Gomez Hidalgo and Yamakami, 2011; UCI Machine Learning
+# Repository, CC BY 4.0): 5,574 text messages, 747 of them spam, one "label<TAB>text" per line.
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SMS_SPAM_MEMBER = "SMSSpamCollection"
+
+# The chat format's two special tokens; a response ends with <|endoftext|>.
+CHAT_TOKENS = ("<|user|>", "<|assistant|>")
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+
+
+def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Instruction records {instruction, input, output}: a JSON list (or JSON Lines) file at
+    `path`, or the book's 1,100 records (downloaded once) when `path` is None."""
+    if path is None:
+        path = download_file(INSTRUCTION_DATA_URL, cache_dir() / "instruction-data.json",
+                             sha256=INSTRUCTION_DATA_SHA256)
+    path = Path(path)
+    text = read_text(path)
+    try:
+        records = ([json.loads(line) for line in text.splitlines() if line.strip()]
+                   if path.suffix == ".jsonl" else json.loads(text))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); give a JSON list "
+                          "of {\"instruction\", \"input\", \"output\"} objects, or JSON Lines (.jsonl).") from None
+    if not isinstance(records, list) or not records:
+        raise ConfigError(f"{path} must hold a non-empty list of instruction records.")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("instruction", "output")):
+            raise ConfigError(f"record {i} of {path} needs string fields 'instruction' and 'output' "
+                              f"('input' is optional), got {str(record)[:120]!r}.")
+        if not isinstance(record.get("input", ""), str):
+            raise ConfigError(f"record {i} of {path}: 'input' must be a string, got {record['input']!r}.")
+    return records
+
+
+def split_dataset(items: list, train_fraction: float, val_fraction: float,
+                  seed: int | None = None) -> tuple[list, list, list]:
+    """(train, validation, test): the first `train_fraction` of the items, the next
+    `val_fraction`, and the rest; shuffled first by `seed` unless it is None."""
+    items = list(items)
+    if seed is not None:
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        items = [items[i] for i in order]
+    train_end = int(train_fraction * len(items))
+    val_end = train_end + int(val_fraction * len(items))
+    return items[:train_end], items[train_end:val_end], items[val_end:]
+
+
+def format_prompt(record: dict[str, str], style: str = "alpaca") -> str:
+    """The text the model sees before its answer. This is the one prompt template: training,
+    evaluation and `--task generate` on an instruction-tuned run all call it.
+
+    alpaca: the preamble, "### Instruction:", the optional "### Input:", and "### Response:";
+    chat:   <|user|> instruction (and input) <|assistant|>, with two special tokens.
+    """
+    instruction, extra = record["instruction"], record.get("input", "")
+    if style == "alpaca":
+        text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+        if extra:
+            text += f"\n\n### Input:\n{extra}"
+        return text + "\n\n### Response:\n"
+    if style == "chat":
+        user, assistant = CHAT_TOKENS
+        return f"{user}\n{instruction}" + (f"\n\n{extra}" if extra else "") + f"\n{assistant}\n"
+    raise ConfigError(f"unknown prompt style {style!r}; use 'alpaca' or 'chat'.")
+
+
+def encode_prompt(prompt: str, tokenizer, style: str) -> list[int]:
+    """Token ids of a formatted prompt: the chat tokens as special tokens, all other text as text."""
+    allowed = set(CHAT_TOKENS) if style == "chat" else set()
+    return tokenizer.encode(prompt, allowed_special=allowed, disallowed_special=())
+
+
+class InstructionDataset(Dataset):
+    """Each record as (prompt ids + response ids, number of prompt tokens), encoded once.
+
+    Prompt and response are encoded separately: the prompt then has the same ids in training
+    as when the model is asked to answer it, and its length says where the response starts.
+    """
+
+    def __init__(self, records: list[dict[str, str]], tokenizer, style: str = "alpaca") -> None:
+        if getattr(tokenizer, "eos_id", None) is None:
+            raise ConfigError(f"instruction tuning ends every response with <|endoftext|>, which the "
+                              f"{tokenizer.name} tokenizer lacks; use --tokenizer gpt2, bpe or train.")
+        self.examples = []
+        for record in records:
+            prompt_ids = encode_prompt(format_prompt(record, style), tokenizer, style)
+            response_ids = tokenizer.encode(record["output"], disallowed_special=())
+            self.examples.append((prompt_ids + response_ids, len(prompt_ids)))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.examples[index]
+
+
+def instruction_collate(batch: list[tuple[list[int], int]], eos_id: int, pad_id: int | None = None,
+                        allowed_max_length: int | None = None, mask_prompt: bool = False,
+                        ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch of (ids, prompt length) to its longest member: inputs and next-token targets (B, T).
+
+    Every sequence gets one end-of-text token, which stays a target (the model must learn to
+    stop); the padding after it is ignored by the loss (`ignore_index`). Sequences longer than
+    `allowed_max_length` are cut. With `mask_prompt`, the targets inside the prompt are ignored
+    too, so the loss falls on the response only.
+    """
+    pad_id = eos_id if pad_id is None else pad_id
+    rows = []
+    for ids, prompt_length in batch:
+        sequence = list(ids) + [eos_id]
+        inputs, targets = sequence[:-1], sequence[1:]  # position i predicts token i + 1
+        if mask_prompt:
+            # Targets 0 .. prompt_length - 2 are prompt tokens; the first response token is
+            # the target at position prompt_length - 1 and stays.
+            targets[:prompt_length - 1] = [ignore_index] * (prompt_length - 1)
+        if allowed_max_length is not None:
+            inputs, targets = inputs[:allowed_max_length], targets[:allowed_max_length]
+        rows.append((inputs, targets))
+    length = max(len(inputs) for inputs, _ in rows)
+    input_batch = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    target_batch = torch.full((len(rows), length), ignore_index, dtype=torch.long)
+    for row, (inputs, targets) in enumerate(rows):
+        input_batch[row, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
+        target_batch[row, :len(targets)] = torch.tensor(targets, dtype=torch.long)
+    return input_batch, target_batch
+
+
+def read_labeled_texts(path: str | Path) -> list[tuple[str, str]]:
+    """(text, label) pairs from a CSV or TSV file with a header naming the columns "text" and
+    "label", or from JSON Lines with "text" and "label" keys on every line."""
+    import csv
+    import io
+
+    path = Path(path)
+    content = read_text(path)
+    if path.suffix in (".jsonl", ".json"):
+        pairs = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"line {number} of {path} is not JSON ({err.msg}); write one "
+                                  '{"text": ..., "label": ...} object per line.') from None
+            if not isinstance(item, dict) or not isinstance(item.get("text"), str) or "label" not in item:
+                raise ConfigError(f'line {number} of {path} needs a "text" string and a "label"; got {line[:120]!r}.')
+            pairs.append((item["text"], str(item["label"])))
+    elif path.suffix in (".csv", ".tsv", ".txt"):
+        delimiter = "\t" if path.suffix in (".tsv", ".txt") else ","
+        reader = csv.DictReader(io.StringIO(content), delimiter=delimiter)
+        columns = {name.strip().lower(): name for name in reader.fieldnames or []}
+        if "text" not in columns or "label" not in columns:
+            raise ConfigError(f"{path} needs a header row naming a 'text' and a 'label' column "
+                              f"(separated by {'tabs' if delimiter == chr(9) else 'commas'}); "
+                              f"its header is {reader.fieldnames}.")
+        pairs = [(row[columns["text"]] or "", (row[columns["label"]] or "").strip()) for row in reader]
+    else:
+        raise ConfigError(f"{path}: give labelled texts as .csv, .tsv or .jsonl (got {path.suffix or 'no extension'!r}).")
+    pairs = [(text, label) for text, label in pairs if text.strip()]
+    if len({label for _, label in pairs}) < 2:
+        raise ConfigError(f"{path} holds {len(pairs)} texts with fewer than two different labels; "
+                          "a classifier needs at least two classes.")
+    return pairs
+
+
+def load_sms_spam() -> list[tuple[str, str]]:
+    """The SMS Spam Collection as (text, "ham" | "spam") pairs, downloaded and unzipped once."""
+    import zipfile
+
+    folder = cache_dir() / "sms_spam"
+    table = folder / SMS_SPAM_MEMBER
+    if not table.is_file():
+        archive = download_file(SMS_SPAM_URL, folder / "sms_spam_collection.zip")
+        try:
+            with zipfile.ZipFile(archive) as bundle:
+                table.write_bytes(bundle.read(SMS_SPAM_MEMBER))
+        except (zipfile.BadZipFile, KeyError) as err:
+            archive.unlink()
+            raise ConfigError(f"the SMS Spam Collection downloaded from {SMS_SPAM_URL} is not the zip "
+                              f"expected ({err}); run again to download it afresh.") from None
+    pairs = []
+    for number, line in enumerate(read_text(table).splitlines(), start=1):
+        label, _, text = line.partition("\t")
+        if label not in ("ham", "spam") or not text:
+            raise ConfigError(f"line {number} of {table} is not 'ham|spam<TAB>text'; delete {folder} "
+                              "so it downloads again.")
+        pairs.append((text, label))
+    return pairs
+
+
+def balance_classes(pairs: list[tuple[str, str]], seed: int = 123) -> list[tuple[str, str]]:
+    """As many examples of every label as the rarest label has, drawn at random (by `seed`),
+    so a classifier cannot score well by always answering the common class."""
+    by_label: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:
+        by_label.setdefault(pair[1], []).append(pair)
+    smallest = min(len(group) for group in by_label.values())
+    generator = torch.Generator().manual_seed(seed)
+    balanced = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        balanced += [group[i] for i in torch.randperm(len(group), generator=generator)[:smallest].tolist()]
+    return balanced
+
+
+class ClassificationDataset(Dataset):
+    """(token ids, class id) for each text: the first `max_length` tokens of the text."""
+
+    def __init__(self, pairs: list[tuple[str, str]], tokenizer, labels: list[str], max_length: int) -> None:
+        index = {label: i for i, label in enumerate(labels)}
+        self.examples = []
+        for text, label in pairs:
+            if label not in index:
+                raise ConfigError(f"label {label!r} is not one of the classes the model was built "
+                                  f"for: {labels}.")
+            ids = tokenizer.encode(text, disallowed_special=())[:max_length]
+            self.examples.append((ids, index[label]))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.examples[index]
+
+
+def classification_collate(batch: list[tuple[list[int], int]], pad_id: int = 0,
+                           ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch of (ids, class) on the right: inputs (B, T), and targets (B, T) that hold the
+    class at each text's last real token and `ignore_index` everywhere else.
+
+    With causal attention the last real token is the one position that has seen the whole
+    text, and padding after it can never change it; putting the class there lets the
+    ordinary next-token loss train a classifier (its "vocabulary" is the classes).
+    """
+    length = max(len(ids) for ids, _ in batch)
+    inputs = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), length), ignore_index, dtype=torch.long)
+    for row, (ids, label) in enumerate(batch):
+        inputs[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        targets[row, len(ids) - 1] = label
+    return inputs, targets

@@ -12,6 +12,8 @@ predicts many easy tokens, a BPE model fewer, harder ones. Two conversions help:
 from __future__ import annotations
 
 import math
+import re
+import sys
 
 import torch
 
@@ -54,3 +56,171 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
     num_bytes = len(tokenizer.decode(scored).encode("utf-8"))
     return {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
             "tokens": len(scored), "bytes": num_bytes}
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring generated text (chapter 7)
+#
+# Loss and perplexity say how well a model predicts a reference text; they say nothing about
+# the answer it actually writes. Two ways to score a generated response against the correct one:
+#
+# - ROUGE-L counts words: the longest common subsequence (LCS) of the response and the
+#   reference, the words both have in the same order, not necessarily side by side. Precision
+#   is the share of the response that is in it, recall the share of the reference. Cheap,
+#   deterministic, but blind to meaning: "Paris" and "the capital is Paris" overlap little.
+# - A judge model reads the instruction, the correct output and the response, and answers a
+#   score from 0 to 100. It sees meaning, but needs a larger model served locally (Ollama),
+#   and its scores are only as good as that model.
+# ---------------------------------------------------------------------------------------
+
+JUDGE_URL = "http://localhost:11434"  # Ollama's default address
+JUDGE_MODEL = "llama3"
+
+
+def overlap_tokens(text: str) -> list[str]:
+    """Lowercased words and numbers (regex \\w+ over the casefolded text, Unicode-aware) — the units ROUGE compares."""
+    return re.findall(r"\w+", text.casefold())
+
+
+def longest_common_subsequence(a: list[str], b: list[str]) -> int:
+    """Length of the LCS by dynamic programming, O(len(a) * len(b)) time, O(min) memory (two rows).
+
+    lcs[i][j] = the LCS of a[:i] and b[:j]: one more than lcs[i-1][j-1] when a[i-1] == b[j-1],
+    else the larger of lcs[i-1][j] and lcs[i][j-1]. Each row needs only the one before it.
+    """
+    if len(b) > len(a):
+        a, b = b, a  # the rows run over the shorter list
+    previous = [0] * (len(b) + 1)
+    for word_a in a:
+        current = [0] * (len(b) + 1)
+        for j, word_b in enumerate(b, start=1):
+            if word_a == word_b:
+                current[j] = previous[j - 1] + 1
+            else:
+                current[j] = max(previous[j], current[j - 1])
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(candidate: str, reference: str, beta: float = 1.0) -> dict[str, float]:
+    """ROUGE-L (Lin, 2004) of a generated `candidate` against a `reference`.
+
+    precision = LCS / len(candidate), recall = LCS / len(reference), in tokens, and the
+    F-measure (1 + beta^2) P R / (R + beta^2 P), which weighs recall beta times as much as
+    precision (beta = 1: the harmonic mean, F1). All 0.0 when either side has no tokens or LCS is 0.
+    """
+    candidate_tokens, reference_tokens = overlap_tokens(candidate), overlap_tokens(reference)
+    lcs = longest_common_subsequence(candidate_tokens, reference_tokens)
+    if lcs == 0:  # also covers an empty side
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    precision = lcs / len(candidate_tokens)
+    recall = lcs / len(reference_tokens)
+    f1 = (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision)
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def mean_rouge_l(candidates: list[str], references: list[str]) -> dict[str, float]:
+    """Macro-average of rouge_l over (candidate, reference) pairs: every response counts the same."""
+    if len(candidates) != len(references):
+        raise ValueError(f"need one reference per candidate, got {len(candidates)} candidates and "
+                         f"{len(references)} references.")
+    if not candidates:
+        raise ValueError("need at least one candidate and reference to average ROUGE-L over, got none.")
+    scores = [rouge_l(candidate, reference) for candidate, reference in zip(candidates, references)]
+    return {key: sum(score[key] for score in scores) / len(scores) for key in ("precision", "recall", "f1")}
+
+
+def judge_prompt(instruction_prompt: str, reference: str, response: str) -> str:
+    """The text sent to the judge: the instruction, the correct output and the response, asking
+    for a score from 0 to 100 as a bare integer (easy to read back)."""
+    return (f"Given the input `{instruction_prompt}` and correct output `{reference}`, "
+            f"score the model response `{response}` on a scale from 0 to 100, where 100 is the best score. "
+            "Respond with the integer number only.")
+
+
+def judge_available(url: str = JUDGE_URL, timeout: float = 2.0) -> tuple[bool, str]:
+    """Whether an Ollama-compatible server answers at `url` (GET {url}/api/tags), and a message
+    saying so or what to do. Never raises on network errors: no judge only means no judge scores."""
+    import requests
+
+    url = url.rstrip("/")
+    advice = (f"start Ollama (`ollama serve`) and pull a model (`ollama pull {JUDGE_MODEL}`) "
+              "to get judge scores")
+    try:
+        response = requests.get(f"{url}/api/tags", timeout=timeout)
+    except requests.ConnectionError:
+        return False, f"no judge at {url} (connection refused); {advice}"
+    except requests.Timeout:
+        return False, f"no judge at {url} (no answer within {timeout} s); {advice}"
+    except requests.RequestException as err:
+        return False, f"no judge at {url} ({type(err).__name__}: {err}); {advice}"
+    if response.status_code != 200:
+        return False, (f"the server at {url} answered GET /api/tags with HTTP {response.status_code}, "
+                       f"so it is not an Ollama judge; {advice}")
+    return True, f"judge server at {url} answers"
+
+
+def judge_score(prompt: str, url: str = JUDGE_URL, model: str = JUDGE_MODEL, timeout: float = 120.0) -> int | None:
+    """Ask the judge `model` at `url` for a score: the first integer of its reply if it is in
+    0..100, else None (a judge that does not answer with a score gives no score, not a guess).
+
+    Seed 123 and temperature 0 make the judge repeatable on the same server and model.
+    """
+    import requests
+
+    from minigpt.config import ConfigError
+
+    url = url.rstrip("/")
+    payload = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": False,  # one JSON answer instead of a line per token
+        "options": {"seed": 123, "temperature": 0, "num_ctx": 2048},
+    }
+    try:
+        response = requests.post(f"{url}/api/chat", json=payload, timeout=timeout)
+        if response.status_code == 404:
+            raise ConfigError(f"the judge at {url} has no model {model!r} (HTTP 404); "
+                              f"pull it with `ollama pull {model}`, or name a model it has.")
+        response.raise_for_status()
+    except requests.RequestException as err:
+        raise ConfigError(f"could not get a score from the judge at {url} ({type(err).__name__}: {err}); "
+                          f"check that `ollama serve` is running and `ollama pull {model}` was done.") from None
+    try:
+        content = response.json()["message"]["content"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"the judge at {url} did not answer in Ollama's /api/chat format "
+                          f"(got {response.text[:200]!r}); point the URL at an Ollama server.") from None
+    match = re.search(r"-?\d+", content)
+    if match is None:
+        return None
+    score = int(match.group())
+    return score if 0 <= score <= 100 else None
+
+
+def judge_responses(items: list[dict], url: str = JUDGE_URL, model: str = JUDGE_MODEL,
+                    progress: bool = True) -> dict | None:
+    """Score every item ({"prompt", "reference", "response"}) with the judge; None, with a note
+    on stderr, when no judge is reachable, so a run without Ollama still finishes.
+
+    `mean_score` averages the scores the judge gave (None if it gave none); `unparsed` counts
+    the replies with no score in them.
+    """
+    from tqdm.auto import tqdm
+
+    available, message = judge_available(url)
+    if not available:
+        print(f"{message}. Judge scores are skipped.", file=sys.stderr)
+        return None
+    scores = []
+    for item in tqdm(items, desc=f"judging with {model}", unit="response", disable=not progress):
+        prompt = judge_prompt(item["prompt"], item["reference"], item["response"])
+        scores.append(judge_score(prompt, url=url, model=model))
+    given = [score for score in scores if score is not None]
+    return {
+        "judge_model": model,
+        "judge_url": url.rstrip("/"),
+        "scores": scores,
+        "mean_score": sum(given) / len(given) if given else None,
+        "unparsed": len(scores) - len(given),
+    }

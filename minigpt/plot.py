@@ -43,3 +43,26 @@ def plot_losses(eval_steps: list[int], train_losses: list[float], val_losses: li
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_accuracy(points: list[tuple[int, float, float | None]], path: str | Path,
+                  title: str = "Classification accuracy") -> Path:
+    """Validation (and train) accuracy against optimizer steps; points are (step, val, train or None)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    steps = [step for step, _, _ in points]
+    ax.plot(steps, [100 * val for _, val, _ in points], "s--", color="tab:orange", label="validation accuracy")
+    trained = [(step, train) for step, _, train in points if train is not None]
+    if trained:
+        ax.plot([s for s, _ in trained], [100 * t for _, t in trained], "o-", color="tab:blue",
+                label="train accuracy (eval batches)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

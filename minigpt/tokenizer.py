@@ -504,10 +504,19 @@ class BPETokenizer:
                               "download again.") from None
         return cls(merges, specials, GPT2_SPLIT_PATTERN, byte_ids, source="gpt2")
 
+    def with_special_tokens(self, tokens: Iterable[str]) -> "BPETokenizer":
+        """This tokenizer plus new special tokens (ids after the last one), e.g. a chat format's
+        `<|user|>` and `<|assistant|>` (chapter 7). Tokens it already has keep their ids."""
+        specials = dict(self.special_tokens)
+        for token in tokens:
+            specials.setdefault(token, self.vocab_size + len(specials) - len(self.special_tokens))
+        return BPETokenizer(self.merges, specials, self.pattern, self.byte_ids, self.source)
+
     def spec(self) -> dict[str, Any]:
         """GPT-2's vocabulary is named (its files are cached); any other BPE is stored whole."""
         if self.source == "gpt2":
-            return {"name": self.name, "source": "gpt2"}
+            extra = [token for token in self.special_tokens if token != END_OF_TEXT]
+            return {"name": self.name, "source": "gpt2", **({"special_tokens": extra} if extra else {})}
         return {"name": self.name, "saved": self.to_text()}
 
 
@@ -555,19 +564,33 @@ class GPT2Tokenizer:
 
     name = "gpt2"
 
-    def __init__(self) -> None:
+    def __init__(self, special_tokens: Iterable[str] = ()) -> None:
+        """`special_tokens`: extra ones after GPT-2's 50,257 tokens (ids 50257, 50258, ...)."""
         import tiktoken
 
         try:
-            self._encoding = tiktoken.get_encoding("gpt2")
+            encoding = tiktoken.get_encoding("gpt2")
         except Exception as err:  # tiktoken raises plain requests/OS errors when offline
             raise ConfigError(
                 "could not load GPT-2's tokenizer files: tiktoken downloads them on first use "
                 f"and that failed ({type(err).__name__}). Connect to the internet once, or set "
                 "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files, or use "
                 "--tokenizer char.") from None
-        self.vocab_size = self._encoding.n_vocab  # 50257
+        self.extra_special_tokens = [t for t in dict.fromkeys(special_tokens) if t != END_OF_TEXT]
+        if self.extra_special_tokens:
+            # tiktoken builds an encoding from GPT-2's merges plus any special tokens we name.
+            added = {token: encoding.n_vocab + i for i, token in enumerate(self.extra_special_tokens)}
+            encoding = tiktoken.Encoding(name="gpt2+" + ",".join(added), pat_str=encoding._pat_str,
+                                         mergeable_ranks=encoding._mergeable_ranks,
+                                         special_tokens={**encoding._special_tokens, **added})
+        self._encoding = encoding
+        self.special_tokens = {token: encoding.encode_single_token(token) for token in encoding.special_tokens_set}
+        self.vocab_size = self._encoding.n_vocab  # 50257, plus the extra special tokens
         self.eos_id = self._encoding.eot_token    # 50256, "<|endoftext|>"
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> "GPT2Tokenizer":
+        """GPT-2's tokenizer plus new special tokens (see `BPETokenizer.with_special_tokens`)."""
+        return GPT2Tokenizer(self.extra_special_tokens + list(tokens))
 
     def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
                disallowed_special: Iterable[str] | str = "all") -> list[int]:
@@ -579,7 +602,8 @@ class GPT2Tokenizer:
         return self._encoding.decode(list(ids))
 
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name}
+        extra = self.extra_special_tokens
+        return {"name": self.name, **({"special_tokens": extra} if extra else {})}
 
 
 class CharTokenizer:
@@ -611,6 +635,10 @@ class CharTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> "CharTokenizer":
+        raise ConfigError(f"the character tokenizer has no special tokens, so it cannot add {list(tokens)}; "
+                          "use prompt_style 'alpaca' (plain text), or --tokenizer gpt2.")
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "chars": self.chars}
@@ -655,6 +683,7 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | 
     if spec.get("name") == "bpe" and "saved" in spec:
         return BPETokenizer.from_text(spec["saved"], where="the checkpoint's tokenizer")
     if spec.get("name") in ("gpt2", "bpe"):
-        return get_tokenizer(spec["name"])
+        tokenizer = get_tokenizer(spec["name"])
+        return tokenizer.with_special_tokens(spec["special_tokens"]) if spec.get("special_tokens") else tokenizer
     raise ConfigError(f"the checkpoint names an unknown tokenizer {spec.get('name')!r}; it was "
                       "saved by another version of minigpt.")

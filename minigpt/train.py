@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from minigpt.config import TOKENIZERS, ConfigError, RunConfig, TrainConfig
-from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample,
+from minigpt.data import (IGNORE_INDEX, TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample,
                           create_dataloader, is_large_corpus, read_text, read_token_files, split_text,
                           token_folder, write_token_files)
 from minigpt.generation import generate_text, text_to_token_ids
@@ -60,14 +60,18 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
 @torch.no_grad()
 def calc_loss_loader(data_loader: DataLoader, model: torch.nn.Module, device: torch.device | str,
                      num_batches: int | None = None) -> float:
-    """Mean loss per token over the first `num_batches` batches (all of them if None)."""
+    """Mean loss per token over the first `num_batches` batches (all of them if None).
+
+    Targets of IGNORE_INDEX (padding, masked prompts: chapter 7) are not predictions and do not count.
+    """
     total_loss, total_tokens = 0.0, 0
     for i, (inputs, targets) in enumerate(data_loader):
         if num_batches is not None and i >= num_batches:
             break
         loss = calc_loss_batch(inputs, targets, model, device)
-        total_loss += loss.item() * targets.numel()  # weight by tokens: a short last batch counts less
-        total_tokens += targets.numel()
+        scored = int((targets != IGNORE_INDEX).sum())  # weight by tokens: a short last batch counts less
+        total_loss += loss.item() * scored
+        total_tokens += scored
     if total_tokens == 0:
         raise ValueError("the data loader yielded no batches to evaluate.")
     return total_loss / total_tokens
@@ -215,14 +219,16 @@ def accumulation_steps(cfg: TrainConfig, world: Distributed) -> int:
     return cfg.batch_size // (micro_batch_size(cfg, world) * world.world_size)
 
 
-def agree(loss: torch.Tensor, stop: bool, world: Distributed) -> tuple[float, bool]:
-    """The step's loss averaged over processes, and whether any process was asked to stop
-    (all must stop after the same step, or the others would wait forever for it)."""
+def agree(loss: torch.Tensor, stop: bool, world: Distributed, tokens: int = 0) -> tuple[float, bool, int]:
+    """The step's loss averaged over processes, whether any process was asked to stop (all
+    must stop after the same step, or the others would wait forever for it), and the tokens
+    all processes read in the step."""
     if not world.active:
-        return loss.item(), stop
-    both = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
-    dist.all_reduce(both)
-    return both[0].item() / world.world_size, both[1].item() > 0
+        return loss.item(), stop, tokens
+    values = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device),
+                          torch.tensor(float(tokens), device=loss.device)])
+    dist.all_reduce(values)
+    return values[0].item() / world.world_size, values[1].item() > 0, int(values[2].item())
 
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, for the MFU estimate.
@@ -369,7 +375,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                device: torch.device, cfg: TrainConfig, state: TrainState, total_steps: int,
                tokenizer, log_every: int = 10, stop: StopRequest | None = None,
                on_epoch_end: Callable[[], None] | None = None, setup: StepSetup | None = None,
-               train_model: torch.nn.Module | None = None, eval_batches: int | None = None) -> bool:
+               train_model: torch.nn.Module | None = None, eval_batches: int | None = None,
+               epoch_note: Callable[[], dict[str, Any]] | None = None) -> bool:
     """Train from `state` until `total_steps` or the last epoch; True if it got there.
 
     The loop can stop after any step (Ctrl-C) and continue later from the saved state:
@@ -378,6 +385,9 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     `train_model` is what the steps run (the model compiled and/or wrapped for DDP; by
     default `model` itself); evaluation and samples use `model`'s weights, which are the same.
     Evaluations read `eval_batches` batches of each split (default `cfg.eval_iter`).
+    After each epoch, `epoch_note()` says how the model does ({"text": ..., any numbers}); by
+    default it is a sample continuing `cfg.start_context`. Tokens are counted as read,
+    padding included (fine-tuning batches are padded to their longest sequence).
     """
     stop = stop or StopRequest()
     setup = setup or StepSetup(device)
@@ -386,10 +396,9 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     model.train()
     sampler = loaders.train.sampler
     accumulation = accumulation_steps(cfg, world)
-    tokens_per_step = cfg.batch_size * cfg.max_length
     loop_start = time.perf_counter()
     elapsed_before = state.elapsed_s
-    last_log_step, last_log_time = state.global_step, state.train_time_s
+    last_log_step, last_log_time, last_log_tokens = state.global_step, state.train_time_s, state.tokens_seen
     stopping = False
     while state.epoch < cfg.num_epochs and state.global_step < total_steps:
         sampler.set_epoch(state.epoch, start=state.step_in_epoch * cfg.batch_size)
@@ -406,7 +415,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             batch = [next(micro_batches) for _ in range(accumulation)]
             loss = train_step(train_model, optimizer, batch, setup, cfg.grad_clip)
             # .item() waits for the step to finish, so the timing is honest.
-            batch_loss, stopping = agree(loss, stop.requested, world)
+            batch_loss, stopping, step_tokens = agree(loss, stop.requested, world,
+                                                      sum(inputs.numel() for inputs, _ in batch))
             if not math.isfinite(batch_loss):
                 raise ConfigError(
                     f"the loss became {batch_loss} at step {state.global_step + 1} (learning rate "
@@ -415,7 +425,7 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             state.train_time_s += time.perf_counter() - step_start
             state.global_step += 1
             state.step_in_epoch += 1
-            state.tokens_seen += tokens_per_step
+            state.tokens_seen += step_tokens
             state.batch_losses.append(batch_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{batch_loss:.3f}")
@@ -432,27 +442,33 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             if (evaluate_now or state.global_step % log_every == 0) and world.is_main:
                 steps = state.global_step - last_log_step
                 seconds = max(state.train_time_s - last_log_time, 1e-9)
+                tokens_per_sec = (state.tokens_seen - last_log_tokens) / seconds
                 recent = state.batch_losses[-steps:] if steps else [batch_loss]
                 line = (f"epoch {state.epoch + 1} step {state.global_step:>6,}  "
                         f"batch loss {sum(recent) / len(recent):.3f}  lr {lr:.2e}  "
-                        f"{steps * tokens_per_step / seconds:,.0f} tok/s")
+                        f"{tokens_per_sec:,.0f} tok/s")
                 if setup.peak_tflops:
-                    tflops = setup.tflops_per_device(steps * tokens_per_step / seconds)
+                    tflops = setup.tflops_per_device(tokens_per_sec)
                     line += f"  MFU {100 * tflops / setup.peak_tflops:.1f}%"
                 if evaluate_now:
                     line += f"  | train loss {train_loss:.3f}  val loss {val_loss:.3f}"
                 tqdm.write(line)
-                last_log_step, last_log_time = state.global_step, state.train_time_s
+                last_log_step, last_log_time, last_log_tokens = state.global_step, state.train_time_s, state.tokens_seen
             if stopping or state.global_step >= total_steps:
                 break
         bar.close()
         if state.step_in_epoch == steps_this_epoch:  # the epoch ran to its end
             state.epoch += 1
             state.step_in_epoch = 0
-            sample = generate_text(model, tokenizer, cfg.start_context, max_new_tokens=50)
-            state.samples.append({"epoch": state.epoch, "step": state.global_step, "text": sample})
+            if epoch_note is None:
+                note = {"text": generate_text(model, tokenizer, cfg.start_context, max_new_tokens=50)}
+                line = f"sample after epoch {state.epoch}: {note['text']!r}"
+            else:
+                note = epoch_note()
+                line = f"after epoch {state.epoch}: {note['text']}"
+            state.samples.append({"epoch": state.epoch, "step": state.global_step, **note})
             if world.is_main:
-                tqdm.write(f"sample after epoch {state.epoch}: {sample!r}")
+                tqdm.write(line)
             state.elapsed_s = elapsed_before + time.perf_counter() - loop_start
             more_to_come = state.epoch < cfg.num_epochs and state.global_step < total_steps
             if on_epoch_end is not None and more_to_come:
@@ -474,13 +490,15 @@ def save_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
 
     Written to a temporary file and renamed, so an interruption never leaves a broken file.
     `rng` defaults to this process's random state (see `rng_states` for several processes).
+    `extra` holds what else rebuilding needs: the tokenizer's spec, the data's fingerprint, ...
     """
     path = Path(path)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "run": run.to_dict(),
-        "tokenizer_spec": (extra or {}).get("tokenizer_spec"),
-        "data_sha256": (extra or {}).get("data_sha256"),
+        "tokenizer_spec": None,
+        "data_sha256": None,
+        **(extra or {}),  # e.g. a classifier's class names (chapter 7)
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
@@ -540,13 +558,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPTModel, Any, dict[str, Any]]:
-    """The trained model, its tokenizer and the checkpoint's run settings, ready to generate."""
+    """The trained model, its tokenizer and the checkpoint's run settings, ready to generate.
+
+    A fine-tuned run (chapter 7) comes back as it was trained (with its classification head),
+    its LoRA adapters merged into the weights. The run settings then also hold "labels".
+    """
     checkpoint = load_checkpoint(path)
     run = RunConfig.from_dict(checkpoint["run"])
-    model = GPTModel(run.model)
-    model.load_state_dict(checkpoint["model"])
+    if run.finetune is not None:
+        from minigpt.finetune import build_model, merge_and_unload
+
+        model = build_model(run, checkpoint.get("labels"))
+        model.load_state_dict(checkpoint["model"])
+        model = merge_and_unload(model)
+        saved = {**checkpoint["run"], "labels": checkpoint.get("labels")}
+    else:
+        model = GPTModel(run.model)
+        model.load_state_dict(checkpoint["model"])
+        saved = checkpoint["run"]
     model.to(device).eval()
-    return model, tokenizer_from_spec(checkpoint["tokenizer_spec"]), checkpoint["run"]
+    return model, tokenizer_from_spec(checkpoint["tokenizer_spec"]), saved
 
 
 # ---------------------------------------------------------------------------------------
@@ -917,14 +948,19 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
         ("seed", str(run.seed)),
         ("run directory", str(run_dir) + (f" (resuming at step {state.global_step})" if state.global_step else "")),
     ]
-    print(f"\nminigpt | {run.task} | {run.mode} mode")
+    print_rows(f"minigpt | {run.task} | {run.mode} mode", rows)
+
+
+def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    """A run's header: a title, then one aligned "key  value" line per row."""
+    print(f"\n{title}")
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     print(flush=True)
 
 
-def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool) -> None:
+def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool, files: list[str] | None = None) -> None:
     def fmt(value, spec=".3f"):
         return "n/a" if value is None else format(value, spec)
 
@@ -942,7 +978,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool) -> No
     print(f"  throughput         {fmt(metrics['tokens_per_sec'], ',.0f')} tokens/s (training steps only){compute}")
     print(f"  peak memory        {fmt(metrics['peak_memory_mib'], ',.0f')} MiB ({metrics['peak_memory_kind']})")
     print(f"  wall time          {metrics['elapsed_s']:.1f} s")
-    files = ["checkpoint.pt", "config.json", "metrics.json", "training_losses.png"]
+    files = files or ["checkpoint.pt", "config.json", "metrics.json", "training_losses.png"]
     if (run_dir / TOKENIZER_NAME).is_file():
         files.append(TOKENIZER_NAME)
     print(f"  wrote              {run_dir}/: {', '.join(files)}")
