@@ -2,7 +2,9 @@
 (`python main.py --help` lists them). Every value is checked before training starts."""
 
 TASK = "pretrain"     # "pretrain" trains a model; "generate" writes text (needs --checkpoint DIR or --pretrained gpt2);
-                      # "export" writes a run's model for Hugging Face transformers (--checkpoint DIR --out FOLDER)
+                      # "export" writes a run's model for Hugging Face transformers (--checkpoint DIR --out FOLDER);
+                      # "classify" fine-tunes a classifier (SMS spam, or DATA = a .csv/.tsv/.jsonl of text,label);
+                      # "sft" fine-tunes a model to follow instructions (instruction-data.json, or DATA = your JSON)
 DEVICE = None         # None picks the best available: "cuda", then "mps", then "cpu"
 
 QUICK_MODE = True     # a small model, one epoch: done in well under a minute on a laptop CPU
@@ -20,6 +22,10 @@ DATA = None           # None: the-verdict.txt (downloaded once); "tinyshakespear
                       # the path of any UTF-8 text file; or a folder of .txt files (big corpora are
                       # tokenized once into token files on disk and read through a memory map)
 OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run)
+
+INIT = None           # where classify / sft start: None = the mode's choice (quick: new weights; full: GPT-2,
+                      # downloaded once); "scratch"; "gpt2", "gpt2-medium", ...; or a run directory, e.g.
+                      # "runs/pretrain-full" (--checkpoint DIR / --pretrained NAME override it)
 
 SEED = 123            # fixes the initial weights, the data order and sampling: same seed, same losses
 LOG_EVERY = 10        # print a line with the recent loss and speed every this many steps
@@ -71,4 +77,21 @@ generation_params = {
     "length_penalty": 1.0,      # beam search: 0 ranks by total probability, higher favours longer texts
     "stop_strings": [],         # stop when one of these appears, e.g. ["\n\n"]
     "use_cache": True,          # the KV cache: the same text, many times faster
+}
+
+# Used by TASK = "classify" and "sft" in custom mode (flags such as --trainable override any mode).
+finetune_params = {
+    "trainable": "last_blocks",  # "all", "last_blocks" (+ final norm + head), "head", or "lora" (adapters + head)
+    "last_blocks": 1,            # with "last_blocks": how many of the last transformer blocks train
+    "lora_rank": 8,              # LoRA: W x + (alpha / rank) B A x, with B (out x rank) and A (rank x in)
+    "lora_alpha": 16.0,
+    "lora_dropout": 0.0,
+    "lora_targets": ["qkv", "out_proj", "ff"],  # Linear layers that get adapters; also "out_head"
+    "balance": True,             # classify: as many examples of every class as the rarest has
+    "prompt_style": "alpaca",    # sft: "alpaca" (### Instruction: ...) or "chat" (<|user|> ... <|assistant|>)
+    "mask_prompt": False,        # sft: the loss on the responses only
+    "max_new_tokens": 256,       # sft: longest answer generated for each test instruction
+    "judge": True,               # sft: also score the answers with a local Ollama judge, when one answers
+    "judge_url": "http://localhost:11434",
+    "judge_model": "llama3",
 }

@@ -470,9 +470,10 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
     generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
     checkpoint, pretrained = cli.get("checkpoint"), cli.get("pretrained")
     if task in FINETUNE_TASKS:
+        if checkpoint and pretrained:
+            raise ConfigError("fine-tuning starts from one model: give --checkpoint DIR (a minigpt run) or "
+                              "--pretrained NAME (GPT-2), not both.")
         checkpoint, pretrained = _resolve_init(settings, checkpoint, pretrained, base)
-    if checkpoint and pretrained:
-        raise ConfigError("give --checkpoint DIR (a minigpt run) or --pretrained NAME (GPT-2), not both.")
     if task == "generate" and bool(checkpoint) == bool(pretrained):
         raise ConfigError("--task generate needs one model: --checkpoint DIR (the run directory of a "
                           "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "

@@ -99,18 +99,21 @@ def grow_vocabulary(model: GPTModel, vocab_size: int) -> GPTModel:
     return model
 
 
-def choose_trainable(model: GPTModel, cfg: FinetuneConfig) -> GPTModel:
-    """Freeze what `cfg.trainable` leaves out. The output head always trains (a classifier's is new).
+def choose_trainable(model: GPTModel, cfg: FinetuneConfig, new_head: bool = True) -> GPTModel:
+    """Freeze what `cfg.trainable` leaves out.
 
     all          every weight;
     last_blocks  the last `last_blocks` transformer blocks, the final norm and the head;
     head         the head only (the model is a fixed feature extractor);
-    lora         LoRA adapters in `lora_targets`, and the head (every other weight frozen).
+    lora         LoRA adapters in `lora_targets`, every other weight frozen; and the head if it
+                 is `new_head` (a classifier's, which starts untrained). A language model's
+                 head stays frozen: tied to the embedding, it is a third of GPT-2 small.
     """
     if cfg.trainable == "lora":
         inject_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                     dropout=cfg.lora_dropout)
-        model.out_head.requires_grad_(True)
+        if new_head:
+            model.out_head.requires_grad_(True)
         return model
     if cfg.trainable == "last_blocks" and cfg.last_blocks > len(model.trf_blocks):
         raise ConfigError(f"last_blocks is {cfg.last_blocks} but the model has {len(model.trf_blocks)} "
@@ -130,7 +133,7 @@ def build_model(run: RunConfig, labels: list[str] | None = None) -> GPTModel:
         if not labels:
             raise ConfigError("the checkpoint of a classifier lists no class names; it is damaged.")
         add_classification_head(model, len(labels))
-    return choose_trainable(model, run.finetune)
+    return choose_trainable(model, run.finetune, new_head=run.task == "classify")
 
 
 def merge_and_unload(model: GPTModel) -> GPTModel:
@@ -150,7 +153,8 @@ def trainable_description(model: nn.Module, cfg: FinetuneConfig) -> str:
     what = {"all": "every weight", "head": "the output head only",
             "last_blocks": f"the last {cfg.last_blocks} block(s), the final norm and the head",
             "lora": f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {', '.join(cfg.lora_targets)} "
-                    f"({len(lora_layers(model))} layers), and the head"}[cfg.trainable]
+                    f"({len(lora_layers(model))} layers)"
+                    + (", and the head" if model.out_head.weight.requires_grad else "")}[cfg.trainable]
     return f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%): {what}"
 
 
@@ -404,7 +408,7 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
         grow_vocabulary(model, tokenizer.vocab_size)
         if task == "classify":
             add_classification_head(model, len(labels))
-        choose_trainable(model, run.finetune)
+        choose_trainable(model, run.finetune, new_head=task == "classify")
     else:
         run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
         model = build_model(run, labels)

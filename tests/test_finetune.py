@@ -101,6 +101,9 @@ def test_each_trainable_setting_freezes_what_it_says(tiny_cfg):
     assert len(trainable("all")) == len(list(GPTModel(tiny_cfg).named_parameters())) + 1  # + the head's bias
     lora = trainable("lora", lora_rank=2)
     assert lora == {n for n in lora if n.endswith(("lora_A", "lora_B")) or n.startswith("out_head.")}
+    assert "out_head.weight" in lora  # a classifier's new head trains
+    language_model = choose_trainable(GPTModel(tiny_cfg), FinetuneConfig(trainable="lora"), new_head=False)
+    assert all(name.endswith(("lora_A", "lora_B")) for name, p in language_model.named_parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="last_blocks"):
         trainable("last_blocks", last_blocks=5)
 
