@@ -156,18 +156,24 @@ def run_generate(run) -> None:
     print("Type an instruction and press Enter: the model answers it." if style else
           "Type a text and press Enter: the model continues it.",
           "Ctrl-C stops an answer; an empty line or Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            prompt = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if not prompt.strip():
-            return
+    for prompt in typed_lines():
         try:
             answer(prompt)
         except KeyboardInterrupt:
             print(" [stopped]", flush=True)
+
+
+def typed_lines():
+    """Lines the user types at a "> " prompt, until an empty line, Ctrl-D or Ctrl-C."""
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            return
+        yield line
 
 
 def run_classify(run) -> None:
@@ -189,14 +195,7 @@ def run_classify(run) -> None:
         return
     print(f"Type a text and press Enter: the classifier in {run.checkpoint} names its class. "
           "An empty line or Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if not text.strip():
-            return
+    for text in typed_lines():
         show(text)
 
 

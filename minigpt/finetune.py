@@ -41,7 +41,7 @@ from minigpt.generation import generate
 from minigpt.lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora, save_adapter
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
-from minigpt.tokenizer import get_tokenizer
+from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
 from minigpt.train import (CHECKPOINT_NAME, Distributed, Loaders, StepSetup, StopRequest, TrainState, autocast, calc_loss_loader, choose_run_dir, compile_model, load_checkpoint,
                            load_model, make_metrics, make_optimizer, micro_batch_size, peak_tflops,
                            pick_device, print_rows, print_summary, resolve_precision, rng_states, restore_rng,
@@ -386,8 +386,6 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
 
     labels = checkpoint.get("labels") if checkpoint else None
     if checkpoint is not None:
-        from minigpt.tokenizer import tokenizer_from_spec
-
         base, tokenizer, origin = None, tokenizer_from_spec(checkpoint["tokenizer_spec"]), "its checkpoint"
     else:
         base, tokenizer, origin = starting_point(run, device)
@@ -505,8 +503,9 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
         after = _measure(model, loaders.val, test_loader, device, precision, labels, loaders.train_eval)
         print("after fine-tuning:  " + _describe(after), flush=True)
         metrics.update(final_train_loss=after["train_loss"], final_val_loss=after["val_loss"],
-                       perplexity=math.exp(after["val_loss"]),
-                       best_val_loss=min(metrics["val_losses"] + [after["val_loss"]]))
+                       best_val_loss=min(metrics["val_losses"] + [after["val_loss"]]),
+                       # perplexity reads a language model's loss; a classifier's loss is over classes
+                       perplexity=math.exp(after["val_loss"]) if task == "sft" else None)
         metrics.update(before=before, after=after)
         if task == "sft":
             answered = answer_test_set(model, tokenizer, data.test_records, run.finetune)

@@ -973,7 +973,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool, files
     print(f"\ntraining {status}")
     print(f"  final train loss   {fmt(metrics['final_train_loss'])}")
     print(f"  final val loss     {fmt(metrics['final_val_loss'])}  (best {fmt(metrics['best_val_loss'])})")
-    print(f"  val perplexity     {fmt(metrics['perplexity'], ',.1f')}")
+    if metrics["perplexity"] is not None:
+        print(f"  val perplexity     {fmt(metrics['perplexity'], ',.1f')}")
     print(f"  tokens seen        {metrics['total_tokens']:,} in {metrics['steps']:,} steps")
     print(f"  throughput         {fmt(metrics['tokens_per_sec'], ',.0f')} tokens/s (training steps only){compute}")
     print(f"  peak memory        {fmt(metrics['peak_memory_mib'], ',.0f')} MiB ({metrics['peak_memory_kind']})")

@@ -254,7 +254,41 @@ QUOTED = [
     ("06", "GPT-2 xl needs 629 MB", lambda: f"GPT-2 xl needs {float(kv_cache_megabytes('gpt2-xl')):.0f} MB"),
     ("06", "$0.4 \\times 0.9 = 0.36$", lambda: f"$0.4 \\times 0.9 = {best_two_beams_probability()}$"),
     ("06", "$\\ln 62 = 4.13$", lambda: f"$\\ln 62 = {math.log(62):.2f}$"),
+    ("07", "1,179,648", lambda: f"{lora_parameters(meta_model('gpt2-small')):,}"),
+    ("07", "24,576", lambda: f"{lora_parameters(meta_model('gpt2-small'), layer='trf_blocks.0.att.qkv'):,}"),
+    ("07", "65,794 of 7,306,882", lambda: "{:,} of {:,}".format(*classifier_trainable("lora"))),
+    ("07", "198,402 (2.74%)", lambda: "{:,} ({:.2%})".format(*classifier_trainable("last_blocks", share=True))),
+    ("07", "precision, recall and F1 all 0.8333", lambda: rouge_of_the_cat()),
 ]
+
+
+def lora_parameters(model, layer: str | None = None) -> int:
+    """Trainable weights after LoRA at rank 8 on every block's Linear layers (or one layer's)."""
+    from minigpt.lora import count_parameters, inject_lora
+
+    inject_lora(model, rank=8, alpha=16)
+    if layer is None:
+        return count_parameters(model)[0]
+    return sum(p.numel() for p in model.get_submodule(layer).parameters() if p.requires_grad)
+
+
+def classifier_trainable(setting: str, share: bool = False):
+    """A two-class gpt-mini classifier's trainable weights under `setting` (and their share, or the total)."""
+    from minigpt.config import FinetuneConfig
+    from minigpt.finetune import add_classification_head, choose_trainable
+    from minigpt.lora import count_parameters
+
+    model = choose_trainable(add_classification_head(meta_model("gpt-mini"), 2), FinetuneConfig(trainable=setting))
+    trainable, total = count_parameters(model)
+    return (trainable, trainable / total) if share else (trainable, total)
+
+
+def rouge_of_the_cat() -> str:
+    from minigpt.evaluate import rouge_l
+
+    scores = rouge_l("the cat sat on the mat", "the cat lay on the mat")
+    assert scores["precision"] == scores["recall"] == scores["f1"]
+    return f"precision, recall and F1 all {scores['f1']:.4f}"
 
 
 @pytest.mark.parametrize("prefix, quoted, compute", QUOTED, ids=[f"{c}:{q}" for c, q, _ in QUOTED])
