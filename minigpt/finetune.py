@@ -21,17 +21,17 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from minigpt.config import ConfigError, FinetuneConfig, RunConfig
+from minigpt.config import PRETRAINED_NAMES, ConfigError, FinetuneConfig, RunConfig
 from minigpt.data import (CHAT_TOKENS, IGNORE_INDEX, ClassificationDataset, InstructionDataset, SeededSampler,
                           balance_classes, classification_collate, encode_prompt, format_prompt,
                           instruction_collate, load_instruction_data, load_sms_spam, read_labeled_texts,
@@ -285,14 +285,18 @@ def score_responses(answered: list[dict[str, Any]], cfg: FinetuneConfig) -> dict
 # The pipeline behind `python main.py --task classify | sft`
 # ---------------------------------------------------------------------------------------
 
+@dataclass
 class FinetuneData:
     """The three splits of a fine-tuning task, as datasets, with what the header says about them."""
 
-    def __init__(self, train, val, test, description: str, fingerprint: str, collate,
-                 labels: list[str] | None = None, test_records: list[dict[str, str]] | None = None) -> None:
-        self.train, self.val, self.test = train, val, test
-        self.description, self.fingerprint, self.collate = description, fingerprint, collate
-        self.labels, self.test_records = labels, test_records
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    description: str                  # the header's "data" line
+    fingerprint: str                  # identifies the data, so that a resumed run can check it
+    collate: Callable                 # builds a padded batch from a list of examples
+    labels: list[str] | None = None   # a classifier's class names, in the order of its outputs
+    test_records: list[dict[str, str]] | None = None  # the instructions the model answers at the end
 
 
 def load_classification_pairs(data: str | None) -> tuple[list[tuple[str, str]], str]:
@@ -371,7 +375,8 @@ def starting_point(run: RunConfig, device: torch.device) -> tuple[GPTModel | Non
         return model, tokenizer, f"the minigpt run {run.checkpoint} ({saved['model_name']})"
     if run.pretrained:
         model = GPTModel.from_pretrained(run.pretrained).to(device)
-        return model, get_tokenizer("gpt2"), f"OpenAI's {run.pretrained}"
+        where = f"OpenAI's {run.pretrained}" if run.pretrained in PRETRAINED_NAMES else f"the GPT-2 in {run.pretrained}"
+        return model, get_tokenizer("gpt2"), f"{where} ({model.num_parameters():,} parameters)"
     return None, None, f"new weights ({run.model_name})"
 
 
@@ -569,8 +574,9 @@ def _write_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extra: 
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     if metrics["batch_losses"]:
+        final = (metrics["steps"], metrics["final_train_loss"], metrics["final_val_loss"]) if "after" in metrics else None
         plot_losses(metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"],
-                    run_dir / "training_losses.png", batch_losses=metrics["batch_losses"],
+                    run_dir / "training_losses.png", batch_losses=metrics["batch_losses"], final=final,
                     title=f"{task}, {run.mode} mode: loss")
     if task == "classify" and metrics["samples"]:
         points = [(0, metrics["before"]["val_report"]["accuracy"], None)] if metrics.get("before") else []

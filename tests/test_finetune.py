@@ -19,11 +19,13 @@ from minigpt.evaluate import rouge_l
 from minigpt.finetune import (add_classification_head, choose_trainable, classification_report, classify,
                               finetune, grow_vocabulary, merge_and_unload)
 from minigpt.lora import LoRALinear
-from minigpt.model import GPTModel
+from minigpt.model import GPTModel, save_hf_gpt2
 from minigpt.tokenizer import get_tokenizer
 from minigpt.train import StopRequest, load_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests run in parallel (pytest.ini); these share module-scoped runs, so they stay on one worker.
+pytestmark = pytest.mark.xdist_group("finetune")
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +202,21 @@ def test_a_saved_classifier_classifies_from_the_command_line(classifier_run):
          str(run_dir / "hf")], capture_output=True, text=True, timeout=120).stderr
 
 
+def test_fine_tuning_from_a_gpt2_folder_trains_only_what_it_says(tmp_path, labelled_file):
+    base = GPTModel(GPTConfig(vocab_size=50257, context_length=128, emb_dim=32, n_heads=2, n_layers=2,
+                              tie_weights=True))
+    folder = save_hf_gpt2(base, tmp_path / "tiny-gpt2")  # the layout of OpenAI's GPT-2 on the hub
+    run = resolve_run_config({}, {"task": "classify", "data": str(labelled_file), "out": str(tmp_path / "run"),
+                                  "pretrained": str(folder), "trainable": "last_blocks", "max_steps": 5})
+    model, _, metrics, _ = finetune(run)
+    start = base.state_dict()
+    trained = model.state_dict()
+    frozen = [name for name in start if name.startswith(("tok_emb", "pos_emb", "trf_blocks.0."))]
+    assert frozen and all(torch.equal(trained[name], start[name]) for name in frozen)
+    assert not torch.equal(trained["trf_blocks.1.att.qkv.weight"], start["trf_blocks.1.att.qkv.weight"])
+    assert trained["out_head.weight"].shape == (2, 32) and metrics["steps"] == 5
+
+
 def instruction_subset(tmp_path, count=60):
     records = json.loads((SHARED_DATA / "instruction-data.json").read_text())[:count]
     path = tmp_path / "instructions.json"
@@ -318,3 +335,27 @@ def test_fine_tuning_settings_resolve_and_bad_ones_say_what_to_change(tmp_path):
     one.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n')
     with pytest.raises(ConfigError, match="two different labels"):
         read_labeled_texts(one)
+
+
+def test_the_sms_spam_collection_downloads_unzips_and_balances(tmp_path, local_server, monkeypatch):
+    import zipfile
+
+    import minigpt.data as data
+
+    served, url = local_server
+    lines = [f"ham\tsee you at {i} o'clock" for i in range(9)] + ["spam\tWINNER! Claim your prize", "spam\tFree entry"]
+    with zipfile.ZipFile(served / "sms.zip", "w") as bundle:
+        bundle.writestr("SMSSpamCollection", "\n".join(lines) + "\n")
+        bundle.writestr("readme", "the collection's notes")
+    monkeypatch.setattr(data, "SMS_SPAM_URL", f"{url}/sms.zip")
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    pairs = data.load_sms_spam()
+    assert len(pairs) == 11 and pairs[-2] == ("WINNER! Claim your prize", "spam")
+    (served / "sms.zip").unlink()  # the second time it reads its unzipped copy
+    assert data.load_sms_spam() == pairs
+    balanced = balance_classes(pairs, seed=123)
+    assert sorted(label for _, label in balanced) == ["ham", "ham", "spam", "spam"]
+
+    (tmp_path / "cache" / "sms_spam" / "SMSSpamCollection").write_text("not a label\tsome text\n")
+    with pytest.raises(ConfigError, match="ham|spam"):
+        data.load_sms_spam()

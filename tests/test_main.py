@@ -10,6 +10,8 @@ import pytest
 from conftest import find_verdict
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tests run in parallel (pytest.ini); these share module-scoped runs, so they stay on one worker.
+pytestmark = pytest.mark.xdist_group("main")
 
 
 def run_main(*args, cwd, stdin=None):
