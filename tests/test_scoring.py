@@ -234,3 +234,22 @@ def test_no_judge_is_reported_not_raised(dead_url, capsys):
     err = capsys.readouterr().err
     assert dead_url in err and "skipped" in err
     assert err.count(dead_url) == 1  # said once, not once per item
+
+
+def test_a_fine_tuning_run_attaches_judge_scores_to_its_answers(fake_judge, dead_url, capsys):
+    from minigpt.config import FinetuneConfig
+    from minigpt.finetune import score_responses
+
+    answered = [{"instruction": "Name a primary color.", "input": "", "output": "Red.", "model_response": "Red"},
+                {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "six"}]
+    fake_judge.replies = ["90", "Score: 10"]
+    scores = score_responses(answered, FinetuneConfig(judge_url=fake_judge.url, judge_model="tiny-judge"))
+    assert scores["rouge_l"]["f1"] == pytest.approx(0.5)  # "red" matches, "six" does not
+    assert scores["judge"]["mean_score"] == pytest.approx(50.0)
+    assert [a["judge_score"] for a in answered] == [90, 10]
+    assert "Name a primary color." in fake_judge.requests[0]["messages"][0]["content"]
+
+    scores = score_responses(answered, FinetuneConfig(judge_url=dead_url))
+    assert scores["judge"] is None and scores["rouge_l"]["f1"] == pytest.approx(0.5)
+    assert "skipped" in capsys.readouterr().err
+    assert score_responses(answered, FinetuneConfig(judge=False))["judge"] is None
