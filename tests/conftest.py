@@ -1,5 +1,6 @@
 """Shared test setup: offline data, small models, and the repository root on sys.path."""
 
+import contextlib
 import functools
 import http.server
 import os
@@ -61,6 +62,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def loopback_server(handler):
+    """An HTTP server on 127.0.0.1 (a free port) answering with `handler`, in a thread; `.url` is its address."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def local_server(tmp_path):
     """An HTTP server on loopback serving tmp_path/served."""
@@ -68,8 +83,5 @@ def local_server(tmp_path):
     served.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with loopback_server(handler) as server:
+        yield served, server.url

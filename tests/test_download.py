@@ -4,10 +4,10 @@ import hashlib
 import http.server
 import os
 import socket
-import threading
 
 import pytest
 
+from conftest import loopback_server
 from minigpt.config import ConfigError
 from minigpt.data import download_file
 
@@ -48,14 +48,10 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.ranges_seen, httpd.cut_after, httpd.ignore_range = [], None, False
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/model.safetensors"
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_server(RangeHandler) as httpd:
+        httpd.ranges_seen, httpd.cut_after, httpd.ignore_range = [], None, False
+        httpd.url += "/model.safetensors"
+        yield httpd
 
 
 def part_of(path):

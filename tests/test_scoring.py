@@ -5,12 +5,12 @@ import http.server
 import itertools
 import json
 import socket
-import threading
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import loopback_server
 from minigpt.config import ConfigError
 from minigpt.evaluate import (judge_available, judge_prompt, judge_responses, judge_score,
                               longest_common_subsequence, mean_rouge_l, overlap_tokens, rouge_l)
@@ -162,14 +162,9 @@ class FakeOllama(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_judge():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
-    server.requests, server.replies = [], []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield server
-    server.shutdown()
-    server.server_close()
+    with loopback_server(FakeOllama) as server:
+        server.requests, server.replies = [], []
+        yield server
 
 
 @pytest.fixture
