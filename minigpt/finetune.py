@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
-import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +38,7 @@ from minigpt.data import (CHAT_TOKENS, IGNORE_INDEX, ClassificationDataset, Inst
                           split_dataset)
 from minigpt.evaluate import judge_responses, mean_rouge_l, rouge_l
 from minigpt.generation import generate
-from minigpt.lora import LoRALinear, count_parameters, inject_lora, lora_layers, merge_lora, save_adapter
+from minigpt.lora import count_parameters, inject_lora, lora_layers, merge_lora, save_adapter
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
@@ -383,6 +383,9 @@ def starting_point(run: RunConfig, device: torch.device) -> tuple[GPTModel | Non
 def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
     """Fine-tune as `run` says (task classify or sft), writing the run directory; returns
     (model, tokenizer, metrics, run directory). One process: torchrun is for pretraining."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("fine-tuning runs in one process (torchrun is for pretraining); start it with "
+                          "python main.py --task classify | sft.")
     checkpoint = load_checkpoint(run.resume) if run.resume else None
     device = pick_device(run.device)
     torch.manual_seed(run.seed)

@@ -308,7 +308,7 @@ def test_fine_tuning_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path, l
 # Settings and bad input
 # ---------------------------------------------------------------------------------------
 
-def test_fine_tuning_settings_resolve_and_bad_ones_say_what_to_change(tmp_path):
+def test_fine_tuning_settings_resolve_and_bad_ones_say_what_to_change(tmp_path, monkeypatch):
     quick = resolve_run_config({}, {"task": "classify"})
     assert quick.pretrained is None and quick.finetune.trainable == "all" and quick.model_name == "gpt-mini"
     full = resolve_run_config({"QUICK_MODE": False}, {"task": "sft"})
@@ -331,6 +331,10 @@ def test_fine_tuning_settings_resolve_and_bad_ones_say_what_to_change(tmp_path):
     bad.write_text("message,category\nhello,a\n")
     with pytest.raises(ConfigError, match="'text' and a 'label' column"):
         read_labeled_texts(bad)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one process"):
+        finetune(resolve_run_config({}, {"task": "classify", "data": str(bad)}))
+    monkeypatch.delenv("WORLD_SIZE")
     one = tmp_path / "one.jsonl"
     one.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n')
     with pytest.raises(ConfigError, match="two different labels"):
