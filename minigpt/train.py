@@ -225,8 +225,9 @@ def agree(loss: torch.Tensor, stop: bool, world: Distributed, tokens: int = 0) -
     all processes read in the step."""
     if not world.active:
         return loss.item(), stop, tokens
-    values = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device),
-                          torch.tensor(float(tokens), device=loss.device)])
+    # float64: a token count past 2**24 would lose its last digits in float32.
+    values = torch.stack([loss.detach().double(), torch.tensor(float(stop), dtype=torch.float64, device=loss.device),
+                          torch.tensor(float(tokens), dtype=torch.float64, device=loss.device)])
     dist.all_reduce(values)
     return values[0].item() / world.world_size, values[1].item() > 0, int(values[2].item())
 
