@@ -534,20 +534,27 @@ def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]
     if path is None:
         path = download_file(INSTRUCTION_DATA_URL, cache_dir() / "instruction-data.json",
                              sha256=INSTRUCTION_DATA_SHA256)
+    return read_records(path, ("instruction", "output"))
+
+
+def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
+    """A JSON list of records (or JSON Lines, one per line), each with these string `fields`
+    and optionally a string "input"; errors name the record that is wrong."""
     path = Path(path)
     text = read_text(path)
+    wanted = ", ".join(repr(name) for name in fields)
     try:
         records = ([json.loads(line) for line in text.splitlines() if line.strip()]
                    if path.suffix == ".jsonl" else json.loads(text))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); give a JSON list "
-                          "of {\"instruction\", \"input\", \"output\"} objects, or JSON Lines (.jsonl).") from None
+        raise ConfigError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); give a JSON list of "
+                          f"objects with {wanted} (and optionally 'input'), or JSON Lines (.jsonl).") from None
     if not isinstance(records, list) or not records:
-        raise ConfigError(f"{path} must hold a non-empty list of instruction records.")
+        raise ConfigError(f"{path} must hold a non-empty list of records with {wanted}.")
     for i, record in enumerate(records):
-        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in ("instruction", "output")):
-            raise ConfigError(f"record {i} of {path} needs string fields 'instruction' and 'output' "
-                              f"('input' is optional), got {str(record)[:120]!r}.")
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
+            raise ConfigError(f"record {i} of {path} needs the string fields {wanted} ('input' is "
+                              f"optional), got {str(record)[:120]!r}.")
         if not isinstance(record.get("input", ""), str):
             raise ConfigError(f"record {i} of {path}: 'input' must be a string, got {record['input']!r}.")
     return records
@@ -591,6 +598,13 @@ def encode_prompt(prompt: str, tokenizer, style: str) -> list[int]:
     return tokenizer.encode(prompt, allowed_special=allowed, disallowed_special=())
 
 
+def require_end_of_text(tokenizer, what: str) -> None:
+    """Answers end with <|endoftext|> (the model learns to stop): the tokenizer must have it."""
+    if getattr(tokenizer, "eos_id", None) is None:
+        raise ConfigError(f"{what} ends every answer with <|endoftext|>, which the {tokenizer.name} "
+                          "tokenizer lacks; use --tokenizer gpt2, bpe or train.")
+
+
 class InstructionDataset(Dataset):
     """Each record as (prompt ids + response ids, number of prompt tokens), encoded once.
 
@@ -599,9 +613,7 @@ class InstructionDataset(Dataset):
     """
 
     def __init__(self, records: list[dict[str, str]], tokenizer, style: str = "alpaca") -> None:
-        if getattr(tokenizer, "eos_id", None) is None:
-            raise ConfigError(f"instruction tuning ends every response with <|endoftext|>, which the "
-                              f"{tokenizer.name} tokenizer lacks; use --tokenizer gpt2, bpe or train.")
+        require_end_of_text(tokenizer, "instruction tuning")
         self.examples = []
         for record in records:
             prompt_ids = encode_prompt(format_prompt(record, style), tokenizer, style)
@@ -761,3 +773,55 @@ def classification_collate(batch: list[tuple[list[int], int]], pad_id: int = 0,
         inputs[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         targets[row, len(ids) - 1] = label
     return inputs, targets
+
+
+# ---------------------------------------------------------------------------------------
+# Preference data (chapter 8): a prompt, a chosen and a rejected answer
+# ---------------------------------------------------------------------------------------
+
+# The instruction records with a polite ("chosen") and an impolite ("rejected") answer each,
+# from the repository of the book "Build a Large Language Model (From Scratch)" (chapter 7's DPO).
+PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+                       "ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json")
+PREFERENCE_DATA_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+
+
+def load_preference_data(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Preference records {instruction, input, chosen, rejected}: a JSON list (or JSON Lines)
+    file at `path`, or the book's 1,100 records (downloaded once) when `path` is None."""
+    if path is None:
+        path = download_file(PREFERENCE_DATA_URL, cache_dir() / "instruction-data-with-preference.json",
+                             sha256=PREFERENCE_DATA_SHA256)
+    return read_records(path, ("instruction", "chosen", "rejected"))
+
+
+class PreferenceDataset(Dataset):
+    """Each record as (prompt + chosen ids, prompt + rejected ids, number of prompt tokens)."""
+
+    def __init__(self, records: list[dict[str, str]], tokenizer, style: str = "alpaca") -> None:
+        require_end_of_text(tokenizer, "preference tuning")
+        self.examples = []
+        for record in records:
+            prompt = encode_prompt(format_prompt(record, style), tokenizer, style)
+            chosen = tokenizer.encode(record["chosen"], disallowed_special=())
+            rejected = tokenizer.encode(record["rejected"], disallowed_special=())
+            self.examples.append((prompt + chosen, prompt + rejected, len(prompt)))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int], int]:
+        return self.examples[index]
+
+
+def preference_collate(batch: list[tuple[list[int], list[int], int]], eos_id: int,
+                       allowed_max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Two instruction batches, chosen and rejected, each with its prompt masked: the targets
+    that are not IGNORE_INDEX are exactly the answer's tokens and its end-of-text, the tokens
+    whose log-probabilities preference tuning compares."""
+    chosen = instruction_collate([(ids, n) for ids, _, n in batch], eos_id=eos_id,
+                                 allowed_max_length=allowed_max_length, mask_prompt=True)
+    rejected = instruction_collate([(ids, n) for _, ids, n in batch], eos_id=eos_id,
+                                   allowed_max_length=allowed_max_length, mask_prompt=True)
+    return {"chosen_inputs": chosen[0], "chosen_targets": chosen[1],
+            "rejected_inputs": rejected[0], "rejected_targets": rejected[1]}

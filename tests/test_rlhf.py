@@ -1,0 +1,129 @@
+"""Alignment's building blocks (chapter 8) against hand-worked values and second formulas:
+preference batches, answer log-probabilities, DPO's losses, GAE, PPO's clipped losses, KL."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from minigpt.config import ConfigError
+from minigpt.data import IGNORE_INDEX, PreferenceDataset, load_preference_data, preference_collate
+from minigpt.rlhf import (dpo_loss, gae, kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss, sequence_logprobs,
+                          token_logprobs)
+from minigpt.tokenizer import get_tokenizer
+
+
+def test_preference_batches_score_only_the_answers():
+    eos = 0
+    batch = [([5, 6, 7, 8], [5, 6, 9], 2)]  # prompt [5, 6]; chosen [7, 8]; rejected [9]
+    out = preference_collate(batch, eos_id=eos)
+    assert out["chosen_inputs"].tolist() == [[5, 6, 7, 8]]
+    assert out["chosen_targets"].tolist() == [[IGNORE_INDEX, 7, 8, eos]]
+    assert out["rejected_inputs"].tolist() == [[5, 6, 9]]
+    assert out["rejected_targets"].tolist() == [[IGNORE_INDEX, 9, eos]]
+
+
+def test_the_preference_data_loads_and_encodes():
+    if not (SHARED_DATA / "instruction-data-with-preference.json").is_file():
+        pytest.skip("instruction-data-with-preference.json is not available offline")
+    records = load_preference_data()
+    assert len(records) == 1100 and {"chosen", "rejected"} <= set(records[0])
+    tokenizer = get_tokenizer("gpt2")
+    chosen, rejected, prompt_length = PreferenceDataset(records[:1], tokenizer)[0]
+    assert chosen[:prompt_length] == rejected[:prompt_length]
+    assert tokenizer.decode(chosen[prompt_length:]) == records[0]["chosen"]
+    assert tokenizer.decode(rejected[prompt_length:]) == records[0]["rejected"]
+
+
+def test_sequence_logprobs_equal_a_direct_sum_over_the_answer_tokens():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=generator)
+    targets = torch.tensor([[IGNORE_INDEX, 3, 1, 0, IGNORE_INDEX],
+                            [IGNORE_INDEX, IGNORE_INDEX, 6, 2, 4]])
+    expected = []
+    for row in range(2):
+        total, count = 0.0, 0
+        for position in range(5):
+            target = targets[row, position].item()
+            if target != IGNORE_INDEX:
+                probabilities = torch.exp(logits[row, position]) / torch.exp(logits[row, position]).sum()
+                total += math.log(probabilities[target].item())
+                count += 1
+        expected.append((total, total / count))
+    summed = sequence_logprobs(logits, targets)
+    averaged = sequence_logprobs(logits, targets, average=True)
+    for row, (total, mean) in enumerate(expected):
+        assert summed[row].item() == pytest.approx(total, abs=1e-5)
+        assert averaged[row].item() == pytest.approx(mean, abs=1e-5)
+    assert token_logprobs(logits, targets)[0, 0] == 0 and token_logprobs(logits, targets)[1, 1] == 0
+
+
+def test_dpo_loss_by_hand_and_by_a_second_formula():
+    # margin h = (pi_c - ref_c) - (pi_r - ref_r) = (-1 + 2) - (-3 + 2) = 2; beta = 0.1
+    policy_c, policy_r = torch.tensor([-1.0]), torch.tensor([-3.0])
+    ref_c, ref_r = torch.tensor([-2.0]), torch.tensor([-2.0])
+    loss, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)), abs=1e-6)  # -log sigma(x) = log(1 + e^-x)
+    assert loss.item() == pytest.approx(0.5981389, abs=1e-6)
+    assert chosen.item() == pytest.approx(0.1) and rejected.item() == pytest.approx(-0.1)
+    smoothed, _, _ = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.1, label_smoothing=0.2)
+    expected = 0.8 * math.log(1 + math.exp(-0.2)) + 0.2 * math.log(1 + math.exp(0.2))
+    assert smoothed.item() == pytest.approx(expected, abs=1e-6)
+    ipo, _, _ = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta=0.1, loss_type="ipo")
+    assert ipo.item() == pytest.approx((2 - 1 / 0.2) ** 2)  # (2 - 5)^2 = 9
+    with pytest.raises(ConfigError, match="loss_type"):
+        dpo_loss(policy_c, policy_r, ref_c, ref_r, loss_type="hinge")
+
+
+def test_dpo_loss_is_ln_2_while_the_policy_is_the_reference():
+    logps = torch.randn(8) * 20
+    other = torch.randn(8) * 20
+    loss, chosen, rejected = dpo_loss(logps, other, logps.clone(), other.clone(), beta=0.5)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert torch.equal(chosen, torch.zeros(8)) and torch.equal(rejected, torch.zeros(8))
+
+
+def test_gae_on_a_hand_worked_trajectory():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0]])  # the fourth position is padding
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # delta_2 = 1 - 0.7 = 0.3;  delta_1 = 0.7 - 0.6 = 0.1;  delta_0 = 0.6 - 0.5 = 0.1
+    # A_2 = 0.3;  A_1 = 0.1 + 0.5 * 0.3 = 0.25;  A_0 = 0.1 + 0.5 * 0.25 = 0.225
+    assert advantages.tolist()[0] == pytest.approx([0.225, 0.25, 0.3, 0.0])
+    assert returns.tolist()[0] == pytest.approx([0.725, 0.85, 1.0, 0.0])
+    # lam = 1: the discounted return minus the value, the Monte-Carlo advantage
+    advantages, _ = gae(rewards, values, mask, gamma=0.9, lam=1.0)
+    assert advantages.tolist()[0][:3] == pytest.approx([0.81 - 0.5, 0.9 - 0.6, 1.0 - 0.7])
+
+
+def test_ppo_clipped_objective_on_hand_built_tensors():
+    old = torch.zeros(4)
+    logps = torch.log(torch.tensor([1.5, 0.5, 0.5, 1.1]))  # ratios 1.5, 0.5, 0.5, 1.1
+    advantages = torch.tensor([1.0, 1.0, -1.0, 2.0])
+    mask = torch.ones(4)
+    loss, clip_fraction = ppo_policy_loss(logps, old, advantages, mask, clip=0.2)
+    # min(r A, clip(r) A): 1.5 -> 1.2 (clipped); 0.5 -> 0.5; 0.5 with A = -1 -> -0.8 (clipped); 1.1 * 2 = 2.2
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 - 0.8 + 2.2) / 4)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    masked, _ = ppo_policy_loss(logps, old, advantages, torch.tensor([1.0, 1.0, 0.0, 0.0]), clip=0.2)
+    assert masked.item() == pytest.approx(-(1.2 + 0.5) / 2)
+
+
+def test_ppo_value_loss_clips_the_value_step():
+    old, returns = torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0])
+    values = torch.tensor([2.0, 1.1])
+    # row 0: plain error 0, clipped value 1.2 -> error 0.64, the larger counts; row 1: 0.81 both ways
+    loss = ppo_value_loss(values, old, returns, torch.ones(2), clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+
+
+def test_kl_estimators_average_to_the_exact_kl_under_the_policy():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    exact = (p * (p / q).log()).sum()
+    for estimator in (kl_k1, kl_k3):
+        assert (p * estimator(p.log(), q.log())).sum().item() == pytest.approx(exact.item(), abs=1e-6)
+    assert (kl_k3(p.log(), q.log()) >= 0).all() and (kl_k1(p.log(), q.log()) < 0).any()
+    assert torch.equal(kl_k3(p.log(), p.log()), torch.zeros(3))
