@@ -162,3 +162,51 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     errors = torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
     return 0.5 * masked_mean(errors, mask)
+
+
+# ---------------------------------------------------------------------------------------
+# The reward model
+# ---------------------------------------------------------------------------------------
+
+def add_reward_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn a GPT into a reward model: its vocabulary head becomes one scalar per position,
+    started at zero so that every answer's first reward is the same (0)."""
+    weight = model.out_head.weight
+    model.out_head = torch.nn.Linear(model.cfg.emb_dim, 1).to(weight.device, weight.dtype)
+    torch.nn.init.zeros_(model.out_head.weight)
+    torch.nn.init.zeros_(model.out_head.bias)
+    return model
+
+
+def last_scored_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Each row's last position whose target counts (B,): where the answer's last token is
+    read, the one position that has seen the prompt and the whole answer."""
+    positions = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)
+    return torch.where(targets != IGNORE_INDEX, positions, -1).max(dim=1).values
+
+
+def reward_scores(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """r(prompt, answer) for each row (B,): the reward head at the answer's last token."""
+    rewards = model(inputs).squeeze(-1)  # (B, T)
+    return rewards.gather(1, last_scored_positions(targets).unsqueeze(1)).squeeze(1)
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """-log sigma(r_chosen - r_rejected): the Bradley-Terry model says the chosen answer wins
+    with probability sigma(r_c - r_r); the loss is that probability's negative log-likelihood."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+@torch.no_grad()
+def preference_accuracy(model: torch.nn.Module, batches) -> float:
+    """The share of pairs whose chosen answer gets the higher reward, over `preference_collate` batches."""
+    was_training = model.training
+    model.eval()
+    wins, pairs = 0, 0
+    for batch in batches:
+        chosen = reward_scores(model, batch["chosen_inputs"], batch["chosen_targets"])
+        rejected = reward_scores(model, batch["rejected_inputs"], batch["rejected_targets"])
+        wins += int((chosen > rejected).sum())
+        pairs += len(chosen)
+    model.train(was_training)
+    return wins / max(pairs, 1)
