@@ -210,3 +210,42 @@ def preference_accuracy(model: torch.nn.Module, batches) -> float:
         pairs += len(chosen)
     model.train(was_training)
     return wins / max(pairs, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# DPO training: a policy, its frozen reference, and preference batches
+# ---------------------------------------------------------------------------------------
+
+def dpo_batch_loss(policy: torch.nn.Module, reference: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO's loss on one `preference_collate` batch, and what to log: the mean implicit rewards
+    of the chosen and rejected answers, their margin, and the share of pairs ranked right."""
+    policy_chosen = answer_logprobs(policy, batch["chosen_inputs"], batch["chosen_targets"])
+    policy_rejected = answer_logprobs(policy, batch["rejected_inputs"], batch["rejected_targets"])
+    with torch.no_grad():  # the reference only measures: no graph, no gradient
+        ref_chosen = answer_logprobs(reference, batch["chosen_inputs"], batch["chosen_targets"])
+        ref_rejected = answer_logprobs(reference, batch["rejected_inputs"], batch["rejected_targets"])
+    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                      beta, loss_type, label_smoothing)
+    margins = chosen_rewards - rejected_rewards
+    return loss, {"loss": loss.item(), "chosen_reward": chosen_rewards.mean().item(),
+                  "rejected_reward": rejected_rewards.mean().item(), "margin": margins.mean().item(),
+                  "accuracy": (margins > 0).float().mean().item()}
+
+
+@torch.no_grad()
+def evaluate_dpo(policy: torch.nn.Module, reference: torch.nn.Module, batches, beta: float = 0.1) -> dict[str, float]:
+    """`dpo_batch_loss`'s numbers averaged over batches (pairs weighted equally), dropout off."""
+    was_training = policy.training
+    policy.eval()
+    totals: dict[str, float] = {}
+    pairs = 0
+    for batch in batches:
+        size = len(batch["chosen_inputs"])
+        _, numbers = dpo_batch_loss(policy, reference, batch, beta)
+        for key, value in numbers.items():
+            totals[key] = totals.get(key, 0.0) + value * size
+        pairs += size
+    policy.train(was_training)
+    return {key: value / pairs for key, value in totals.items()}
