@@ -186,7 +186,7 @@ def main() -> None:
                   f"{tokens_per_step / (step_ms / 1000):>9,.0f} "
                   f"{spread:>19} {memory[attention]:>9,.0f} {memory[attention] / memory['teaching']:>6.2f}x")
 
-    print(f"\none attention layer alone (forward + backward), the two interleaved")
+    print("\none attention layer alone (forward + backward), the two interleaved")
     print(f"{'config':<12} {'production ms':>13} {'teaching ms':>11} {'speed-up':>8}")
     for name in configs:
         layer = json.loads(run_worker(["attention", name, "50" if name == "quick" else "20"]))

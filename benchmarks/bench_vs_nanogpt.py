@@ -310,7 +310,7 @@ def main() -> None:
         results["nanoGPT re-implementation"].append(dict(
             val=val_loss(nano.model, val_ids), estimate=nanogpt_style_estimate(nano.model, val_ids),
             ms=1000 * seconds / args.iters, params=sum(p.numel() for p in nano.model.parameters())))
-    print(f"\nseed by seed (validation loss on every window / nanoGPT's 20-batch estimate):")
+    print("\nseed by seed (validation loss on every window / nanoGPT's 20-batch estimate):")
     for name, runs in results.items():
         print(f"  {name:<27} " + "  ".join(f"seed {seed}: {r['val']:.4f} / {r['estimate']:.4f}"
                                             for seed, r in zip(args.seeds, runs)))

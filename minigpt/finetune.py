@@ -42,10 +42,10 @@ from minigpt.lora import count_parameters, inject_lora, lora_layers, merge_lora,
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
-from minigpt.train import (CHECKPOINT_NAME, Distributed, Loaders, StepSetup, StopRequest, TrainState, autocast, calc_loss_loader, choose_run_dir, compile_model, load_checkpoint,
-                           load_model, make_metrics, make_optimizer, micro_batch_size, peak_tflops,
-                           pick_device, print_rows, print_summary, resolve_precision, rng_states, restore_rng,
-                           save_checkpoint, train_loop)
+from minigpt.train import (CHECKPOINT_NAME, Distributed, Loaders, StepSetup, StopRequest, TrainState, autocast,
+                           calc_loss_loader, choose_run_dir, compile_model, load_checkpoint, load_model,
+                           make_metrics, make_optimizer, micro_batch_size, peak_tflops, pick_device, print_rows,
+                           print_summary, resolve_precision, restore_rng, rng_states, save_checkpoint, train_loop)
 
 # Splits, as in the book: labelled texts 70% / 10% / 20% (train / validation / test) after a
 # seeded shuffle; instructions 85% train, then 5% validation and 10% test, in file order.
@@ -53,26 +53,33 @@ CLASSIFY_SPLIT = (0.7, 0.1)
 SFT_SPLIT = (0.85, 0.05)
 ADAPTER_NAME = "adapter.pt"
 RESPONSES_NAME = "test_responses.json"
+_ONE_PROCESS = Distributed()  # fine-tuning runs in one process; torchrun is for pretraining
 
 
 # ---------------------------------------------------------------------------------------
 # The model: a new head, a bigger vocabulary, and what to train
 # ---------------------------------------------------------------------------------------
 
-def add_classification_head(model: GPTModel, num_classes: int) -> GPTModel:
-    """Replace the vocabulary head by a `num_classes` head: logits (B, T, num_classes).
-
-    The new head starts like every Linear of the model (N(0, 0.02), zero bias). A tied head
-    is untied: the token embedding keeps its weights, the classes get their own.
-    """
-    if num_classes < 2:
-        raise ConfigError(f"a classifier needs at least two classes, got {num_classes}.")
+def replace_head(model: GPTModel, num_outputs: int, std: float = 0.02) -> GPTModel:
+    """Give the model a new output head of `num_outputs` scores per position: weights N(0, std)
+    (std 0 gives zeros), zero bias. A tied head is untied: the token embedding keeps its weights."""
     weight = model.out_head.weight
-    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes).to(weight.device, weight.dtype)
-    nn.init.normal_(model.out_head.weight, mean=0.0, std=0.02)
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_outputs).to(weight.device, weight.dtype)
+    if std > 0:
+        nn.init.normal_(model.out_head.weight, mean=0.0, std=std)
+    else:
+        nn.init.zeros_(model.out_head.weight)
     nn.init.zeros_(model.out_head.bias)
     model.cfg = replace(model.cfg, tie_weights=False)
     return model
+
+
+def add_classification_head(model: GPTModel, num_classes: int) -> GPTModel:
+    """Replace the vocabulary head by a `num_classes` head: logits (B, T, num_classes), starting
+    like every Linear of the model (N(0, 0.02), zero bias)."""
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least two classes, got {num_classes}.")
+    return replace_head(model, num_classes)
 
 
 def grow_vocabulary(model: GPTModel, vocab_size: int) -> GPTModel:
@@ -84,17 +91,15 @@ def grow_vocabulary(model: GPTModel, vocab_size: int) -> GPTModel:
     old_size = model.cfg.vocab_size
     if vocab_size <= old_size:
         return model
-    old = model.tok_emb.weight.data
-    new_rows = old.mean(dim=0, keepdim=True).expand(vocab_size - old_size, -1)
-    model.tok_emb = nn.Embedding(vocab_size, model.cfg.emb_dim).to(old.device, old.dtype)
-    model.tok_emb.weight.data = torch.cat([old, new_rows])
-    if model.cfg.tie_weights:
-        model.out_head = nn.Linear(model.cfg.emb_dim, vocab_size, bias=False).to(old.device, old.dtype)
-        model.out_head.weight = model.tok_emb.weight
-    else:
-        head = model.out_head.weight.data
-        model.out_head = nn.Linear(model.cfg.emb_dim, vocab_size, bias=False).to(old.device, old.dtype)
-        model.out_head.weight.data = torch.cat([head, head.mean(dim=0, keepdim=True).expand(vocab_size - old_size, -1)])
+    def grown(rows: torch.Tensor) -> nn.Parameter:  # (old_size, C) -> (vocab_size, C)
+        mean = rows.mean(dim=0, keepdim=True).expand(vocab_size - old_size, -1)
+        return nn.Parameter(torch.cat([rows, mean]))
+
+    head = model.out_head.weight.data
+    model.tok_emb.weight = grown(model.tok_emb.weight.data)
+    model.tok_emb.num_embeddings = vocab_size
+    model.out_head.weight = model.tok_emb.weight if model.cfg.tie_weights else grown(head)
+    model.out_head.out_features = vocab_size
     model.cfg = replace(model.cfg, vocab_size=vocab_size)
     return model
 
@@ -533,8 +538,6 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
         _print_task_summary(metrics, task)
     return model, tokenizer, metrics, run_dir
 
-
-_ONE_PROCESS = Distributed()  # fine-tuning runs in one process; torchrun is for pretraining
 
 
 def _new_tokenizer(run: RunConfig):

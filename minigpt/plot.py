@@ -38,11 +38,7 @@ def plot_losses(eval_steps: list[int], train_losses: list[float], val_losses: li
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step,
                                                     lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_accuracy(points: list[tuple[int, float, float | None]], path: str | Path,
@@ -61,6 +57,11 @@ def plot_accuracy(points: list[tuple[int, float, float | None]], path: str | Pat
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG, and free the figure (pyplot keeps every open figure otherwise)."""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -171,11 +171,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 def add_reward_head(model: torch.nn.Module) -> torch.nn.Module:
     """Turn a GPT into a reward model: its vocabulary head becomes one scalar per position,
     started at zero so that every answer's first reward is the same (0)."""
-    weight = model.out_head.weight
-    model.out_head = torch.nn.Linear(model.cfg.emb_dim, 1).to(weight.device, weight.dtype)
-    torch.nn.init.zeros_(model.out_head.weight)
-    torch.nn.init.zeros_(model.out_head.bias)
-    return model
+    from minigpt.finetune import replace_head  # rlhf builds on fine-tuning, which imports the training loop
+
+    return replace_head(model, 1, std=0.0)
 
 
 def last_scored_positions(targets: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ import importlib
 import inspect
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -13,15 +13,15 @@ import torch
 
 from conftest import SHARED_DATA
 from minigpt.config import ConfigError, FinetuneConfig, GPTConfig, resolve_resume_config, resolve_run_config
-from minigpt.data import (IGNORE_INDEX, balance_classes, classification_collate, format_prompt,
+from minigpt.data import (balance_classes, classification_collate, format_prompt,
                           instruction_collate, read_labeled_texts, split_dataset)
 from minigpt.evaluate import rouge_l
 from minigpt.finetune import (add_classification_head, choose_trainable, classification_report, classify,
-                              finetune, grow_vocabulary, merge_and_unload)
+                              finetune, grow_vocabulary)
 from minigpt.lora import LoRALinear
 from minigpt.model import GPTModel, save_hf_gpt2
 from minigpt.tokenizer import get_tokenizer
-from minigpt.train import StopRequest, load_checkpoint, load_model
+from minigpt.train import StopRequest, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests run in parallel (pytest.ini); these share module-scoped runs, so they stay on one worker.

@@ -18,7 +18,7 @@ from minigpt.data import (GPTDataset, SeededSampler, TokenFile, corpus_files, cr
                           read_token_files, token_folder, write_token_files)
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from minigpt.train import (StepSetup, autocast, compile_model, learning_rate_at, load_checkpoint, make_optimizer,
+from minigpt.train import (StepSetup, autocast, compile_model, learning_rate_at, load_checkpoint,
                            pretrain, resolve_precision, train_step)
 
 # A character-level run small enough to launch several times: no dropout unless a test adds it.

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minigpt.config import ConfigError, TrainConfig, resolve_resume_config, resolve_run_config
 from minigpt.model import GPTModel
 from minigpt.tokenizer import BPETokenizer
-from minigpt.train import (StopRequest, calc_loss_batch, choose_run_dir, learning_rate_at, load_checkpoint,
+from minigpt.train import (calc_loss_batch, choose_run_dir, learning_rate_at, load_checkpoint,
                            load_model, pretrain)
 
 ROOT = Path(__file__).resolve().parent.parent
