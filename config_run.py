@@ -5,6 +5,8 @@ TASK = "pretrain"     # "pretrain" trains a model; "generate" writes text (needs
                       # "export" writes a run's model for Hugging Face transformers (--checkpoint DIR --out FOLDER);
                       # "classify" fine-tunes a classifier (SMS spam, or DATA = a .csv/.tsv/.jsonl of text,label);
                       # "sft" fine-tunes a model to follow instructions (instruction-data.json, or DATA = your JSON)
+                      # alignment (chapter 8): "reward" trains a reward model on preference pairs; "dpo" tunes a
+                      # model on them directly; "ppo" and "grpo" tune it by sampling answers and rewarding them
 DEVICE = None         # None picks the best available: "cuda", then "mps", then "cpu"
 
 QUICK_MODE = True     # a small model, one epoch: done in well under a minute on a laptop CPU
@@ -23,7 +25,7 @@ DATA = None           # None: the-verdict.txt (downloaded once); "tinyshakespear
                       # tokenized once into token files on disk and read through a memory map)
 OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run)
 
-INIT = None           # where classify / sft start: None = the mode's choice (quick: new weights; full: GPT-2,
+INIT = None           # where classify / sft / reward / dpo / ppo / grpo start: None = the mode's choice (quick: new weights; full: GPT-2,
                       # downloaded once); "scratch"; "gpt2", "gpt2-medium", ...; or a run directory, e.g.
                       # "runs/pretrain-full" (--checkpoint DIR / --pretrained NAME override it)
 
@@ -94,4 +96,23 @@ finetune_params = {
     "judge": True,               # sft: also score the answers with a local Ollama judge, when one answers
     "judge_url": "http://localhost:11434",
     "judge_model": "llama3",
+}
+
+# Used by TASK = "reward", "dpo", "ppo" and "grpo" in custom mode (flags such as --beta override any mode).
+align_params = {
+    "prompt_style": "alpaca",   # the template of the answers: match the instruction-tuned run you start from
+    "beta": 0.1,                # dpo: the implicit reward's scale; ppo/grpo: weight of the KL to the reference
+    "dpo_loss": "sigmoid",      # dpo: "sigmoid" (Bradley-Terry) or "ipo" (a fixed target margin)
+    "label_smoothing": 0.0,     # dpo: the share of preference labels assumed wrong (conservative DPO)
+    "reward_model": None,       # ppo: a --task reward run; None rewards answers equal to the records' outputs
+    "iterations": 100,          # ppo/grpo: rounds of sampling and updating
+    "prompts_per_iteration": 16,
+    "group_size": 8,            # grpo: answers per prompt; each is judged against its group's mean
+    "update_epochs": 1,         # ppo/grpo: passes over each round's answers
+    "minibatch_size": 64,
+    "clip": 0.2,                # the ratio pi / pi_old is clipped to [1 - clip, 1 + clip]
+    "kl_estimator": "k1",       # ppo: "k1" (log ratio) or "k3" (never negative, lower variance)
+    "max_new_tokens": 8,        # ppo/grpo: the longest answer sampled
+    "sft_steps": 300,           # ppo/grpo from new weights: supervised warm-up steps on the task first
+    "max_operand": 19,          # ppo/grpo without DATA: sums a + b with a, b up to this
 }

@@ -15,6 +15,11 @@
     python main.py --task sft --mode full                        # GPT-2 medium follows instructions
     python main.py --task sft --pretrained gpt2 --trainable lora --lora-rank 16
     python main.py --task generate --checkpoint runs/sft-quick --prompt "Name a primary color."
+    python main.py --task reward                                 # a reward model from preference pairs
+    python main.py --task dpo --checkpoint runs/sft-quick        # DPO on the preference pairs
+    python main.py --task grpo                                   # GRPO on sums of small numbers
+    python main.py --task ppo --checkpoint runs/sft-quick --reward-model runs/reward-quick   # PPO-RLHF
+    python main.py --task generate --checkpoint runs/grpo-quick --prompt "What is 7 + 5?"
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import sys
 from pathlib import Path
 
 import config_run
-from minigpt.config import (GENERATION_DEFAULTS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
-                            SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE, ConfigError, resolve_resume_config,
-                            resolve_run_config, settings_from_module)
+from minigpt.config import (ALIGN_TASKS, DPO_LOSSES, GENERATION_DEFAULTS, KL_ESTIMATORS, LR_SCHEDULES,
+                            MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES, SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE,
+                            ConfigError, resolve_resume_config, resolve_run_config, settings_from_module)
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
@@ -89,11 +94,23 @@ def parse_args(argv: list[str] | None = None) -> dict:
     tuning.add_argument("--last-blocks", type=int, metavar="N", help="with --trainable last_blocks: how many")
     tuning.add_argument("--lora-rank", type=int, metavar="R", help="rank of the LoRA matrices (default 8)")
     tuning.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default 16)")
-    tuning.add_argument("--prompt-style", choices=PROMPT_STYLES, help="sft: the instruction template")
+    tuning.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                        help="sft, reward, dpo, ppo, grpo: the instruction template")
     tuning.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
                         help="sft: put the loss on the responses only")
     tuning.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
                         help="sft: score the test responses with a local Ollama judge when one answers")
+    aligning = parser.add_argument_group("alignment (--task reward | dpo | ppo | grpo, chapter 8; defaults: the "
+                                         "mode's settings)")
+    aligning.add_argument("--beta", type=float, help="dpo: the implicit reward's scale; ppo/grpo: the KL penalty")
+    aligning.add_argument("--dpo-loss", choices=DPO_LOSSES, help="dpo: sigmoid (Bradley-Terry) or ipo")
+    aligning.add_argument("--reward-model", metavar="DIR",
+                          help="ppo: a --task reward run scores the answers (default: exact match with the records)")
+    aligning.add_argument("--iterations", type=int, metavar="N", help="ppo/grpo: rounds of sampling and updating")
+    aligning.add_argument("--group-size", type=int, metavar="G", help="grpo: answers sampled per prompt")
+    aligning.add_argument("--kl-estimator", choices=KL_ESTIMATORS, help="ppo: the per-token KL penalty's estimator")
+    aligning.add_argument("--sft-steps", type=int, metavar="N",
+                          help="ppo/grpo from new weights: supervised warm-up steps on the task first")
     cli = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     if "stop_strings" in cli:  # let --stop "\n\n" mean two newlines, as users type it
         cli["stop_strings"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cli["stop_strings"]]
@@ -113,7 +130,11 @@ def load_for_generation(run):
         if saved["task"] == "classify":
             raise ConfigError(f"{run.checkpoint} holds a classifier, which scores classes, not text; "
                               f"classify with --task classify --checkpoint {run.checkpoint} --prompt TEXT.")
-        style = saved["finetune"]["prompt_style"] if saved["task"] == "sft" else None
+        if saved["task"] == "reward":
+            raise ConfigError(f"{run.checkpoint} holds a reward model, which scores answers, not text; "
+                              f"use it with --task ppo --reward-model {run.checkpoint}.")
+        style = (saved["finetune"]["prompt_style"] if saved["task"] == "sft" else
+                 saved["align"]["prompt_style"] if saved["task"] in ALIGN_TASKS else None)
         what = f", instruction-tuned ({style} template)" if style else ""
         return model, tokenizer, f"{run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer{what})", style
     model = GPTModel.from_pretrained(run.pretrained).to(device)
@@ -236,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         elif run.task == "sft":
             from minigpt.finetune import finetune
             finetune(run)
+        elif run.task in ALIGN_TASKS:
+            from minigpt.rlhf import align
+            align(run)
         else:
             from minigpt.train import pretrain
             pretrain(run)

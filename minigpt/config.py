@@ -258,11 +258,68 @@ class FinetuneConfig:
 
 
 # ---------------------------------------------------------------------------------------
+# Alignment (chapter 8)
+# ---------------------------------------------------------------------------------------
+
+DPO_LOSSES = ("sigmoid", "ipo")
+KL_ESTIMATORS = ("k1", "k3")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """How `--task reward | dpo | ppo | grpo` align a model (the optimizer's settings are TrainConfig's)."""
+
+    prompt_style: str = "alpaca"  # the template answers are written in (match the SFT run you start from)
+    beta: float = 0.1             # dpo: the implicit reward's scale; ppo/grpo: the weight of the KL to the reference
+    dpo_loss: str = "sigmoid"     # dpo: "sigmoid" (Bradley-Terry) or "ipo"
+    label_smoothing: float = 0.0  # dpo: the share of preference labels assumed wrong (conservative DPO)
+    reward_model: str | None = None  # ppo: a reward run's directory; None: exact match with each record's output
+    iterations: int = 100         # ppo/grpo: rounds of sampling and updating
+    prompts_per_iteration: int = 16  # ppo/grpo: prompts sampled each round
+    group_size: int = 8           # grpo: answers sampled per prompt
+    update_epochs: int = 1        # ppo/grpo: passes over each round's answers
+    minibatch_size: int = 64      # ppo/grpo: answers per update
+    clip: float = 0.2             # ppo/grpo: the ratio's clip range
+    value_clip: float = 0.2       # ppo: how far a value may move before its error stops counting
+    value_coef: float = 0.5       # ppo: weight of the value loss
+    entropy_coef: float = 0.0     # ppo/grpo: a bonus for keeping the policy's entropy up
+    gamma: float = 1.0            # ppo: discount
+    lam: float = 0.95             # ppo: GAE's lambda
+    kl_estimator: str = "k1"      # ppo: the per-token KL penalty's estimator, "k1" or "k3"
+    max_new_tokens: int = 8       # ppo/grpo: the longest answer sampled
+    sft_steps: int = 300          # ppo/grpo from new weights: supervised steps on the task's answers first
+    max_operand: int = 19         # ppo/grpo without --data: the arithmetic task's largest number
+
+    def __post_init__(self) -> None:
+        _check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        _check_float("beta", self.beta, 0.0)
+        _check_choice("dpo_loss", self.dpo_loss, DPO_LOSSES)
+        _check_float("label_smoothing", self.label_smoothing, 0.0, 0.5, high_inclusive=False)
+        if self.reward_model is not None and (not isinstance(self.reward_model, str) or not self.reward_model):
+            raise ConfigError(f"reward_model must be None or a run directory, got {self.reward_model!r}.")
+        for name in ("iterations", "prompts_per_iteration", "group_size", "update_epochs", "minibatch_size",
+                     "max_new_tokens", "max_operand"):
+            _check_int(name, getattr(self, name))
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be at least 2 (GRPO compares answers within a group), "
+                              f"got {self.group_size}.")
+        _check_int("sft_steps", self.sft_steps, low=0)
+        _check_float("clip", self.clip, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        _check_float("value_clip", self.value_clip, 0.0, low_inclusive=False)
+        for name in ("value_coef", "entropy_coef"):
+            _check_float(name, getattr(self, name), 0.0)
+        for name in ("gamma", "lam"):
+            _check_float(name, getattr(self, name), 0.0, 1.0)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+
+
+# ---------------------------------------------------------------------------------------
 # One run: what config_run.py and the command line resolve to
 # ---------------------------------------------------------------------------------------
 
-TASKS = ("pretrain", "generate", "export", "classify", "sft")
+TASKS = ("pretrain", "generate", "export", "classify", "sft", "reward", "dpo", "ppo", "grpo")
 FINETUNE_TASKS = ("classify", "sft")
+ALIGN_TASKS = ("reward", "dpo", "ppo", "grpo")
 MODES = ("quick", "full", "custom")
 TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DEVICES = ("cpu", "cuda", "mps")
@@ -312,12 +369,74 @@ FINETUNE_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+# Alignment's modes. Quick: a small new model on a CPU in a few minutes each: the reward model and
+# DPO on the 1,100 preference records, PPO and GRPO on sums of small numbers after a short SFT
+# (a task whose answers a program checks). Full: the book's path, GPT-2 weights and the
+# instruction-tuned run of `--task sft --mode full` (runs/sft-full), which DPO and PPO refine.
+_QUICK_RL_TRAIN = dict(num_epochs=1, batch_size=16, learning_rate=5e-4, weight_decay=0.0, eval_freq=10,
+                       eval_iter=5, max_length=64, grad_clip=1.0)
+ALIGN_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "reward": {
+        "quick": dict(
+            model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
+            train=dict(num_epochs=2, batch_size=8, learning_rate=5e-4, weight_decay=0.1, eval_freq=20,
+                       eval_iter=5, max_length=256, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0),
+            align=dict()),
+        "full": dict(
+            model="gpt2-small", model_overrides=dict(drop_rate=0.0), pretrained="gpt2",
+            train=dict(num_epochs=2, batch_size=8, learning_rate=1e-5, weight_decay=0.0, eval_freq=20,
+                       eval_iter=5, max_length=512, grad_clip=1.0),
+            align=dict()),
+    },
+    "dpo": {
+        "quick": dict(
+            model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
+            train=dict(num_epochs=1, batch_size=8, learning_rate=5e-4, weight_decay=0.0, eval_freq=20,
+                       eval_iter=5, max_length=192, lr_schedule="cosine", warmup_steps=5, grad_clip=1.0),
+            align=dict(beta=0.1)),
+        "full": dict(
+            model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained=None, checkpoint="runs/sft-full",
+            train=dict(num_epochs=1, batch_size=8, learning_rate=5e-6, weight_decay=0.0, eval_freq=5,
+                       eval_iter=5, max_length=1024, grad_clip=1.0),
+            align=dict(beta=0.1)),
+    },
+    "ppo": {
+        "quick": dict(
+            model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
+            train=_QUICK_RL_TRAIN,
+            align=dict(prompt_style="chat", beta=0.02, prompts_per_iteration=64, update_epochs=2,
+                       minibatch_size=64, max_new_tokens=4)),
+        "full": dict(
+            model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained=None, checkpoint="runs/sft-full",
+            train=dict(num_epochs=1, batch_size=8, learning_rate=1e-6, weight_decay=0.0, eval_freq=5,
+                       eval_iter=5, max_length=1024, grad_clip=1.0),
+            align=dict(beta=0.05, reward_model="runs/reward-full", iterations=200, prompts_per_iteration=16,
+                       update_epochs=2, minibatch_size=8, max_new_tokens=128)),
+    },
+    "grpo": {
+        "quick": dict(
+            model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
+            train=_QUICK_RL_TRAIN,
+            align=dict(prompt_style="chat", beta=0.02, prompts_per_iteration=16, group_size=8,
+                       minibatch_size=64, max_new_tokens=4)),
+        "full": dict(
+            model="gpt2-small", model_overrides=dict(drop_rate=0.0), pretrained="gpt2",
+            train=dict(num_epochs=1, batch_size=16, learning_rate=1e-5, weight_decay=0.0, eval_freq=10,
+                       eval_iter=5, max_length=128, grad_clip=1.0),
+            align=dict(beta=0.02, iterations=300, prompts_per_iteration=16, group_size=8, minibatch_size=32,
+                       max_new_tokens=8, max_operand=99)),
+    },
+}
+
 # The TrainConfig values that have a command-line flag (they override every mode).
 TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
                "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq")
 # The FinetuneConfig values that have a command-line flag.
 # (--task sft also takes --max-new-tokens for the responses it generates.)
 FINETUNE_FLAGS = ("trainable", "last_blocks", "lora_rank", "lora_alpha", "prompt_style", "mask_prompt", "judge")
+# The AlignConfig values that have a command-line flag.
+ALIGN_FLAGS = ("prompt_style", "beta", "dpo_loss", "reward_model", "iterations", "group_size", "kl_estimator",
+               "sft_steps")
 
 # The keys `custom_params` may hold; model_overrides may hold any GPTConfig field but vocab_size.
 CUSTOM_PARAM_KEYS = [f.name for f in fields(TrainConfig)] + ["model_overrides"]
@@ -326,8 +445,9 @@ MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_siz
 # The names config_run.py may define.
 RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
                 "DATA", "OUT", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
-                "finetune_params"]
+                "finetune_params", "align_params"]
 FINETUNE_PARAM_KEYS = [f.name for f in fields(FinetuneConfig)]
+ALIGN_PARAM_KEYS = [f.name for f in fields(AlignConfig)]
 
 
 @dataclass(frozen=True)
@@ -352,6 +472,7 @@ class RunConfig:
     prompt: str | None = None      # None with --task generate: an interactive loop
     generation: dict[str, Any] = field(default_factory=dict)
     finetune: FinetuneConfig | None = None  # --task classify / sft only
+    align: AlignConfig | None = None        # --task reward / dpo / ppo / grpo only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -360,9 +481,10 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         """Rebuild from `to_dict()`'s form (stored in checkpoints and config.json); extra keys are ignored."""
         values = {f.name: values[f.name] for f in fields(cls) if f.name in values}
-        finetune = values.get("finetune")
+        finetune, align = values.get("finetune"), values.get("align")
         return cls(**{**values, "model": GPTConfig(**values["model"]), "train": TrainConfig(**values["train"]),
-                      "finetune": FinetuneConfig(**finetune) if finetune is not None else None})
+                      "finetune": FinetuneConfig(**finetune) if finetune is not None else None,
+                      "align": AlignConfig(**align) if align is not None else None})
 
 
 # How --task generate decodes (config_run.generation_params; flags override each key).
@@ -422,7 +544,8 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         raise ConfigError(f"custom_params['model_overrides'] must be a dict, got {overrides!r}.")
     _check_keys("custom_params['model_overrides']", overrides, MODEL_OVERRIDE_KEYS)
 
-    modes = FINETUNE_MODE_DEFAULTS[task] if task in FINETUNE_TASKS else MODE_DEFAULTS
+    modes = (FINETUNE_MODE_DEFAULTS[task] if task in FINETUNE_TASKS else
+             ALIGN_MODE_DEFAULTS[task] if task in ALIGN_TASKS else MODE_DEFAULTS)
     if mode == "custom":
         base = modes["full"]
         train_values = {**base["train"], **{k: v for k, v in custom.items() if k != "model_overrides"}}
@@ -433,9 +556,11 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
     for key in TRAIN_FLAGS:
         if key in cli:
             train_values[key] = cli[key]
-    finetune = None
+    finetune = align = None
     if task in FINETUNE_TASKS:
         finetune = _resolve_finetune(settings, cli, task, mode, base)
+    if task in ALIGN_TASKS:
+        align = _resolve_align(settings, cli, mode, base)
 
     model_name = cli.get("model") or settings.get("MODEL") or base["model"]
     _check_choice("MODEL (or --model)", model_name, tuple(MODEL_PRESETS))
@@ -469,10 +594,10 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         raise ConfigError(f"generation_params must be a dict, got {type(params).__name__}.")
     generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
     checkpoint, pretrained = cli.get("checkpoint"), cli.get("pretrained")
-    if task in FINETUNE_TASKS:
+    if task in FINETUNE_TASKS + ALIGN_TASKS:
         if checkpoint and pretrained:
-            raise ConfigError("fine-tuning starts from one model: give --checkpoint DIR (a minigpt run) or "
-                              "--pretrained NAME (GPT-2), not both.")
+            raise ConfigError("fine-tuning and alignment start from one model: give --checkpoint DIR (a "
+                              "minigpt run) or --pretrained NAME (GPT-2), not both.")
         checkpoint, pretrained = _resolve_init(settings, checkpoint, pretrained, base)
     if task == "generate" and bool(checkpoint) == bool(pretrained):
         raise ConfigError("--task generate needs one model: --checkpoint DIR (the run directory of a "
@@ -485,7 +610,7 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
                      tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
                      device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
                      checkpoint=checkpoint, pretrained=pretrained, prompt=cli.get("prompt"),
-                     generation=generation, finetune=finetune)
+                     generation=generation, finetune=finetune, align=align)
 
 
 def _resolve_finetune(settings: dict[str, Any], cli: dict[str, Any], task: str, mode: str,
@@ -502,6 +627,19 @@ def _resolve_finetune(settings: dict[str, Any], cli: dict[str, Any], task: str, 
     return _build(f"the fine-tuning settings ({mode} mode)", FinetuneConfig, **values)
 
 
+def _resolve_align(settings: dict[str, Any], cli: dict[str, Any], mode: str, base: dict[str, Any]) -> AlignConfig:
+    """The alignment settings: the mode's, align_params in custom mode, then the flags."""
+    params = settings.get("align_params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"align_params must be a dict, got {type(params).__name__}.")
+    _check_keys("align_params", params, ALIGN_PARAM_KEYS)
+    values = {**base["align"], **(params if mode == "custom" else {})}
+    values.update({key: cli[key] for key in ALIGN_FLAGS if key in cli})
+    if "max_new_tokens" in cli:
+        values["max_new_tokens"] = cli["max_new_tokens"]
+    return _build(f"the alignment settings ({mode} mode)", AlignConfig, **values)
+
+
 PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
@@ -516,7 +654,7 @@ def _resolve_init(settings: dict[str, Any], checkpoint: str | None, pretrained: 
         return checkpoint, pretrained
     init = settings.get("INIT")
     if init is None:
-        return None, base["pretrained"]
+        return base.get("checkpoint"), base["pretrained"]
     if not isinstance(init, str) or not init:
         raise ConfigError(f"INIT must be None, 'scratch', a GPT-2 name, or a directory, got {init!r}.")
     if init == "scratch":

@@ -67,3 +67,21 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_panels(panels: list[tuple[str, dict[str, tuple[list[int], list[float]]]]], path: str | Path,
+                title: str = "", xlabel: str = "step") -> Path:
+    """Side-by-side panels of curves, e.g. an alignment run's reward, KL and accuracy. Each panel
+    is (its title, {label: (steps, values)}); a series of a few points is drawn with markers."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels):
+        for label, (steps, values) in series.items():
+            ax.plot(steps, values, "o-" if len(steps) <= 30 else "-", markersize=4, label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)

@@ -575,6 +575,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
         saved = {**checkpoint["run"], "labels": checkpoint.get("labels")}
     else:
         model = GPTModel(run.model)
+        if run.task == "reward":  # a reward model (chapter 8): one score per position
+            from minigpt.rlhf import add_reward_head
+
+            add_reward_head(model)
         model.load_state_dict(checkpoint["model"])
         saved = checkpoint["run"]
     model.to(device).eval()
