@@ -391,8 +391,8 @@ ALIGN_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "dpo": {
         "quick": dict(
             model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
-            train=dict(num_epochs=1, batch_size=8, learning_rate=5e-4, weight_decay=0.0, eval_freq=20,
-                       eval_iter=5, max_length=192, lr_schedule="cosine", warmup_steps=5, grad_clip=1.0),
+            train=dict(num_epochs=1, batch_size=8, learning_rate=5e-4, weight_decay=0.0, eval_freq=40,
+                       eval_iter=5, max_length=128, lr_schedule="cosine", warmup_steps=5, grad_clip=1.0),
             align=dict(beta=0.1)),
         "full": dict(
             model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained=None, checkpoint="runs/sft-full",

@@ -211,8 +211,12 @@ def last_scored_positions(targets: torch.Tensor) -> torch.Tensor:
 
 def reward_scores(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """r(prompt, answer) for each row (B,): the reward head at the answer's last token."""
+    positions = last_scored_positions(targets)
+    if bool((positions < 0).any()):
+        raise ConfigError("a row has no answer tokens to score (its prompt fills the whole window); keep "
+                          "prompts shorter than max_length, or raise max_length.")
     rewards = model(inputs).squeeze(-1)  # (B, T)
-    return rewards.gather(1, last_scored_positions(targets).unsqueeze(1)).squeeze(1)
+    return rewards.gather(1, positions.unsqueeze(1)).squeeze(1)
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -256,9 +260,10 @@ def dpo_batch_loss(policy: torch.nn.Module, reference: torch.nn.Module, batch: d
     loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                                       beta, loss_type, label_smoothing)
     margins = chosen_rewards - rejected_rewards
+    ranked_right = (margins > 0).float() + 0.5 * (margins == 0).float()  # a tie is half right, as for reward models
     return loss, {"loss": loss.item(), "chosen_reward": chosen_rewards.mean().item(),
                   "rejected_reward": rejected_rewards.mean().item(), "margin": margins.mean().item(),
-                  "accuracy": (margins > 0).float().mean().item()}
+                  "accuracy": ranked_right.mean().item()}
 
 
 @torch.no_grad()
@@ -514,7 +519,7 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
                 generator: torch.Generator | None = None) -> dict[str, float]:
     """One GRPO round: `group_size` answers per prompt, each answer's advantage its reward against
     its group's, every token of an answer sharing it; PPO's clipped ratio, and beta times the
-    k3 estimate of KL(policy || reference) added to the loss (beta 0: no reference needed)."""
+    k3 estimate of KL(policy || reference) added to the loss (beta 0: no leash, the KL only logged)."""
     policy.eval(), reference.eval()
     rollout = sample_responses(policy, prompts, tokenizer, group_size, settings.max_new_tokens, generator)
     inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
@@ -522,7 +527,7 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
     advantages = group_advantages(scores, group_size).unsqueeze(1) * mask                  # (B, T)
     with torch.no_grad():
         old_logps = token_logprobs(policy(inputs), targets)
-        ref_logps = token_logprobs(reference(inputs), targets) if settings.beta > 0 else old_logps
+        ref_logps = token_logprobs(reference(inputs), targets)
     params = [p for p in policy.parameters() if p.requires_grad]
     logged = {"policy_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     updates = 0
@@ -742,10 +747,18 @@ def _task_data(run: RunConfig, tokenizer, checked: bool) -> AlignData:
             raise ConfigError(f"{len(records)} preference records are too few for an 85/5/10 split with a "
                               "validation and a test pair; give at least 20.")
         splits = [PreferenceDataset(split, tokenizer, style) for split in (train, val, test)]
+        dropped = 0
+        for split in splits:  # a prompt that fills the whole window leaves no answer to compare
+            kept = [example for example in split.examples if example[2] < limit]
+            dropped, split.examples = dropped + len(split.examples) - len(kept), kept
+        if not all(len(split) for split in splits):
+            raise ConfigError(f"no preference pair in some split has a prompt shorter than max_length ({limit}); "
+                              "raise max_length.")
         name = Path(run.data).name if run.data else "instruction-data-with-preference.json"
-        return AlignData(f"{name}: {len(records):,} preference pairs; train / validation / test {len(train):,} / "
-                         f"{len(val):,} / {len(test):,}; {style} template; answers cut to {limit} tokens with "
-                         "their prompt", fingerprint(records), *splits)
+        return AlignData(f"{name}: {len(records):,} preference pairs; train / validation / test "
+                         f"{len(splits[0]):,} / {len(splits[1]):,} / {len(splits[2]):,}"
+                         + (f" ({dropped} dropped: prompt of {limit}+ tokens)" if dropped else "")
+                         + f"; {style} template; prompt + answer cut to {limit} tokens", fingerprint(records), *splits)
     if not checked:
         records = load_instruction_data(run.data)
         train, val, test = split_dataset(records, *SFT_SPLIT)

@@ -163,7 +163,7 @@ def test_a_reward_model_learns_a_clear_preference_rule():
     torch.manual_seed(0)
     model = add_reward_head(GPTModel(GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2,
                                                n_layers=2, drop_rate=0.0)))
-    assert preference_accuracy(model, held_out) == 0.0  # a zero head ties every pair
+    assert preference_accuracy(model, held_out) == 0.5  # a zero head ties every pair: half right
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(4):
         for batch in train:
@@ -219,3 +219,111 @@ def test_dpo_widens_the_chosen_over_rejected_margin_on_held_out_pairs():
     assert after["margin"] > 0.3 and after["accuracy"] > 0.9 and after["loss"] < math.log(2) - 0.1
     assert after["chosen_reward"] > 0 > after["rejected_reward"]
     assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), frozen))  # the reference never moves
+
+
+# ---------------------------------------------------------------------------------------
+# PPO and GRPO move the reward they are given
+# ---------------------------------------------------------------------------------------
+
+def tiny_policy(vocab_size: int, seed: int = 0, **sizes):
+    from minigpt.config import GPTConfig
+    from minigpt.model import GPTModel
+
+    torch.manual_seed(seed)
+    shape = {"context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2, **sizes}
+    return GPTModel(GPTConfig(vocab_size=vocab_size, drop_rate=0.0, **shape))
+
+
+def test_sampled_answers_become_rows_whose_targets_are_the_answer_tokens():
+    from minigpt.rlhf import byte_tokenizer, sample_responses
+
+    tokenizer = byte_tokenizer()
+    policy = tiny_policy(tokenizer.vocab_size)
+    prompts = [tokenizer.encode("ab"), tokenizer.encode("xyz")]
+    rollout = sample_responses(policy, prompts, tokenizer, samples_per_prompt=3, max_new_tokens=5,
+                               generator=torch.Generator().manual_seed(0))
+    assert rollout.prompt_index == [0, 0, 0, 1, 1, 1]
+    for row, i in enumerate(rollout.prompt_index):
+        prompt = prompts[i]
+        answer = rollout.targets[row][rollout.mask[row]].tolist()
+        assert rollout.inputs[row, :len(prompt)].tolist() == prompt
+        assert 1 <= len(answer) <= 5 and (tokenizer.eos_id not in answer[:-1])
+        # the inputs hold prompt + answer shifted by one: position t predicts token t + 1
+        assert rollout.inputs[row, len(prompt):len(prompt) + len(answer) - 1].tolist() == answer[:-1]
+        assert rollout.texts[row] == tokenizer.decode([t for t in answer if t != tokenizer.eos_id])
+
+
+def test_group_advantages_are_each_answers_standing_in_its_group():
+    from minigpt.rlhf import group_advantages
+
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    advantages = group_advantages(scores, group_size=3)
+    std = math.sqrt(2 / 9)  # the population std of (1, 0, 0)
+    assert advantages[:3].tolist() == pytest.approx([(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4),
+                                                     (-1 / 3) / (std + 1e-4)])
+    assert advantages[3:].tolist() == [0.0, 0.0, 0.0]  # a group that agrees teaches nothing
+
+
+def test_ppo_on_a_rule_based_reward_raises_the_mean_reward_with_the_kl_bounded():
+    """Reward: the share of answer bytes that are lowercase letters (about 10% for a new model)."""
+    import copy
+
+    from minigpt.rlhf import RLSettings, add_reward_head, byte_tokenizer, ppo_update
+
+    torch.set_num_threads(1)
+    tokenizer = byte_tokenizer()
+    policy = tiny_policy(tokenizer.vocab_size)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    critic = add_reward_head(copy.deepcopy(policy))
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(critic.parameters()), lr=3e-3, weight_decay=0.0)
+    prompts = [tokenizer.encode(f"Q{i}:") for i in range(32)]
+
+    def lowercase_share(rollout):
+        return torch.tensor([sum(c.islower() for c in text) / max(len(text), 1) for text in rollout.texts])
+
+    settings = RLSettings(beta=0.05, epochs=2, minibatch_size=32, max_new_tokens=4)
+    generator = torch.Generator().manual_seed(0)
+    logs = [ppo_update(policy, critic, reference, optimizer, prompts, tokenizer, lowercase_share, settings, generator)
+            for _ in range(25)]
+    first, last = [sum(log["reward"] for log in part) / 5 for part in (logs[:5], logs[-5:])]
+    assert first < 0.2 and last > first + 0.3, (first, last)
+    assert all(log["kl"] < 6.0 for log in logs), [round(log["kl"], 2) for log in logs]
+    assert all(0.0 <= log["clip_fraction"] <= 1.0 for log in logs)
+
+
+def test_grpo_raises_the_accuracy_of_a_task_whose_answers_are_checked():
+    """Sums a + b with a, b <= 4 after a short SFT: GRPO raises both the greedy accuracy and the chance
+    that a sampled answer is right (what it maximises). Seeds 0, 1, 2 gave greedy +0.12 / +0.08 / +0.24
+    and sampled +0.22 / +0.14 / +0.35."""
+    import copy
+
+    from minigpt.data import encode_prompt, format_prompt
+    from minigpt.rlhf import (RLSettings, arithmetic_records, byte_tokenizer, exact_match_accuracy,
+                              exact_match_rewards, grpo_update, sample_responses, supervised_warmup)
+
+    torch.set_num_threads(1)
+    tokenizer = byte_tokenizer()
+    records = arithmetic_records(max_operand=4, seed=0)
+    prompts = [encode_prompt(format_prompt(r, "chat"), tokenizer, "chat") for r in records]
+    answers = [r["output"] for r in records]
+    policy = tiny_policy(tokenizer.vocab_size, context_length=40, emb_dim=64)
+    generator = torch.Generator().manual_seed(0)
+    supervised_warmup(policy, records, tokenizer, "chat", steps=150, batch_size=16, learning_rate=3e-3,
+                      generator=generator)
+
+    def accuracy() -> tuple[float, float]:  # greedy, and over 16 samples per problem
+        rollout = sample_responses(policy, prompts, tokenizer, 16, 3, torch.Generator().manual_seed(99))
+        return (exact_match_accuracy(policy, prompts, answers, tokenizer, max_new_tokens=3),
+                exact_match_rewards(rollout, answers).mean().item())
+
+    greedy_before, sampled_before = accuracy()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3, weight_decay=0.0)
+    settings = RLSettings(beta=0.01, epochs=1, minibatch_size=100, max_new_tokens=3)
+    check = lambda rollout: exact_match_rewards(rollout, answers)  # noqa: E731  (every prompt, every round)
+    for _ in range(30):
+        grpo_update(policy, reference, optimizer, prompts, tokenizer, check, settings, group_size=8,
+                    generator=generator)
+    greedy_after, sampled_after = accuracy()
+    assert greedy_after > greedy_before, (greedy_before, greedy_after)
+    assert sampled_after >= sampled_before + 0.1, (sampled_before, sampled_after)
