@@ -588,11 +588,20 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
         raise ConfigError("alignment runs in one process (torchrun is for pretraining); start it with "
                           "python main.py --task reward | dpo | ppo | grpo.")
     checkpoint = load_checkpoint(run.resume) if run.resume else None
+    if checkpoint is None and run.checkpoint and not (Path(run.checkpoint) / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"{run.task} starts from the run in {run.checkpoint}, which does not exist yet: train it "
+                          f"first (e.g. python main.py --task sft --mode {run.mode} --out {run.checkpoint}), or "
+                          "start elsewhere with --checkpoint DIR, --pretrained NAME or INIT = 'scratch'.")
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
     run_dir = choose_run_dir(run)
     task, acfg = run.task, run.align
     checked = task == "grpo" or (task == "ppo" and acfg.reward_model is None)  # rewards a program checks
+    reward_model = None
+    if task == "ppo" and not checked:  # answers are written in the template the reward model learned to score
+        reward_model, reward_tokenizer, style = _load_reward_model(acfg.reward_model, device)
+        acfg = replace(acfg, prompt_style=style)
+        run = replace(run, align=acfg)
 
     if checkpoint is not None:
         start, tokenizer, origin = None, tokenizer_from_spec(checkpoint["tokenizer_spec"]), "its checkpoint"
@@ -630,9 +639,11 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
         reference = copy.deepcopy(model).requires_grad_(False).eval()
     if task == "ppo":  # the value model: a copy of the policy with a scalar head, its values starting at 0
         critic = add_reward_head(copy.deepcopy(model))
-    reward_model = None
-    if task == "ppo" and not checked:
-        reward_model = _load_reward_model(acfg.reward_model, tokenizer, device)
+    if reward_model is not None and reward_tokenizer.spec() != tokenizer.spec():
+        raise ConfigError(f"the reward model in {acfg.reward_model} reads a different vocabulary "
+                          f"({reward_tokenizer.name}, {reward_tokenizer.vocab_size:,} tokens) from the policy's "
+                          f"({tokenizer.name}, {tokenizer.vocab_size:,} tokens); train the reward model from the "
+                          "same starting run or tokenizer as the policy.")
     trained = [model] + ([critic] if critic is not None else [])
     optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
@@ -759,10 +770,10 @@ def _task_data(run: RunConfig, tokenizer, checked: bool) -> AlignData:
                          f"{len(splits[0]):,} / {len(splits[1]):,} / {len(splits[2]):,}"
                          + (f" ({dropped} dropped: prompt of {limit}+ tokens)" if dropped else "")
                          + f"; {style} template; prompt + answer cut to {limit} tokens", fingerprint(records), *splits)
-    if not checked:
-        records = load_instruction_data(run.data)
+    if not checked:  # the reward model's own prompts, split as it was, so held-out prompts stay unseen
+        records = load_preference_data(run.data)
         train, val, test = split_dataset(records, *SFT_SPLIT)
-        name = Path(run.data).name if run.data else "instruction-data.json"
+        name = Path(run.data).name if run.data else "instruction-data-with-preference.json"
         return AlignData(f"{name}: {len(train):,} training prompts, {len(test):,} held out; {style} template; "
                          f"reward: the reward model in {run.align.reward_model}", fingerprint(records),
                          train, val, test)
@@ -782,7 +793,8 @@ def _task_data(run: RunConfig, tokenizer, checked: bool) -> AlignData:
                      train, test, test)
 
 
-def _load_reward_model(path: str, tokenizer, device: torch.device) -> torch.nn.Module:
+def _load_reward_model(path: str, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
+    """A reward run's model (frozen), its tokenizer, and the template its answers were written in."""
     if not (Path(path) / CHECKPOINT_NAME).is_file():
         raise ConfigError(f"reward_model is {path!r}, which holds no run; train one first with python main.py "
                           "--task reward (same tokenizer as the policy), or leave reward_model unset to reward "
@@ -790,10 +802,7 @@ def _load_reward_model(path: str, tokenizer, device: torch.device) -> torch.nn.M
     model, rm_tokenizer, saved = load_model(path, device)
     if saved["task"] != "reward":
         raise ConfigError(f"{path} holds a {saved['task']} run, not a reward model; give a --task reward run.")
-    if rm_tokenizer.spec() != tokenizer.spec():
-        raise ConfigError(f"the reward model in {path} reads {rm_tokenizer.name} tokens and the policy "
-                          f"{tokenizer.name} tokens; train the reward model with the policy's tokenizer.")
-    return model.requires_grad_(False).eval()
+    return model.requires_grad_(False).eval(), rm_tokenizer, saved["align"]["prompt_style"]
 
 
 def _preference_loader(dataset, run: RunConfig, tokenizer, train: bool):

@@ -1,0 +1,135 @@
+"""`python main.py --task reward | dpo | ppo | grpo` end to end on small data: what each run
+writes, that its numbers move the right way, that a stopped run resumes exactly, and that bad
+settings say what to change."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from minigpt.config import AlignConfig, ConfigError, resolve_resume_config, resolve_run_config
+from minigpt.rlhf import align
+from minigpt.train import StopRequest, load_model
+
+pytestmark = pytest.mark.xdist_group("align")  # the runs share a module fixture
+
+FRUITS = ["apple", "pear", "plum", "grape", "lemon", "melon"]
+SPACE = ["rocket", "comet", "orbit", "star", "moon", "planet"]
+SMALL = {"model": "gpt-nano", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def preference_file(tmp_path_factory):
+    """Chosen answers are fruit words, rejected ones space words: a rule a small model learns."""
+    rng = random.Random(0)
+    records = [{"instruction": f"Name some things, set {i}.", "input": "",
+                "chosen": " ".join(rng.choice(FRUITS) for _ in range(rng.randint(2, 4))),
+                "rejected": " ".join(rng.choice(SPACE) for _ in range(rng.randint(2, 4)))} for i in range(160)]
+    path = tmp_path_factory.mktemp("data") / "pairs.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, preference_file):
+    out = tmp_path_factory.mktemp("runs") / "reward"
+    run = resolve_run_config({}, {"task": "reward", "data": str(preference_file), "out": str(out),
+                                  "learning_rate": 3e-3, "num_epochs": 4, **SMALL})
+    return align(run)[2], out
+
+
+def test_a_reward_run_learns_the_rule_and_its_model_reloads(reward_run):
+    metrics, out = reward_run
+    assert metrics["completed"] and metrics["before"]["test_accuracy"] == 0.5  # a zero head ties every pair
+    assert metrics["after"]["test_accuracy"] >= 0.9, metrics["after"]
+    assert {"loss", "accuracy", "margin"} <= set(metrics["history"][0])
+    assert (out / "reward_curves.png").stat().st_size > 10_000
+    model, tokenizer, saved = load_model(out)
+    assert saved["task"] == "reward"
+    ids = torch.tensor([tokenizer.encode("Name some things. apple pear")])
+    assert model(ids).shape == (1, ids.shape[1], 1)
+
+
+def test_a_dpo_run_starts_at_ln2_and_widens_the_held_out_margin(tmp_path, preference_file):
+    run = resolve_run_config({}, {"task": "dpo", "data": str(preference_file), "out": str(tmp_path / "dpo"),
+                                  "learning_rate": 3e-3, **SMALL})
+    metrics = align(run)[2]
+    before, after = metrics["before"], metrics["after"]
+    assert before["test_loss"] == pytest.approx(0.6931, abs=1e-4) and before["test_margin"] == 0.0
+    assert after["test_margin"] > 0.2 and after["test_accuracy"] > 0.8, after
+    assert metrics["history"][0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # step 1: policy = reference
+    assert (tmp_path / "dpo" / "dpo_curves.png").is_file()
+
+
+def test_ppo_with_a_reward_model_scores_its_answers_with_it(tmp_path, preference_file, reward_run):
+    _, reward_dir = reward_run
+    run = resolve_run_config({}, {"task": "ppo", "data": str(preference_file), "out": str(tmp_path / "ppo"),
+                                  "reward_model": str(reward_dir), "iterations": 2, "max_new_tokens": 6, **SMALL})
+    metrics = align(run)[2]
+    assert metrics["completed"] and len(metrics["history"]) == 2
+    assert {"reward", "kl", "clip_fraction", "entropy", "value_loss"} <= set(metrics["history"][0])
+    assert set(metrics["after"]) == {"held_out", "train"}
+
+
+def test_a_grpo_run_stopped_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    class StopAfter(StopRequest):
+        def __init__(self, steps: int) -> None:
+            super().__init__()
+            self.steps, self.asked = steps, 0
+
+        @property
+        def requested(self) -> bool:  # the loop asks once before each round
+            self.asked += 1
+            return self.asked > self.steps
+
+        @requested.setter
+        def requested(self, value: bool) -> None:
+            pass
+
+    settings = {"task": "grpo", "iterations": 4, "sft_steps": 20, "max_operand": 6, "eval_freq": 2, **SMALL}
+    whole = align(resolve_run_config({}, {**settings, "out": str(tmp_path / "whole")}))[2]
+    part = align(resolve_run_config({}, {**settings, "out": str(tmp_path / "part")}), stop=StopAfter(2))[2]
+    assert not part["completed"] and part["steps"] == 2 and "after" not in part
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())
+    resumed = align(resolve_resume_config(saved, {"resume": str(tmp_path / "part")}))[2]
+    for key in ("reward", "kl", "policy_loss"):
+        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in whole["history"]], abs=1e-6)
+    assert resumed["after"] == pytest.approx(whole["after"])
+    assert resumed["warmup_losses"] == whole["warmup_losses"]
+
+
+def test_generate_answers_in_the_template_of_an_aligned_run(tmp_path, capsys):
+    from main import main
+
+    out = tmp_path / "grpo"
+    assert main(["--task", "grpo", "--iterations", "1", "--sft-steps", "5", "--model", "gpt-nano",
+                 "--out", str(out)]) == 0
+    assert main(["--task", "generate", "--checkpoint", str(out), "--prompt", "What is 2 + 3?",
+                 "--max-new-tokens", "4"]) == 0
+    assert "instruction-tuned (chat template)" in capsys.readouterr().err
+
+
+def test_alignment_settings_resolve_and_bad_ones_say_what_to_change(tmp_path, reward_run):
+    quick = resolve_run_config({}, {"task": "grpo"})
+    assert quick.align.group_size == 8 and quick.align.prompt_style == "chat" and quick.pretrained is None
+    full = resolve_run_config({"QUICK_MODE": False}, {"task": "dpo"})
+    assert full.checkpoint == "runs/sft-full" and full.align.beta == 0.1
+    custom = resolve_run_config({"QUICK_MODE": False, "CUSTOM_MODE": True, "INIT": "scratch",
+                                 "align_params": {"dpo_loss": "ipo"}}, {"task": "dpo", "beta": 0.3})
+    assert custom.align.dpo_loss == "ipo" and custom.align.beta == 0.3 and custom.checkpoint is None
+    with pytest.raises(ConfigError, match="unknown key 'grup_size'"):
+        resolve_run_config({"align_params": {"grup_size": 4}}, {"task": "grpo"})
+    with pytest.raises(ConfigError, match="group_size must be at least 2"):
+        AlignConfig(group_size=1)
+    with pytest.raises(ConfigError, match="Did you mean 'k3'"):
+        AlignConfig(kl_estimator="k2")
+    with pytest.raises(ConfigError, match="does not exist yet: train it first"):
+        align(resolve_run_config({"QUICK_MODE": False}, {"task": "dpo", "out": str(tmp_path / "x")}))
+    with pytest.raises(ConfigError, match="holds no run; train one first"):
+        align(resolve_run_config({}, {"task": "ppo", "reward_model": str(tmp_path), "out": str(tmp_path / "y"),
+                                      **SMALL}))
+    _, reward_dir = reward_run
+    with pytest.raises(ConfigError, match="holds a reward model"):
+        from main import load_for_generation
+        load_for_generation(resolve_run_config({}, {"task": "generate", "checkpoint": str(reward_dir)}))
