@@ -558,6 +558,7 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
 # ---------------------------------------------------------------------------------------
 
 HELD_OUT_SHARE = 0.2  # ppo/grpo: the last fifth of the task's records measures the policy, never trains it
+MEASURED_PROMPTS = 100  # ppo/grpo: greedy answers to at most this many held-out (and training) prompts are scored
 
 
 @dataclass
@@ -956,6 +957,9 @@ class _RLMethod:
                                   for r in records]  # noqa: E731
         self.train_records, self.test_records = data.train, data.test
         self.train_prompts, self.test_prompts = encode(data.train), encode(data.test)
+        # Measured: the first MEASURED_PROMPTS of each (answering one prompt at a time costs a generation each)
+        self.measured = {"held_out": (self.test_prompts[:MEASURED_PROMPTS], self.test_records[:MEASURED_PROMPTS]),
+                         "train": (self.train_prompts[:MEASURED_PROMPTS], self.train_records[:MEASURED_PROMPTS])}
         self.settings = RLSettings(beta=a.beta, kl_estimator=a.kl_estimator, clip=a.clip, value_clip=a.value_clip,
                                    value_coef=a.value_coef, entropy_coef=a.entropy_coef, gamma=a.gamma, lam=a.lam,
                                    epochs=a.update_epochs, minibatch_size=a.minibatch_size, grad_clip=cfg.grad_clip,
@@ -994,18 +998,18 @@ class _RLMethod:
         return self.rewards_for(records)(rollout).mean().item()
 
     def evaluate(self) -> dict[str, float]:
-        return {"held_out": self.greedy_reward(self.test_prompts, self.test_records)}
+        return {"held_out": self.greedy_reward(*self.measured["held_out"])}
 
     def measure(self) -> dict[str, float]:
-        return {"held_out": self.greedy_reward(self.test_prompts, self.test_records),
-                "train": self.greedy_reward(self.train_prompts, self.train_records)}
+        return {split: self.greedy_reward(*self.measured[split]) for split in ("held_out", "train")}
 
     def describe(self, numbers: dict[str, float]) -> str:
+        held_out, train = (len(self.measured[split][0]) for split in ("held_out", "train"))
         if self.reward_model is not None:
-            return (f"mean reward of greedy answers: held-out prompts {numbers['held_out']:+.3f}, "
-                    f"training prompts {numbers['train']:+.3f}")
-        return (f"exact-match accuracy (greedy): held-out {100 * numbers['held_out']:.1f}%, "
-                f"training problems {100 * numbers['train']:.1f}%")
+            return (f"mean reward of greedy answers: {held_out} held-out prompts {numbers['held_out']:+.3f}, "
+                    f"{train} training prompts {numbers['train']:+.3f}")
+        return (f"exact-match accuracy (greedy): {held_out} held-out problems {100 * numbers['held_out']:.1f}%, "
+                f"{train} training problems {100 * numbers['train']:.1f}%")
 
     def plot(self, state: AlignState, before, after, path: Path, title: str) -> None:
         steps = [h["step"] for h in state.history]

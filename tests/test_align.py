@@ -4,6 +4,7 @@ settings say what to change."""
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def test_a_reward_run_learns_the_rule_and_its_model_reloads(reward_run):
 
 def test_a_dpo_run_starts_at_ln2_and_widens_the_held_out_margin(tmp_path, preference_file):
     run = resolve_run_config({}, {"task": "dpo", "data": str(preference_file), "out": str(tmp_path / "dpo"),
-                                  "learning_rate": 3e-3, **SMALL})
+                                  "learning_rate": 3e-3, "max_steps": 10, **SMALL})
     metrics = align(run)[2]
     before, after = metrics["before"], metrics["after"]
     assert before["test_loss"] == pytest.approx(0.6931, abs=1e-4) and before["test_margin"] == 0.0
@@ -65,7 +66,8 @@ def test_a_dpo_run_starts_at_ln2_and_widens_the_held_out_margin(tmp_path, prefer
 def test_ppo_with_a_reward_model_scores_its_answers_with_it(tmp_path, preference_file, reward_run):
     _, reward_dir = reward_run
     run = resolve_run_config({}, {"task": "ppo", "data": str(preference_file), "out": str(tmp_path / "ppo"),
-                                  "reward_model": str(reward_dir), "iterations": 2, "max_new_tokens": 6, **SMALL})
+                                  "reward_model": str(reward_dir), "iterations": 2, "max_new_tokens": 4, **SMALL})
+    run = replace(run, align=replace(run.align, prompts_per_iteration=8, minibatch_size=8))
     metrics = align(run)[2]
     assert metrics["completed"] and len(metrics["history"]) == 2
     assert {"reward", "kl", "clip_fraction", "entropy", "value_loss"} <= set(metrics["history"][0])
