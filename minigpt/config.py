@@ -408,7 +408,7 @@ ALIGN_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
                        minibatch_size=64, max_new_tokens=4)),
         "full": dict(
             model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained=None, checkpoint="runs/sft-full",
-            train=dict(num_epochs=1, batch_size=8, learning_rate=1e-6, weight_decay=0.0, eval_freq=5,
+            train=dict(num_epochs=1, batch_size=8, learning_rate=1e-6, weight_decay=0.0, eval_freq=25,
                        eval_iter=5, max_length=1024, grad_clip=1.0),
             align=dict(beta=0.05, reward_model="runs/reward-full", iterations=200, prompts_per_iteration=16,
                        update_epochs=2, minibatch_size=8, max_new_tokens=128)),

@@ -653,8 +653,9 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
     warmup_losses: list[float] = []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        reference.load_state_dict(checkpoint["reference"]) if reference is not None else None
-        critic.load_state_dict(checkpoint["critic"]) if critic is not None else None
+        for other, key in ((reference, "reference"), (critic, "critic")):
+            if other is not None:
+                other.load_state_dict(checkpoint[key])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = AlignState(**checkpoint["state"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -997,11 +998,10 @@ class _RLMethod:
         rollout = sample_responses(self.model, prompts, self.tokenizer, 1, self.run.align.max_new_tokens, greedy=True)
         return self.rewards_for(records)(rollout).mean().item()
 
-    def evaluate(self) -> dict[str, float]:
-        return {"held_out": self.greedy_reward(*self.measured["held_out"])}
-
     def measure(self) -> dict[str, float]:
         return {split: self.greedy_reward(*self.measured[split]) for split in ("held_out", "train")}
+
+    evaluate = measure
 
     def describe(self, numbers: dict[str, float]) -> str:
         held_out, train = (len(self.measured[split][0]) for split in ("held_out", "train"))
@@ -1013,14 +1013,14 @@ class _RLMethod:
 
     def plot(self, state: AlignState, before, after, path: Path, title: str) -> None:
         steps = [h["step"] for h in state.history]
-        evals = [(0, before["held_out"])] + [(e["step"], e["held_out"]) for e in state.evals]
-        if after:
-            evals.append((state.step, after["held_out"]))
+        evals = [{"step": 0, **before}] + state.evals + ([{"step": state.step, **after}] if after else [])
+        at = [e["step"] for e in evals]
         measured = "accuracy" if self.reward_model is None else "mean reward"
         plot_panels([
             ("reward of sampled answers", {"reward": (steps, [h["reward"] for h in state.history])}),
             ("KL(policy || reference) per answer", {"k1": (steps, [h["kl"] for h in state.history])}),
-            (f"greedy {measured}, held-out prompts", {"held-out": ([e[0] for e in evals], [e[1] for e in evals])}),
+            (f"greedy {measured}", {"training prompts": (at, [e["train"] for e in evals]),
+                                    "held-out prompts": (at, [e["held_out"] for e in evals])}),
             ("entropy and clipped share", {"entropy": (steps, [h["entropy"] for h in state.history]),
                                            "clip fraction": (steps, [h["clip_fraction"] for h in state.history])}),
         ], path, title, xlabel="round")

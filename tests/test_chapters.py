@@ -258,7 +258,50 @@ QUOTED = [
     ("07", "65,794 of 7,306,882", lambda: "{:,} of {:,}".format(*classifier_trainable("lora"))),
     ("07", "198,402 (2.74%)", lambda: "{:,} ({:.2%})".format(*classifier_trainable("last_blocks", share=True))),
     ("07", "precision, recall and F1 all 0.8333", lambda: rouge_of_the_cat()),
+    ("08", "= 0.5981$", lambda: f"= {dpo_by_hand()[0]:.4f}$"),
+    ("08", "the example gives 0.6381", lambda: f"the example gives {dpo_by_hand(label_smoothing=0.2)[0]:.4f}"),
+    ("08", "(2 - 5)^2 = 9.0000", lambda: f"(2 - 5)^2 = {dpo_by_hand(loss_type='ipo')[0]:.4f}"),
+    ("08", "`[0.225, 0.25, 0.3, 0.0]`", lambda: hand_worked_gae()),
+    ("08", "The exact KL is 0.223805", lambda: kl_of_three_outcomes()),
+    ("08", "= -0.775$ and half the tokens are clipped", lambda: clipped_by_hand()),
 ]
+
+
+def dpo_by_hand(**options) -> tuple[float, float, float]:
+    """Section 8.5's pair: policy log-probabilities -1 (chosen), -3 (rejected); reference -2 for both."""
+    from minigpt.rlhf import dpo_loss
+
+    loss, chosen, rejected = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                                      torch.tensor([-2.0]), beta=0.1, **options)
+    return loss.item(), chosen.item(), rejected.item()
+
+
+def hand_worked_gae() -> str:
+    from minigpt.rlhf import gae
+
+    advantages, _ = gae(torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.6, 0.7, 9.0]]),
+                        torch.tensor([[1, 1, 1, 0]]), gamma=1.0, lam=0.5)
+    return f"`{[round(a, 4) + 0.0 for a in advantages[0].tolist()]}`"  # + 0.0: masked -0.0 prints as 0.0
+
+
+def kl_of_three_outcomes() -> str:
+    """KL(p || q) exactly, and as the mean of the k1 and k3 estimators under p (both unbiased)."""
+    from minigpt.rlhf import kl_k1, kl_k3
+
+    p, q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    exact = (p * (p / q).log()).sum().item()
+    for estimator in (kl_k1, kl_k3):
+        assert (p * estimator(p.log(), q.log())).sum().item() == pytest.approx(exact)
+    return f"The exact KL is {exact:.6f}"
+
+
+def clipped_by_hand() -> str:
+    from minigpt.rlhf import ppo_policy_loss
+
+    loss, clipped = ppo_policy_loss(torch.log(torch.tensor([1.5, 0.5, 0.5, 1.1])), torch.zeros(4),
+                                     torch.tensor([1.0, 1.0, -1.0, 2.0]), torch.ones(4), clip=0.2)
+    assert clipped.item() == 0.5
+    return f"= {loss.item():.3f}$ and half the tokens are clipped"
 
 
 def lora_parameters(model, layer: str | None = None) -> int:

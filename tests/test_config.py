@@ -141,10 +141,10 @@ def test_the_readme_documents_every_setting_and_flag():
     from dataclasses import fields
 
     from conftest import ROOT
-    from minigpt.config import MODEL_OVERRIDE_KEYS, FinetuneConfig
+    from minigpt.config import MODEL_OVERRIDE_KEYS, AlignConfig, FinetuneConfig
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for name in [field.name for field in fields(TrainConfig) + fields(FinetuneConfig)] + MODEL_OVERRIDE_KEYS:
+    for name in [field.name for field in fields(TrainConfig) + fields(FinetuneConfig) + fields(AlignConfig)] + MODEL_OVERRIDE_KEYS:
         assert f"`{name}`" in readme, name
     flags = re.findall(r'add_argument\("(--[a-z-]+)"', (ROOT / "main.py").read_text(encoding="utf-8"))
     assert len(flags) > 30
