@@ -113,6 +113,6 @@ align_params = {
     "clip": 0.2,                # the ratio pi / pi_old is clipped to [1 - clip, 1 + clip]
     "kl_estimator": "k1",       # ppo: "k1" (log ratio) or "k3" (never negative, lower variance)
     "max_new_tokens": 8,        # ppo/grpo: the longest answer sampled
-    "sft_steps": 300,           # ppo/grpo from new weights: supervised warm-up steps on the task first
+    "sft_steps": 1000,          # ppo/grpo from new weights: supervised warm-up steps on the task first
     "max_operand": 19,          # ppo/grpo without DATA: sums a + b with a, b up to this
 }

@@ -225,9 +225,10 @@ def run_export(run) -> None:
     from minigpt.train import load_model
 
     model, tokenizer, saved = load_model(run.checkpoint, "cpu")
-    if saved["task"] == "classify":
-        raise ConfigError(f"{run.checkpoint} holds a classifier; Hugging Face's GPT2LMHeadModel has a "
-                          "vocabulary head, so only pretrained and instruction-tuned runs export.")
+    if saved["task"] in ("classify", "reward"):
+        raise ConfigError(f"{run.checkpoint} holds a {'classifier' if saved['task'] == 'classify' else 'reward model'}; "
+                          "Hugging Face's GPT2LMHeadModel has a vocabulary head, so only language models "
+                          "(pretrained, instruction-tuned or aligned runs) export.")
     folder = save_hf_gpt2(model, run.out)
     print(f"wrote {folder}/config.json and {folder}/model.safetensors ({saved['model_name']}, "
           f"{model.num_parameters():,} parameters); load them with "

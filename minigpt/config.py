@@ -287,7 +287,7 @@ class AlignConfig:
     lam: float = 0.95             # ppo: GAE's lambda
     kl_estimator: str = "k1"      # ppo: the per-token KL penalty's estimator, "k1" or "k3"
     max_new_tokens: int = 8       # ppo/grpo: the longest answer sampled
-    sft_steps: int = 300          # ppo/grpo from new weights: supervised steps on the task's answers first
+    sft_steps: int = 1000         # ppo/grpo from new weights: supervised steps on the task's answers first
     max_operand: int = 19         # ppo/grpo without --data: the arithmetic task's largest number
 
     def __post_init__(self) -> None:

@@ -445,6 +445,28 @@ def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[tor
     optimizer.step()
 
 
+def _policy_terms(policy: torch.nn.Module, rollout: Rollout, rows: torch.Tensor, old_logps: torch.Tensor,
+                  advantages: torch.Tensor, clip: float) -> tuple[torch.Tensor, ...]:
+    """On the minibatch `rows`: the new log-probabilities, PPO's clipped loss, its clipped share, and
+    the policy's mean entropy over the answer tokens."""
+    logits = policy(rollout.inputs[rows])
+    logps = token_logprobs(logits, rollout.targets[rows])
+    mask = rollout.mask[rows]
+    loss, clip_fraction = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask, clip)
+    return logps, loss, clip_fraction, masked_mean(token_entropy(logits), mask)
+
+
+def _round_summary(logged: dict[str, float], updates: int, scores: torch.Tensor, rollout: Rollout,
+                   old_logps: torch.Tensor, ref_logps: torch.Tensor) -> dict[str, float]:
+    """What a round logs: the mean of each loss term over its updates, the answers' mean reward, their
+    KL to the reference (k1, summed over each answer, as the policy stood when it sampled) and length."""
+    mask = rollout.mask
+    numbers = {key: value / updates for key, value in logged.items()}
+    numbers.update(reward=scores.mean().item(), kl=(kl_k1(old_logps, ref_logps) * mask).sum(-1).mean().item(),
+                   answer_tokens=mask.sum(-1).float().mean().item())
+    return numbers
+
+
 def ppo_update(policy: torch.nn.Module, critic: torch.nn.Module, reference: torch.nn.Module,
                optimizer: torch.optim.Optimizer, prompts: list[list[int]], tokenizer,
                reward_fn: Callable[[Rollout], torch.Tensor], settings: RLSettings,
@@ -481,11 +503,8 @@ def ppo_update(policy: torch.nn.Module, critic: torch.nn.Module, reference: torc
     updates = 0
     for _ in range(settings.epochs):
         for rows in _minibatches(len(inputs), settings.minibatch_size, generator):
-            logits = policy(inputs[rows])
-            logps = token_logprobs(logits, targets[rows])
-            policy_loss, clip_fraction = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows],
-                                                         settings.clip)
-            entropy = masked_mean(token_entropy(logits), mask[rows])
+            _, policy_loss, clip_fraction, entropy = _policy_terms(policy, rollout, rows, old_logps, advantages,
+                                                                   settings.clip)
             values = critic(inputs[rows]).squeeze(-1).float()
             value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
             loss = policy_loss - settings.entropy_coef * entropy + settings.value_coef * value_loss
@@ -494,10 +513,7 @@ def ppo_update(policy: torch.nn.Module, critic: torch.nn.Module, reference: torc
                                ("clip_fraction", clip_fraction), ("entropy", entropy)):
                 logged[key] += value.item()
             updates += 1
-    numbers = {key: value / updates for key, value in logged.items()}
-    numbers.update(reward=scores.mean().item(), kl=(kl_k1(old_logps, ref_logps) * mask).sum(-1).mean().item(),
-                   answer_tokens=mask.sum(-1).float().mean().item())
-    return numbers
+    return _round_summary(logged, updates, scores, rollout, old_logps, ref_logps)
 
 
 # ---------------------------------------------------------------------------------------
@@ -533,11 +549,8 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
     updates = 0
     for _ in range(settings.epochs):
         for rows in _minibatches(len(inputs), settings.minibatch_size, generator):
-            logits = policy(inputs[rows])
-            logps = token_logprobs(logits, targets[rows])
-            policy_loss, clip_fraction = ppo_policy_loss(logps, old_logps[rows], advantages[rows], mask[rows],
-                                                         settings.clip)
-            entropy = masked_mean(token_entropy(logits), mask[rows])
+            logps, policy_loss, clip_fraction, entropy = _policy_terms(policy, rollout, rows, old_logps,
+                                                                       advantages, settings.clip)
             loss = policy_loss - settings.entropy_coef * entropy
             if settings.beta > 0:
                 loss = loss + settings.beta * masked_mean(kl_k3(logps, ref_logps[rows]), mask[rows])
@@ -545,11 +558,9 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
             for key, value in (("policy_loss", policy_loss), ("clip_fraction", clip_fraction), ("entropy", entropy)):
                 logged[key] += value.item()
             updates += 1
-    numbers = {key: value / updates for key, value in logged.items()}
+    numbers = _round_summary(logged, updates, scores, rollout, old_logps, ref_logps)
     solved = scores.view(-1, group_size)
-    numbers.update(reward=scores.mean().item(), kl=(kl_k1(old_logps, ref_logps) * mask).sum(-1).mean().item(),
-                   answer_tokens=mask.sum(-1).float().mean().item(),
-                   informative_groups=((solved.max(1).values - solved.min(1).values) > 0).float().mean().item())
+    numbers["informative_groups"] = ((solved.max(1).values - solved.min(1).values) > 0).float().mean().item()
     return numbers
 
 
@@ -607,6 +618,7 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
     if checkpoint is not None:
         start, tokenizer, origin = None, tokenizer_from_spec(checkpoint["tokenizer_spec"]), "its checkpoint"
     else:
+        _check_template(run.checkpoint, acfg.prompt_style)
         start, tokenizer, origin = starting_point(run, device)
     if tokenizer is None:  # new weights
         tokenizer = byte_tokenizer() if checked else get_tokenizer(run.tokenizer)
@@ -747,6 +759,18 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
         print(f"  before  {method.describe(before)}\n  after   {method.describe(metrics['after'])}")
     print(f"  wrote   {run_dir}/: {', '.join(files)}")
     return model, tokenizer, metrics, run_dir
+
+
+def _check_template(run_dir: str | None, style: str) -> None:
+    """An instruction-tuned starting run answers in its own template: the answers scored here must too."""
+    config = Path(run_dir or "") / "config.json"
+    if not run_dir or not config.is_file():
+        return
+    saved = json.loads(config.read_text())
+    settings = saved.get("finetune") if saved.get("task") == "sft" else saved.get("align")
+    if settings and settings.get("prompt_style", style) != style:
+        raise ConfigError(f"{run_dir} was trained with the {settings['prompt_style']!r} template and this run would "
+                          f"write answers in {style!r}; add --prompt-style {settings['prompt_style']}.")
 
 
 def _task_data(run: RunConfig, tokenizer, checked: bool) -> AlignData:

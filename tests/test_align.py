@@ -131,6 +131,12 @@ def test_alignment_settings_resolve_and_bad_ones_say_what_to_change(tmp_path, re
     with pytest.raises(ConfigError, match="holds no run; train one first"):
         align(resolve_run_config({}, {"task": "ppo", "reward_model": str(tmp_path), "out": str(tmp_path / "y"),
                                       **SMALL}))
+    sft = tmp_path / "sft-chat"  # an instruction-tuned run in the chat template
+    sft.mkdir()
+    (sft / "checkpoint.pt").write_bytes(b"")
+    (sft / "config.json").write_text(json.dumps({"task": "sft", "finetune": {"prompt_style": "chat"}}))
+    with pytest.raises(ConfigError, match="add --prompt-style chat"):
+        align(resolve_run_config({}, {"task": "dpo", "checkpoint": str(sft), "out": str(tmp_path / "z")}))
     _, reward_dir = reward_run
     with pytest.raises(ConfigError, match="holds a reward model"):
         from main import load_for_generation
