@@ -18,7 +18,7 @@
     python main.py --task reward                                 # a reward model from preference pairs
     python main.py --task dpo --checkpoint runs/sft-quick        # DPO on the preference pairs
     python main.py --task grpo                                   # GRPO on sums of small numbers
-    python main.py --task ppo --checkpoint runs/sft-quick --reward-model runs/reward-quick   # PPO-RLHF
+    python main.py --task ppo --checkpoint runs/sft-quick --reward-model runs/reward-quick --max-new-tokens 32
     python main.py --task generate --checkpoint runs/grpo-quick --prompt "What is 7 + 5?"
 """
 

@@ -978,10 +978,14 @@ class _RLMethod:
         self.run, self.model, self.reference, self.critic, self.optimizer = run, model, reference, critic, optimizer
         self.tokenizer, self.generator, self.reward_model = tokenizer, generator, reward_model
         self.total_steps = a.iterations
-        encode = lambda records: [encode_prompt(format_prompt(r, a.prompt_style), tokenizer, a.prompt_style)[-cfg.max_length:]
-                                  for r in records]  # noqa: E731
-        self.train_records, self.test_records = data.train, data.test
-        self.train_prompts, self.test_prompts = encode(data.train), encode(data.test)
+        room = model.cfg.context_length - a.max_new_tokens  # a prompt must leave room for a whole answer
+        self.dropped = 0
+        self.train_prompts, self.train_records = self.fitting(data.train, tokenizer, room)
+        self.test_prompts, self.test_records = self.fitting(data.test, tokenizer, room)
+        if len(self.train_prompts) < a.prompts_per_iteration or not self.test_prompts:
+            raise ConfigError(f"too few prompts fit the model's context of {model.cfg.context_length} tokens with "
+                              f"room for {a.max_new_tokens} answer tokens; lower max_new_tokens or start from a model "
+                              "with a longer context.")
         # Measured: the first MEASURED_PROMPTS of each (answering one prompt at a time costs a generation each)
         self.measured = {"held_out": (self.test_prompts[:MEASURED_PROMPTS], self.test_records[:MEASURED_PROMPTS]),
                          "train": (self.train_prompts[:MEASURED_PROMPTS], self.train_records[:MEASURED_PROMPTS])}
@@ -998,7 +1002,16 @@ class _RLMethod:
             f"in minibatches of {a.minibatch_size}; reward: {reward}; "
             + (f"KL penalty beta {a.beta:g} ({a.kl_estimator}) in the reward, value head, GAE gamma {a.gamma:g} "
                f"lambda {a.lam:g}" if run.task == "ppo" else f"beta {a.beta:g} x KL (k3) in the loss")
-            + f"; clip {a.clip:g}; AdamW lr {cfg.learning_rate:g}")
+            + f"; clip {a.clip:g}; AdamW lr {cfg.learning_rate:g}"
+            + (f"; {self.dropped} prompt(s) too long for the context left out" if self.dropped else ""))
+
+    def fitting(self, records: list[dict[str, str]], tokenizer, room: int) -> tuple[list[list[int]], list[dict]]:
+        """The encoded prompts of `records` that are at most `room` tokens long, and their records."""
+        style = self.run.align.prompt_style
+        encoded = [(encode_prompt(format_prompt(r, style), tokenizer, style), r) for r in records]
+        kept = [(ids, r) for ids, r in encoded if len(ids) <= room]
+        self.dropped += len(encoded) - len(kept)
+        return [ids for ids, _ in kept], [r for _, r in kept]
 
     def rewards_for(self, records: list[dict[str, str]]) -> Callable[[Rollout], torch.Tensor]:
         if self.reward_model is not None:
