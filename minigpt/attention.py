@@ -205,31 +205,76 @@ class KVCache:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.keys, layer.values))
 
 
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE; Su et al., 2021): position m turns each pair of a query's or
+    key's dimensions by the angle m x theta_i, with theta_i = base^(-2i / head_dim).
+
+    A rotation by m's angles in the query and by n's in the key leaves their dot product a
+    function of m - n only: attention sees relative positions, and position 0 is the identity.
+    The pairs are (i, i + head_dim / 2), the split-halves layout Llama's code uses.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
+        inverse_frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (D/2,)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inverse_frequencies)   # (P, D/2)
+        angles = torch.cat([angles, angles], dim=-1)                                                   # (P, D)
+        # Buffers, not weights: they move with .to(device) but stay out of the state dict.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotate x (B, H, T, D) as if its tokens sat at positions start, start + 1, ..."""
+        end = start + x.shape[2]
+        cos, sin = self.cos[start:end].to(x.dtype), self.sin[start:end].to(x.dtype)  # (T, D)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # each pair (a, b) -> (-b, a)
+        return x * cos + rotated * sin
+
+
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head attention as the model runs it: one fused Q/K/V matmul, one fast kernel."""
+    """Causal multi-head attention as the model runs it: one fused Q/K/V matmul, one fast kernel.
+
+    With `num_kv_heads` < `num_heads` it is grouped-query attention (Ainslie et al., 2023): each
+    key/value head serves num_heads / num_kv_heads query heads, so the K/V projections and the KV
+    cache shrink by that factor (1: multi-query attention). With `rope` the queries and keys are
+    rotated by their positions (`RotaryEmbedding`) before the cache stores the keys.
+    """
 
     def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
-                 qkv_bias: bool = False, out_bias: bool = True) -> None:
+                 qkv_bias: bool = False, out_bias: bool = True, num_kv_heads: int | None = None,
+                 rope: RotaryEmbedding | None = None) -> None:
         super().__init__()
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
-        self.num_heads = num_heads
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}).")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = d_out // num_heads
         self.dropout = dropout
+        self.rope = rope
         # Rows [0, d_out) are the query projection, then the key, then the value projection.
-        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.qkv = nn.Linear(d_in, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
-        # One matmul, then three views: (B, T, d_out) -> (B, T, H, D) -> (B, H, T, D). In the
-        # backward pass the three gradients are joined by one concatenation.
-        queries, keys, values = (part.view(batch, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-                                 for part in self.qkv(x).split(self.num_heads * self.head_dim, dim=2))
-        past = 0
+        # One matmul, then three views: (B, T, heads x D) -> (B, T, heads, D) -> (B, heads, T, D).
+        # In the backward pass the three gradients are joined by one concatenation.
+        sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        queries, keys, values = (part.view(batch, num_tokens, -1, self.head_dim).transpose(1, 2)
+                                 for part in self.qkv(x).split(sizes, dim=2))
+        past = 0 if cache is None else cache.length
+        if self.rope is not None:
+            queries, keys = self.rope(queries, past), self.rope(keys, past)
         if cache is not None:
-            past = cache.length
-            keys, values = cache.append(keys, values)       # each (B, H, past + T, D)
+            keys, values = cache.append(keys, values)       # each (B, kv heads, past + T, D)
+        if self.num_kv_heads != self.num_heads:  # each K/V head serves a group of query heads
+            group = self.num_heads // self.num_kv_heads
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         # Fast path: the same masked, scaled softmax attention as ExplicitMultiHeadAttention,
         # fused into one kernel (flash / memory-efficient attention where available).
         dropout_p = self.dropout if self.training else 0.0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.attention import LayerKVCache, MultiHeadAttention
+from minigpt.attention import LayerKVCache, MultiHeadAttention, RotaryEmbedding
 from minigpt.config import GPTConfig
 
 
@@ -69,31 +69,134 @@ def gelu_by_hand(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+class RMSNorm(nn.Module):
+    """Scale each token vector by its root mean square (Zhang and Sennrich, 2019):
+
+    y = scale * x / sqrt(mean(x^2) + eps)
+
+    LayerNorm without the centring and the shift: one reduction instead of two, and in
+    practice as good, so Llama and most later models use it.
+    """
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rms = torch.sqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x.float() / rms).to(x.dtype) * self.scale
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    return RMSNorm(cfg.emb_dim) if cfg.norm == "rmsnorm" else LayerNorm(cfg.emb_dim, bias=cfg.bias)
+
+
 class FeedForward(nn.Module):
-    """Per-token MLP: widen to 4 x emb_dim, GELU, project back."""
+    """Per-token MLP: widen to 4 x emb_dim (`hidden_dim`), GELU, project back."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
+            nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias),
             GELU(exact=cfg.activation == "gelu"),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias),
+            nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.bias),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)  # (B, T, emb_dim) -> (B, T, emb_dim)
 
 
-class TransformerBlock(nn.Module):
-    """Attention then feed-forward, each pre-normalised and added back to the residual stream."""
+class SwiGLU(nn.Module):
+    """A gated MLP (Shazeer, 2020): down(silu(gate(x)) * up(x)).
+
+    One projection decides, per hidden unit, how much of the other passes (SiLU(z) = z sigma(z));
+    three matrices instead of two, so the hidden width is 8/3 x emb_dim for GPT-2's parameter count.
+    """
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.gate = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias)
+        self.up = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MixtureOfExperts(nn.Module):
+    """`n_experts` SwiGLU experts and a router that sends each token to its `moe_top_k` best.
+
+    router logits (N, E) -> softmax p -> keep the top k, renormalised to sum to 1 -> the token's
+    output is the weighted sum of its k experts' outputs (+ a shared expert every token uses).
+    Only k of the E experts run per token, so the parameters grow E-fold and the compute k-fold.
+
+    Without help the router collapses onto a few experts. `aux_loss` (set by each forward) adds
+    Switch Transformer's load-balancing term, E x sum_e f_e P_e, where f_e is the share of routed
+    token slots expert e received and P_e its mean router probability (1 when perfectly even),
+    and, if asked, the router z-loss mean(logsumexp(logits)^2) (ST-MoE), which keeps logits small.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_experts, cfg.moe_top_k
+        self.aux_coef, self.z_coef = cfg.moe_aux_coef, cfg.moe_z_coef
+        self.router = nn.Linear(cfg.emb_dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg) for _ in range(cfg.n_experts))
+        self.shared = SwiGLU(cfg) if cfg.moe_shared_expert else None
+        self.aux_loss = torch.zeros(())
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E), and each token's k experts (N, k) with their weights (N, k)."""
+        logits = self.router(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return logits, chosen, (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                        # (N, C): every token of the batch
+        logits, chosen, weights = self.route(x)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tokens, slot = torch.nonzero(chosen == e, as_tuple=True)  # the tokens routed to e
+            if len(tokens):
+                out.index_add_(0, tokens, expert(x[tokens]) * weights[tokens, slot].unsqueeze(-1))
+        if self.shared is not None:
+            out = out + self.shared(x)
+        self.aux_loss = self.balance_loss(logits, chosen) + self.router_z_loss(logits)
+        return out.reshape(shape)
+
+    def balance_loss(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """aux_coef x E x sum_e f_e P_e (see the class docstring)."""
+        if not self.aux_coef:
+            return torch.zeros((), device=logits.device)
+        routed = F.one_hot(chosen, self.n_experts).float().sum(dim=1)   # (N, E): 1 where e was chosen
+        share = routed.mean(dim=0) / self.top_k                         # f_e, sums to 1
+        mean_prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)   # P_e
+        return self.aux_coef * self.n_experts * (share * mean_prob).sum()
+
+    def router_z_loss(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.z_coef:
+            return torch.zeros((), device=logits.device)
+        return self.z_coef * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def make_ffn(cfg: GPTConfig) -> nn.Module:
+    return {"gelu": FeedForward, "swiglu": SwiGLU, "moe": MixtureOfExperts}[cfg.ffn](cfg)
+
+
+class TransformerBlock(nn.Module):
+    """Attention then feed-forward, each pre-normalised and added back to the residual stream."""
+
+    def __init__(self, cfg: GPTConfig, rope: RotaryEmbedding | None = None) -> None:
+        super().__init__()
         self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.n_heads, dropout=cfg.drop_rate,
-                                      qkv_bias=cfg.qkv_bias, out_bias=cfg.bias)
-        self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
-        self.norm2 = LayerNorm(cfg.emb_dim, bias=cfg.bias)
+                                      qkv_bias=cfg.qkv_bias, out_bias=cfg.bias, num_kv_heads=cfg.kv_heads,
+                                      rope=rope)
+        self.ff = make_ffn(cfg)
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:

@@ -68,6 +68,9 @@ def _check_keys(where: str, given: dict, valid: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 
 ACTIVATIONS = ("gelu_tanh", "gelu")
+NORMS = ("layernorm", "rmsnorm")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope")
+FFNS = ("gelu", "swiglu", "moe")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,19 @@ class GPTConfig:
     bias: bool = True           # biases in the other linear layers and LayerNorm shifts (nanoGPT drops them)
     tie_weights: bool = False   # output head shares the token embedding matrix (GPT-2 did)
     activation: str = "gelu_tanh"  # GPT-2's tanh-approximated GELU, or "gelu": the exact x * Phi(x)
+    # Modern architectures (chapter 10): each a switch on the same GPTModel.
+    norm: str = "layernorm"     # or "rmsnorm": scale by the root mean square, no centring, no shift
+    pos_emb: str = "learned"    # a learned table (GPT-2), fixed "sinusoidal" waves, or "rope": rotated q and k
+    rope_base: float = 10000.0  # RoPE: the wavelengths run from 2 pi to about 2 pi x rope_base
+    ffn: str = "gelu"           # GPT-2's GELU MLP, "swiglu" (gated), or "moe": a mixture of SwiGLU experts
+    ffn_hidden: int | None = None  # the MLP's width (None: 4 x emb_dim for gelu; 8/3 x emb_dim, rounded
+                                   # up to a multiple of 8, for swiglu and each expert: the same parameters)
+    n_kv_heads: int | None = None  # key/value heads (None: n_heads); fewer: grouped-query attention, 1: multi-query
+    n_experts: int = 4          # moe: expert MLPs per block
+    moe_top_k: int = 2          # moe: experts each token is sent to
+    moe_shared_expert: bool = False  # moe: one more expert that every token uses
+    moe_aux_coef: float = 0.01  # moe: weight of the load-balancing loss (Switch Transformer's)
+    moe_z_coef: float = 0.0     # moe: weight of the router z-loss (keeps the router's logits small)
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size)
@@ -96,6 +112,24 @@ class GPTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("pos_emb", self.pos_emb, POSITION_EMBEDDINGS)
+        _check_float("rope_base", self.rope_base, 1.0, low_inclusive=False)
+        _check_choice("ffn", self.ffn, FFNS)
+        if self.ffn_hidden is not None:
+            _check_int("ffn_hidden", self.ffn_hidden)
+        _check_int("n_experts", self.n_experts)
+        _check_int("moe_top_k", self.moe_top_k, high=self.n_experts)
+        if not isinstance(self.moe_shared_expert, bool):
+            raise ConfigError(f"moe_shared_expert must be True or False, got {self.moe_shared_expert!r}.")
+        _check_float("moe_aux_coef", self.moe_aux_coef, 0.0)
+        _check_float("moe_z_coef", self.moe_z_coef, 0.0)
+        if self.n_kv_heads is not None:
+            _check_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): each "
+                                  f"key/value head serves a whole group of query heads. Pick one of "
+                                  f"{[d for d in range(1, self.n_heads + 1) if self.n_heads % d == 0]}.")
         if self.emb_dim % self.n_heads != 0:
             divisors = [h for h in range(1, min(self.emb_dim, 64) + 1) if self.emb_dim % h == 0]
             raise ConfigError(
@@ -103,9 +137,34 @@ class GPTConfig:
                 f"head gets emb_dim // n_heads dimensions; pick n_heads from {divisors} "
                 f"or change emb_dim to a multiple of {self.n_heads}.")
 
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE rotates pairs of dimensions, so each head needs an even width; "
+                              f"emb_dim / n_heads is {self.head_dim}.")
+
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads (plain multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's inner width: ffn_hidden, or the one that gives each kind GPT-2's 8 x emb_dim^2
+        weights (a gated MLP has three matrices, so 8/3 x emb_dim, rounded up to a multiple of 8)."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.emb_dim
+        return -(-8 * self.emb_dim // 3 // 8) * 8
+
+    @property
+    def gpt2_compatible(self) -> bool:
+        """The architecture GPT-2's weights (and Hugging Face's GPT2LMHeadModel) have."""
+        return (self.norm, self.pos_emb, self.ffn, self.kv_heads, self.ffn_hidden in (None, 4 * self.emb_dim)) == \
+            ("layernorm", "learned", "gelu", self.n_heads, True)
 
 
 # Presets: GPT-2's four published sizes, and small ones that train in seconds on a CPU.
@@ -116,6 +175,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),      # 1558M
     "gpt-mini": dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128),
     "gpt-nano": dict(emb_dim=32, n_layers=2, n_heads=2, context_length=64),
+    # Llama-style (chapter 10): RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
+    "llama-tiny": dict(emb_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, context_length=128, norm="rmsnorm",
+                       pos_emb="rope", ffn="swiglu", bias=False),
+    "moe-tiny": dict(emb_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, context_length=128, norm="rmsnorm",
+                     pos_emb="rope", ffn="moe", n_experts=4, moe_top_k=2, bias=False),
+    "llama-124m": dict(emb_dim=768, n_layers=12, n_heads=12, n_kv_heads=4, norm="rmsnorm", pos_emb="rope",
+                       ffn="swiglu", bias=False),
 }
 
 

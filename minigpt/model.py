@@ -17,12 +17,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.attention import KVCache
-from minigpt.blocks import LayerNorm, TransformerBlock
+from minigpt.attention import KVCache, RotaryEmbedding
+from minigpt.blocks import TransformerBlock, make_norm
 from minigpt.config import ConfigError, GPTConfig, did_you_mean
 from minigpt.data import cache_dir, download_file
 
 HF_BASE_URL = "https://huggingface.co"
+
+
+def sinusoidal_positions(num_positions: int, emb_dim: int) -> torch.Tensor:
+    """The original transformer's fixed position vectors (Vaswani et al., 2017), (P, C):
+    sin(p / 10000^(2i / C)) in even dimensions and cos in odd ones."""
+    positions = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    frequencies = 10000.0 ** (-torch.arange(0, emb_dim, 2, dtype=torch.float64) / emb_dim)
+    table = torch.zeros(num_positions, emb_dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(positions * frequencies)
+    table[:, 1::2] = torch.cos(positions * frequencies[:emb_dim // 2])
+    return table.float()
 
 
 class GPTModel(nn.Module):
@@ -30,23 +41,30 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # Where a token sits: a learned vector per position (GPT-2), fixed sine waves added the
+        # same way (the original transformer), or nothing here and rotated queries and keys
+        # inside attention (RoPE, chapter 10).
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
+        if cfg.pos_emb == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_positions(cfg.context_length, cfg.emb_dim), persistent=False)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_base) if cfg.pos_emb == "rope" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim, bias=cfg.bias)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, rope) for _ in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.aux_loss: torch.Tensor | None = None  # a mixture of experts' balancing terms, set by forward
         if cfg.tie_weights:
             # GPT-2 reuses the token embedding as the output head: one (vocab, emb) matrix
             # both reads tokens in and scores them out, saving vocab_size * emb_dim weights.
             self.out_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
-        if cfg.tie_weights:  # token vectors now start at N(0, 0.02): positions must not drown them
-            nn.init.normal_(self.pos_emb.weight, mean=0.0, std=0.02)
+        if cfg.tie_weights and self.pos_emb is not None:  # token vectors now start at N(0, 0.02):
+            nn.init.normal_(self.pos_emb.weight, mean=0.0, std=0.02)  # positions must not drown them
         # GPT-2's scaled init: each block adds two branches to the residual stream, so the
         # layers that write into it start smaller by 1/sqrt(2 * n_layers), keeping the
         # stream's variance from growing with depth.
         for name, param in self.named_parameters():
-            if name.endswith("att.out_proj.weight") or name.endswith("ff.layers.2.weight"):
+            if name.endswith(("att.out_proj.weight", "ff.layers.2.weight", "down.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
@@ -79,11 +97,16 @@ class GPTModel(nn.Module):
             raise ValueError(f"the input reaches {past + num_tokens} tokens but the model's "
                              f"context_length is {self.cfg.context_length}; crop the input to its "
                              f"last {self.cfg.context_length} tokens.")
-        positions = torch.arange(past, past + num_tokens, device=in_idx.device)
-        x = self.tok_emb(in_idx) + self.pos_emb(positions)  # (B, T, C) + (T, C) -> (B, T, C)
+        x = self.tok_emb(in_idx)                            # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + num_tokens, device=in_idx.device))  # + (T, C)
+        elif self.cfg.pos_emb == "sinusoidal":
+            x = x + self.sinusoid[past:past + num_tokens].to(x.dtype)
         x = self.drop_emb(x)
         for layer, block in enumerate(self.trf_blocks):
             x = block(x, None if cache is None else cache.layers[layer])  # (B, T, C)
+        if self.cfg.ffn == "moe":  # the experts' load-balancing terms, for the training loss to add
+            self.aux_loss = sum(block.ff.aux_loss for block in self.trf_blocks)
         x = self.final_norm(x)
         return self.out_head(x)                             # (B, T, vocab_size)
 
@@ -91,7 +114,7 @@ class GPTModel(nn.Module):
         """An empty cache for `batch_size` sequences of up to `max_tokens` (default: the context)."""
         max_tokens = min(max_tokens or self.cfg.context_length, self.cfg.context_length)
         weight = self.tok_emb.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_tokens, self.cfg.head_dim,
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_tokens, self.cfg.head_dim,
                        device=weight.device, dtype=weight.dtype)
 
     def num_parameters(self, exclude_output_head: bool = False) -> int:
@@ -114,8 +137,12 @@ class GPTModel(nn.Module):
         their weighted sum, 2 x 2 x seq_len x emb_dim per layer forward, so 12 x n_layers x
         emb_dim x seq_len with the backward (the PaLM paper's estimate, causal mask ignored).
         """
-        lookups = {self.tok_emb.weight, self.pos_emb.weight} - {self.out_head.weight}  # a tied head multiplies
+        lookups = {self.tok_emb.weight} | ({self.pos_emb.weight} if self.pos_emb is not None else set())
+        lookups -= {self.out_head.weight}  # a tied head multiplies
         weights = sum(p.numel() for p in self.parameters() if p.dim() == 2 and p not in lookups)
+        if self.cfg.ffn == "moe":  # a token runs through top_k of the n_experts experts only
+            expert = sum(p.numel() for p in self.trf_blocks[0].ff.experts[0].parameters() if p.dim() == 2)
+            weights -= self.cfg.n_layers * (self.cfg.n_experts - self.cfg.moe_top_k) * expert
         return 6 * weights + 12 * self.cfg.n_layers * self.cfg.emb_dim * seq_len
 
     def parameter_memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
@@ -231,12 +258,20 @@ def hf_gpt2_config(cfg: GPTConfig) -> dict[str, Any]:
             "bos_token_id": 50256 if gpt2_vocab else None, "eos_token_id": 50256 if gpt2_vocab else None}
 
 
+def require_gpt2_architecture(cfg: GPTConfig) -> None:
+    """GPT-2's weight layout has LayerNorm, learned positions, a GELU MLP and one K/V per head."""
+    if not cfg.gpt2_compatible:
+        raise ConfigError("this model is not GPT-2's architecture (norm, pos_emb, ffn, ffn_hidden or n_kv_heads "
+                          "differ), so GPT-2's weight layout cannot hold it; keep it as a minigpt run.")
+
+
 def load_hf_gpt2_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]) -> None:
     """Copy a Hugging Face GPT-2 state dict (with or without the "transformer." prefix) into `model`.
 
     Every weight the model needs must be there with the right shape; the attention-mask
     buffers some files carry (`attn.bias`, `attn.masked_bias`) are not weights and are skipped.
     """
+    require_gpt2_architecture(model.cfg)
     theirs = {key.removeprefix("transformer."): value for key, value in state_dict.items()
               if not key.endswith((".attn.bias", ".attn.masked_bias"))}
     names = _hf_names(model.cfg)
@@ -267,6 +302,7 @@ def load_hf_gpt2_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]
 
 def to_hf_gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """The model's weights under `transformers.GPT2LMHeadModel`'s names (the inverse of loading)."""
+    require_gpt2_architecture(model.cfg)
     ours = dict(model.named_parameters())
     state = {}
     for our_name, (hf_name, transposed) in _hf_names(model.cfg).items():

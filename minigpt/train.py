@@ -54,7 +54,19 @@ def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     logits = model(input_batch)  # (B, T, V)
     # cross_entropy wants (N, V) scores and (N,) classes: fold batch and time together.
-    return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    loss = F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+    if model.training:  # a mixture of experts trains its router with load-balancing terms too
+        aux = getattr(unwrap(model), "aux_loss", None)
+        if aux is not None:
+            loss = loss + aux
+    return loss
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP's and torch.compile's wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
 
 
 @torch.no_grad()
