@@ -160,6 +160,20 @@ class GPTConfig:
             return 4 * self.emb_dim
         return -(-8 * self.emb_dim // 3 // 8) * 8
 
+    def architecture(self) -> str:
+        """One line for a run's header: what differs from GPT-2's architecture ("" if nothing)."""
+        parts = [self.norm] if self.norm != "layernorm" else []
+        if self.pos_emb != "learned":
+            parts.append("RoPE" if self.pos_emb == "rope" else "sinusoidal positions")
+        if self.ffn == "swiglu":
+            parts.append(f"SwiGLU (hidden {self.hidden_dim})")
+        elif self.ffn == "moe":
+            parts.append(f"{self.n_experts} SwiGLU experts, top-{self.moe_top_k}"
+                         + (" + a shared one" if self.moe_shared_expert else ""))
+        if self.kv_heads != self.n_heads:
+            parts.append(f"{self.kv_heads} KV heads")
+        return ", ".join(parts)
+
     @property
     def gpt2_compatible(self) -> bool:
         """The architecture GPT-2's weights (and Hugging Face's GPT2LMHeadModel) have."""

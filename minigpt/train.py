@@ -949,7 +949,8 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
         ("model", f"{run.model_name}: {m.n_layers} layers, {m.n_heads} heads, emb_dim {m.emb_dim}, "
                   f"context {m.context_length}, vocab {m.vocab_size:,}, dropout {m.drop_rate}, "
                   f"qkv_bias {m.qkv_bias}, tied head {m.tie_weights}"
-                  f"{'' if m.bias else ', no other biases'}{', exact GELU' if m.activation == 'gelu' else ''}"),
+                  f"{'' if m.bias else ', no other biases'}{', exact GELU' if m.activation == 'gelu' else ''}"
+                  f"{'; ' + m.architecture() if m.architecture() else ''}"),
         ("parameters", f"{model.num_parameters():,} ({model.num_parameters(exclude_output_head=True):,} "
                        f"without the output head); {model.parameter_memory_bytes() / 2**20:,.1f} MiB in fp32"),
         ("tokenizer", corpus.tokenizer_note),
