@@ -13,7 +13,8 @@ QUICK_MODE = True     # a small model, one epoch: done in well under a minute on
 CUSTOM_MODE = False   # train with custom_params below (set QUICK_MODE = False too)
 # With both False: full mode, GPT-2 124M at context 256 for 10 epochs (the book's run).
 
-MODEL = None          # None: the mode's model; or a preset such as "gpt-mini", "gpt2-small", "gpt2-medium"
+MODEL = None          # None: the mode's model; or a preset such as "gpt-mini", "gpt2-small", "gpt2-medium",
+                      # or Llama-style "llama-tiny", "moe-tiny", "llama-124m" (chapter 10)
 TOKENIZER = "gpt2"    # "gpt2": GPT-2's BPE through tiktoken (50,257 tokens)
                       # "bpe": minigpt's own BPE with GPT-2's vocabulary (same ids; downloads 1.5 MB once)
                       # "char": one token per character of the text
@@ -65,6 +66,11 @@ custom_params = {
         "context_length": 256,
         "tie_weights": False,   # the output head shares the token embedding (GPT-2 did)
         "activation": "gelu_tanh",  # GPT-2's GELU; "gelu" is the exact one (nanoGPT, faster on CPUs)
+        # Modern switches (chapter 10); the presets "llama-tiny" / "moe-tiny" set them for you:
+        "norm": "layernorm",    # or "rmsnorm"
+        "pos_emb": "learned",   # or "sinusoidal", or "rope" (rotary; "rope_base": 10000.0)
+        "ffn": "gelu",          # or "swiglu", or "moe" ("n_experts", "moe_top_k", "moe_aux_coef", ...)
+        "n_kv_heads": None,     # fewer key/value heads than n_heads: grouped-query attention
     },
 }
 
