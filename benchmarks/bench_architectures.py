@@ -43,14 +43,9 @@ MODELS = ("gpt-mini", "llama-tiny", "moe-tiny")
 
 
 def active_parameters(cfg) -> int:
-    """Parameters one token runs through: a mixture skips n_experts - top_k experts per block."""
+    """Parameters one token runs through (a mixture leaves n_experts - top_k experts idle)."""
     with torch.device("meta"):
-        model = GPTModel(cfg)
-    total = model.num_parameters()
-    if cfg.ffn != "moe":
-        return total
-    expert = sum(p.numel() for p in model.trf_blocks[0].ff.experts[0].parameters())
-    return total - cfg.n_layers * (cfg.n_experts - cfg.moe_top_k) * expert
+        return GPTModel(cfg).num_active_parameters()
 
 
 def run_one(preset: str, data: Path, out: Path, args: argparse.Namespace) -> dict:

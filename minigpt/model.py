@@ -128,6 +128,15 @@ class GPTModel(nn.Module):
             total -= self.out_head.weight.numel()
         return total
 
+    def num_active_parameters(self) -> int:
+        """The weights one token runs through: all of them, except in a mixture of experts, whose
+        router leaves n_experts - moe_top_k experts of every block idle for each token."""
+        total = self.num_parameters()
+        if self.cfg.ffn != "moe":
+            return total
+        expert = sum(p.numel() for p in self.trf_blocks[0].ff.experts[0].parameters())
+        return total - self.cfg.n_layers * (self.cfg.n_experts - self.cfg.moe_top_k) * expert
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at `seq_len` tokens per window (chapter 9).
 

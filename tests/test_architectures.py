@@ -181,3 +181,16 @@ def test_the_modern_presets_train_in_quick_mode(preset, tmp_path):
     saved = json.loads((tmp_path / preset / "config.json").read_text())
     assert saved["model"]["pos_emb"] == "rope" and saved["model"]["n_kv_heads"] == 2
     assert model_config(preset).ffn == ("moe" if preset == "moe-tiny" else "swiglu")
+
+
+def test_a_token_runs_through_top_k_experts_only():
+    cfg = GPTConfig(**SMALL, ffn="moe", n_experts=4, moe_top_k=2, bias=False)
+    with torch.device("meta"):
+        moe, dense = GPTModel(cfg), GPTModel(GPTConfig(**{**SMALL, "ffn": "swiglu", "bias": False}))
+    expert = 3 * 32 * cfg.hidden_dim  # gate, up and down of one SwiGLU expert, no biases
+    router = 32 * 4
+    assert moe.num_parameters() - dense.num_parameters() == 2 * (3 * expert + router)  # 2 layers
+    assert moe.num_active_parameters() == dense.num_parameters() + 2 * (expert + router)
+    assert dense.num_active_parameters() == dense.num_parameters()
+    # the training FLOPs count the same weights: 6 per active matrix weight, plus attention
+    assert moe.flops_per_token(16) - dense.flops_per_token(16) == 6 * 2 * (expert + router)

@@ -262,7 +262,7 @@ QUOTED = [
     ("10", "`llama-tiny` **742,784**", lambda: f"`llama-tiny` **{meta_model('llama-tiny', vocab_size=65).num_parameters():,}**"),
     ("10", "| **25,165,824** |", lambda: f"| **{meta_model('llama-124m').new_kv_cache(1, 1024).memory_bytes():,}** |"),
     ("10", "| **6,291,456** |", lambda: f"| **{meta_model('llama-124m', n_kv_heads=1).new_kv_cache(1, 1024).memory_bytes():,}** |"),
-    ("10", "only **1,273,216** a token runs", lambda: f"only **{active_moe_parameters():,}** a token runs"),
+    ("10", "only **1,273,216** a token runs", lambda: f"only **{meta_model('moe-tiny', vocab_size=65).num_active_parameters():,}** a token runs"),
     ("08", "= 0.5981$", lambda: f"= {dpo_by_hand()[0]:.4f}$"),
     ("08", "the example gives 0.6381", lambda: f"the example gives {dpo_by_hand(label_smoothing=0.2)[0]:.4f}"),
     ("08", "(2 - 5)^2 = 9.0000", lambda: f"(2 - 5)^2 = {dpo_by_hand(loss_type='ipo')[0]:.4f}"),
@@ -270,14 +270,6 @@ QUOTED = [
     ("08", "The exact KL is 0.223805", lambda: kl_of_three_outcomes()),
     ("08", "= -0.775$ and half the tokens are clipped", lambda: clipped_by_hand()),
 ]
-
-
-def active_moe_parameters() -> int:
-    """moe-tiny's weights a token runs through: all but the (n_experts - top_k) unchosen experts per block."""
-    model = meta_model("moe-tiny", vocab_size=65)
-    expert = sum(p.numel() for p in model.trf_blocks[0].ff.experts[0].parameters())
-    cfg = model.cfg
-    return model.num_parameters() - cfg.n_layers * (cfg.n_experts - cfg.moe_top_k) * expert
 
 
 def dpo_by_hand(**options) -> tuple[float, float, float]:
