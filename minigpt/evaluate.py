@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections import Counter
+from typing import Any
 
 import torch
-
-from minigpt.train import calc_loss_loader
+import torch.nn.functional as F
 
 
 def perplexity(loss: float) -> float:
@@ -49,13 +50,103 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
                                shuffle=False, drop_last=False, name="the evaluation text")
     was_training = model.training
     model.eval()
-    loss = calc_loss_loader(loader, model, device)
+    total_loss, correct, count = 0.0, 0, 0
+    for inputs, targets in loader:
+        logits = model(inputs.to(device)).float()                       # (B, T, V)
+        targets = targets.to(device)
+        total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        correct += int((logits.argmax(dim=-1) == targets).sum())
+        count += targets.numel()
     model.train(was_training)
+    loss = total_loss / count
     windows = len(loader.dataset)
     scored = ids[1:windows * max_length + 1]  # the targets of every window, in order
     num_bytes = len(tokenizer.decode(scored).encode("utf-8"))
     return {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
-            "tokens": len(scored), "bytes": num_bytes}
+            "next_token_accuracy": correct / count, "tokens": len(scored), "bytes": num_bytes}
+
+
+# ---------------------------------------------------------------------------------------
+# Multiple choice, HellaSwag style: which ending does the model find most likely?
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ending_logprobs(model: torch.nn.Module, tokenizer, context: str, endings: list[str],
+                    device: torch.device | str = "cpu") -> list[tuple[float, int]]:
+    """(log P(ending | context) summed over the ending's tokens, number of those tokens) for each
+    ending, written after the context with a space as in HellaSwag. A context too long for the
+    model keeps its last tokens."""
+    context_ids = tokenizer.encode(context, allowed_special="all")
+    rows = [tokenizer.encode(" " + ending, allowed_special="all") for ending in endings]
+    limit = model.cfg.context_length + 1  # inputs are all but the last token
+    if max(len(ids) for ids in rows) >= limit:
+        from minigpt.config import ConfigError
+        raise ConfigError(f"an ending of {max(len(ids) for ids in rows)} tokens does not fit, with any "
+                          f"context, in the model's {model.cfg.context_length} positions.")
+    scores = []
+    for ending_ids in rows:
+        ids = (context_ids + ending_ids)[-limit:]
+        start = len(ids) - len(ending_ids)                     # where the ending begins
+        logits = model(torch.tensor([ids[:-1]], device=device))[0].float()
+        logprobs = torch.log_softmax(logits[start - 1:], dim=-1)  # the positions that predict the ending
+        picked = logprobs.gather(-1, torch.tensor(ids[start:], device=device).unsqueeze(-1))
+        scores.append((picked.sum().item(), len(ending_ids)))
+    return scores
+
+
+def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, items: list[dict], device: torch.device | str = "cpu",
+                             progress: bool = True) -> dict[str, float]:
+    """acc: the share of items whose highest-scoring ending (total log-probability) is the labelled
+    one; acc_norm: the same with the mean log-probability per token, which does not penalise
+    long endings. Items are {"context", "endings", "label"} (label: the right ending's index)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    right = right_norm = 0
+    for item in tqdm(items, desc="multiple choice", disable=not progress, leave=False):
+        scores = ending_logprobs(model, tokenizer, item["context"], item["endings"], device)
+        total = max(range(len(scores)), key=lambda i: scores[i][0])
+        mean = max(range(len(scores)), key=lambda i: scores[i][0] / scores[i][1])
+        right += total == item["label"]
+        right_norm += mean == item["label"]
+    model.train(was_training)
+    return {"acc": right / len(items), "acc_norm": right_norm / len(items), "items": len(items)}
+
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+
+
+def load_multiple_choice(path: str | None = None) -> list[dict]:
+    """Items {context, endings, label} from a JSONL file, or HellaSwag's 10,042 validation items
+    (downloaded once) when `path` is None or "hellaswag". HellaSwag's own fields (ctx, endings,
+    label) are read too."""
+    import json
+    from pathlib import Path
+
+    from minigpt.config import ConfigError
+    from minigpt.data import cache_dir, download_file, read_text
+
+    if path in (None, "hellaswag"):
+        path = download_file(HELLASWAG_URL, cache_dir() / "hellaswag_val.jsonl")
+    items = []
+    for number, line in enumerate(read_text(Path(path)).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            item = {"context": record["context"] if "context" in record else record["ctx"],
+                    "endings": list(record["endings"]), "label": int(record["label"])}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"{path}, line {number}: expected a JSON object with context (or ctx), endings "
+                              f"and label ({type(err).__name__}: {err}).") from None
+        if not 0 <= item["label"] < len(item["endings"]) or len(item["endings"]) < 2:
+            raise ConfigError(f"{path}, line {number}: label {item['label']} does not index one of its "
+                              f"{len(item['endings'])} endings (at least two are needed).")
+        items.append(item)
+    if not items:
+        raise ConfigError(f"{path} holds no items; give JSON Lines of {{context, endings, label}}.")
+    return items
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +219,40 @@ def mean_rouge_l(candidates: list[str], references: list[str]) -> dict[str, floa
         raise ValueError("need at least one candidate and reference to average ROUGE-L over, got none.")
     scores = [rouge_l(candidate, reference) for candidate, reference in zip(candidates, references)]
     return {key: sum(score[key] for score in scores) / len(scores) for key in ("precision", "recall", "f1")}
+
+
+def ngram_counts(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(candidate: str, references: str | list[str], max_n: int = 4, smooth: bool = True) -> dict[str, Any]:
+    """Sentence BLEU (Papineni et al., 2002), with the same words as ROUGE-L (`overlap_tokens`).
+
+    For n = 1 .. max_n, the candidate's n-grams are counted, each clipped to the most times any
+    one reference has it ("the the the" earns one "the" per "the" in a reference), and divided
+    by the candidate's n-gram count: the modified precision p_n. BLEU is their geometric mean
+    times a brevity penalty, e^(1 - r / c) when the candidate (c words) is shorter than the
+    reference closest in length (r words), else 1. With `smooth` (Lin and Och, 2004), 1 is added
+    to the matches and the count of every n > 1, so a short answer without a shared 4-gram is
+    not scored 0.
+    """
+    refs = [overlap_tokens(r) for r in ([references] if isinstance(references, str) else references)]
+    cand = overlap_tokens(candidate)
+    precisions = []
+    for n in range(1, max_n + 1):
+        counts = ngram_counts(cand, n)
+        most = Counter()
+        for ref in refs:
+            most |= ngram_counts(ref, n)  # per n-gram, the largest count in any one reference
+        matches, total = sum(min(c, most[g]) for g, c in counts.items()), sum(counts.values())
+        if smooth and n > 1:
+            matches, total = matches + 1, total + 1
+        precisions.append(matches / total if total else 0.0)
+    closest = min((abs(len(ref) - len(cand)), len(ref)) for ref in refs)[1]
+    brevity = 0.0 if not cand else 1.0 if len(cand) > closest else math.exp(1 - closest / len(cand))
+    mean_log = sum(math.log(p) for p in precisions) / max_n if min(precisions) > 0 else -math.inf
+    return {"bleu": brevity * math.exp(mean_log), "precisions": precisions, "brevity_penalty": brevity,
+            "candidate_length": len(cand), "reference_length": closest}
 
 
 def judge_prompt(instruction_prompt: str, reference: str, response: str) -> str:
