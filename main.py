@@ -10,6 +10,8 @@
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
     python main.py --task generate --pretrained gpt2          # chat with OpenAI's GPT-2 (downloads 0.5 GB once)
     python main.py --task export --checkpoint runs/pretrain-quick --out exported/   # for transformers
+    python main.py --task evaluate --checkpoint runs/pretrain-quick      # loss, perplexity, bits per byte
+    python main.py --task evaluate --pretrained gpt2 --choices hellaswag # GPT-2 on HellaSwag
     python main.py --task classify --data reviews.csv            # a classifier (columns text,label)
     python main.py --task classify --checkpoint runs/classify-quick --prompt "WINNER! Claim your prize"
     python main.py --task sft --mode full                        # GPT-2 medium follows instructions
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
                         help="OpenAI's GPT-2 to generate with or fine-tune: gpt2, gpt2-medium, gpt2-large, "
                              "gpt2-xl, or a Hugging Face GPT-2 folder")
     parser.add_argument("--prompt", help="text to continue (--task generate); without it, an interactive loop")
+    parser.add_argument("--choices", metavar="hellaswag|FILE",
+                        help="--task evaluate: multiple-choice items, HellaSwag's validation set (downloaded "
+                             "once) or a JSONL of {context, endings, label}")
+    parser.add_argument("--limit", type=int, metavar="N", help="--task evaluate: score the first N items only")
     sampling = parser.add_argument_group("decoding (--task generate; defaults: config_run.generation_params)")
     sampling.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 60)")
     sampling.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
@@ -197,6 +203,28 @@ def typed_lines():
         yield line
 
 
+def run_evaluate(run) -> None:
+    """Loss, perplexity, bits per byte and next-token accuracy on a text, and multiple-choice accuracy
+    (HellaSwag style) if asked; the report goes to evaluation.json and evaluation.md."""
+    from minigpt.data import corpus_path, read_text
+    from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown, write_report
+
+    model, tokenizer, source, _ = load_for_generation(run)
+    device = next(model.parameters()).device
+    path = corpus_path(run.data)
+    print(f"minigpt | evaluate | {source} | text {path}", file=sys.stderr)
+    report = {"model": source, "text": {"file": str(path), **evaluate_text(
+        model, tokenizer, read_text(path), min(model.cfg.context_length, 1024), batch_size=4, device=device)}}
+    if run.choices:
+        items = load_multiple_choice(run.choices)[:run.limit]
+        report["multiple_choice"] = {"file": run.choices, **evaluate_multiple_choice(model, tokenizer, items, device)}
+    out = Path(run.out) if run.out else Path(run.checkpoint) if run.checkpoint else \
+        Path("runs") / f"evaluate-{Path(run.pretrained).name}"
+    paths = write_report(report, out)
+    print(report_markdown(report))
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
 def run_classify(run) -> None:
     """Fine-tune a classifier; or, given a classifier's run directory, classify texts with it."""
     from minigpt.finetune import classify, finetune
@@ -251,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             run = resolve_run_config(settings_from_module(config_run), cli)
         if run.task == "generate":
             run_generate(run)
+        elif run.task == "evaluate":
+            run_evaluate(run)
         elif run.task == "export":
             run_export(run)
         elif run.task == "classify":

@@ -397,7 +397,7 @@ class AlignConfig:
 # One run: what config_run.py and the command line resolve to
 # ---------------------------------------------------------------------------------------
 
-TASKS = ("pretrain", "generate", "export", "classify", "sft", "reward", "dpo", "ppo", "grpo")
+TASKS = ("pretrain", "generate", "evaluate", "export", "classify", "sft", "reward", "dpo", "ppo", "grpo")
 FINETUNE_TASKS = ("classify", "sft")
 ALIGN_TASKS = ("reward", "dpo", "ppo", "grpo")
 MODES = ("quick", "full", "custom")
@@ -553,6 +553,8 @@ class RunConfig:
     generation: dict[str, Any] = field(default_factory=dict)
     finetune: FinetuneConfig | None = None  # --task classify / sft only
     align: AlignConfig | None = None        # --task reward / dpo / ppo / grpo only
+    choices: str | None = None     # --task evaluate: multiple-choice items, "hellaswag" or a JSONL file
+    limit: int | None = None       # --task evaluate: score only the first N multiple-choice items
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -679,10 +681,12 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
             raise ConfigError("fine-tuning and alignment start from one model: give --checkpoint DIR (a "
                               "minigpt run) or --pretrained NAME (GPT-2), not both.")
         checkpoint, pretrained = _resolve_init(settings, checkpoint, pretrained, base)
-    if task == "generate" and bool(checkpoint) == bool(pretrained):
-        raise ConfigError("--task generate needs one model: --checkpoint DIR (the run directory of a "
+    if task in ("generate", "evaluate") and bool(checkpoint) == bool(pretrained):
+        raise ConfigError(f"--task {task} needs one model: --checkpoint DIR (the run directory of a "
                           "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "
                           "also gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder).")
+    if cli.get("limit") is not None:
+        _check_int("--limit", cli["limit"])
     if task == "export" and not (checkpoint and out):
         raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER "
                           "(where config.json and model.safetensors for transformers are written).")
@@ -690,7 +694,8 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
                      tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
                      device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
                      checkpoint=checkpoint, pretrained=pretrained, prompt=cli.get("prompt"),
-                     generation=generation, finetune=finetune, align=align)
+                     generation=generation, finetune=finetune, align=align, choices=cli.get("choices"),
+                     limit=cli.get("limit"))
 
 
 def _resolve_finetune(settings: dict[str, Any], cli: dict[str, Any], task: str, mode: str,

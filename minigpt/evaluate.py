@@ -15,6 +15,7 @@ import math
 import re
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,6 +65,35 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
     num_bytes = len(tokenizer.decode(scored).encode("utf-8"))
     return {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
             "next_token_accuracy": correct / count, "tokens": len(scored), "bytes": num_bytes}
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """A short Markdown table of an evaluation report (what `write_report` puts beside its JSON)."""
+    lines = [f"# Evaluation of {report['model']}", "", "| measure | value |", "|---|---|"]
+    text = report.get("text")
+    if text:
+        lines += [f"| text | {text['file']} ({text['tokens']:,} tokens scored, {text['bytes']:,} bytes) |",
+                  f"| loss (nats per token) | {text['loss']:.4f} |", f"| perplexity | {text['perplexity']:,.2f} |",
+                  f"| bits per byte | {text['bits_per_byte']:.4f} |",
+                  f"| next-token accuracy | {100 * text['next_token_accuracy']:.2f}% |"]
+    choice = report.get("multiple_choice")
+    if choice:
+        lines += [f"| multiple choice | {choice['file']} ({choice['items']:,} items) |",
+                  f"| acc (total log-probability) | {choice['acc']:.4f} |",
+                  f"| acc_norm (mean log-probability per token) | {choice['acc_norm']:.4f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], directory: str | Path) -> list[Path]:
+    """evaluation.json (every number) and evaluation.md (the table) in `directory`."""
+    import json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / "evaluation.json", directory / "evaluation.md"]
+    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths[1].write_text(report_markdown(report), encoding="utf-8")
+    return paths
 
 
 # ---------------------------------------------------------------------------------------
@@ -122,7 +152,6 @@ def load_multiple_choice(path: str | None = None) -> list[dict]:
     (downloaded once) when `path` is None or "hellaswag". HellaSwag's own fields (ctx, endings,
     label) are read too."""
     import json
-    from pathlib import Path
 
     from minigpt.config import ConfigError
     from minigpt.data import cache_dir, download_file, read_text

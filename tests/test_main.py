@@ -49,6 +49,27 @@ def test_quick_mode_trains_and_writes_a_complete_run_directory(quick_run):
         assert expected in out, expected
 
 
+def test_evaluate_a_saved_run_on_a_text_and_multiple_choice_items(quick_run, tmp_path):
+    import math
+
+    _, run_dir = quick_run
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps({"context": f"Item {i}", "endings": ["yes", "no"], "label": i % 2})
+                               for i in range(4)) + "\n")
+    out = tmp_path / "evaluation"
+    result = run_main("--task", "evaluate", "--checkpoint", str(run_dir), "--data", str(find_verdict()),
+                      "--choices", str(items), "--limit", "3", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "evaluation.json").read_text())
+    text = report["text"]
+    assert text["perplexity"] == pytest.approx(math.exp(text["loss"]))
+    assert 0 <= text["next_token_accuracy"] <= 1 and text["bytes"] > text["tokens"] > 4000
+    assert report["multiple_choice"]["items"] == 3
+    assert "| perplexity |" in (out / "evaluation.md").read_text() and "| perplexity |" in result.stdout
+    missing = run_main("--task", "evaluate", cwd=tmp_path)
+    assert missing.returncode == 2 and "--task evaluate needs one model" in missing.stderr
+
+
 def test_generate_from_the_saved_run(quick_run):
     _, run_dir = quick_run
     result = run_main("--task", "generate", "--checkpoint", str(run_dir), "--prompt", "Every effort moves",
