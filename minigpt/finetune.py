@@ -42,10 +42,11 @@ from minigpt.lora import count_parameters, inject_lora, lora_layers, merge_lora,
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
-from minigpt.train import (CHECKPOINT_NAME, Distributed, Loaders, StepSetup, StopRequest, TrainState, autocast,
-                           calc_loss_loader, choose_run_dir, compile_model, load_checkpoint, load_model,
+from minigpt.train import (BEST_NAME, CHECKPOINT_NAME, Distributed, Loaders, StepSetup, StopRequest, TrainState,
+                           autocast, calc_loss_loader, choose_run_dir, compile_model, load_checkpoint, load_model,
                            make_metrics, make_optimizer, micro_batch_size, peak_tflops, pick_device, print_rows,
-                           print_summary, resolve_precision, restore_rng, rng_states, save_checkpoint, train_loop)
+                           print_summary, resolve_precision, restore_rng, rng_states, save_checkpoint, save_weights,
+                           train_loop)
 
 # Splits, as in the book: labelled texts 70% / 10% / 20% (train / validation / test) after a
 # seeded shuffle; instructions 85% train, then 5% validation and 10% test, in file order.
@@ -508,7 +509,8 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
     with (stop or StopRequest()) as stop:
         completed = train_loop(model, optimizer, loaders, device, cfg, state, total_steps, tokenizer,
                                log_every=run.log_every, stop=stop, on_epoch_end=lambda: save(False), setup=setup,
-                               train_model=fast_model, eval_batches=eval_batches, epoch_note=epoch_note)
+                               train_model=fast_model, eval_batches=eval_batches, epoch_note=epoch_note,
+                               on_best=lambda: save_weights(run_dir / BEST_NAME, model, run, extra))
     save(completed)
     metrics = make_metrics(state, model, device, completed, None, run, setup, compile_note)
     files = [CHECKPOINT_NAME, "config.json", "metrics.json", "training_losses.png"]

@@ -603,7 +603,8 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
         raise ConfigError("alignment runs in one process (torchrun is for pretraining); start it with "
                           "python main.py --task reward | dpo | ppo | grpo.")
     checkpoint = load_checkpoint(run.resume) if run.resume else None
-    if checkpoint is None and run.checkpoint and not (Path(run.checkpoint) / CHECKPOINT_NAME).is_file():
+    start_file = Path(run.checkpoint or "")
+    if checkpoint is None and run.checkpoint and not (start_file.is_file() or (start_file / CHECKPOINT_NAME).is_file()):
         raise ConfigError(f"{run.task} starts from the run in {run.checkpoint}, which does not exist yet: train it "
                           f"first (e.g. python main.py --task sft --mode {run.mode} --out {run.checkpoint}), or "
                           "start elsewhere with --checkpoint DIR, --pretrained NAME or INIT = 'scratch'.")
@@ -766,7 +767,8 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
 
 def _check_template(run_dir: str | None, style: str) -> None:
     """An instruction-tuned starting run answers in its own template: the answers scored here must too."""
-    config = Path(run_dir or "") / "config.json"
+    folder = Path(run_dir or "")
+    config = (folder.parent if folder.is_file() else folder) / "config.json"  # a run, or its best.pt
     if not run_dir or not config.is_file():
         return
     saved = json.loads(config.read_text())

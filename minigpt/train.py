@@ -40,6 +40,7 @@ from minigpt.plot import plot_losses
 from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"  # the weights at the lowest validation loss of the periodic evaluations
 TOKENIZER_NAME = "tokenizer.bpe"
 CHECKPOINT_FORMAT = "minigpt-checkpoint-v1"
 
@@ -389,7 +390,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                tokenizer, log_every: int = 10, stop: StopRequest | None = None,
                on_epoch_end: Callable[[], None] | None = None, setup: StepSetup | None = None,
                train_model: torch.nn.Module | None = None, eval_batches: int | None = None,
-               epoch_note: Callable[[], dict[str, Any]] | None = None) -> bool:
+               epoch_note: Callable[[], dict[str, Any]] | None = None,
+               on_best: Callable[[], None] | None = None) -> bool:
     """Train from `state` until `total_steps` or the last epoch; True if it got there.
 
     The loop can stop after any step (Ctrl-C) and continue later from the saved state:
@@ -397,7 +399,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     `on_epoch_end` runs after every epoch but the last (pretrain saves a checkpoint there).
     `train_model` is what the steps run (the model compiled and/or wrapped for DDP; by
     default `model` itself); evaluation and samples use `model`'s weights, which are the same.
-    Evaluations read `eval_batches` batches of each split (default `cfg.eval_iter`).
+    Evaluations read `eval_batches` batches of each split (default `cfg.eval_iter`); after one
+    that gives the lowest validation loss so far, `on_best()` runs (runs keep those weights).
     After each epoch, `epoch_note()` says how the model does ({"text": ..., any numbers}); by
     default it is a sample continuing `cfg.start_context`. Tokens are counted as read,
     padding included (fine-tuning batches are padded to their longest sequence).
@@ -450,8 +453,11 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                                                           device, eval_batches or cfg.eval_iter)
                 state.eval_steps.append(state.global_step)
                 state.eval_tokens_seen.append(state.tokens_seen)
+                improved = not state.val_losses or val_loss < min(state.val_losses)
                 state.train_losses.append(train_loss)
                 state.val_losses.append(val_loss)
+                if improved and on_best is not None:
+                    on_best()
             if (evaluate_now or state.global_step % log_every == 0) and world.is_main:
                 steps = state.global_step - last_log_step
                 seconds = max(state.train_time_s - last_log_time, 1e-9)
@@ -518,6 +524,18 @@ def save_checkpoint(path: str | Path, model: GPTModel, optimizer: torch.optim.Op
         "rng": rng or rng_states(Distributed()),
         "scaler": scaler.state_dict() if scaler else None,
     }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_weights(path: str | Path, model: GPTModel, run: RunConfig, extra: dict[str, Any] | None = None) -> Path:
+    """A checkpoint of the weights alone (no optimizer, no random state): what `load_model` needs to
+    generate, evaluate or fine-tune from. A run keeps its best weights this way, as best.pt."""
+    path = Path(path)
+    checkpoint = {"format": CHECKPOINT_FORMAT, "run": run.to_dict(), "tokenizer_spec": None, "data_sha256": None,
+                  **(extra or {}), "model": model.state_dict()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
@@ -823,10 +841,15 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
             write_run_files(run_dir, run, metrics, extra, len(corpus.train_ids), len(corpus.val_ids))
         return metrics
 
+    def save_best() -> None:
+        if world.is_main:
+            save_weights(run_dir / BEST_NAME, model, run, extra)
+
     with (stop or StopRequest()) as stop:
         completed = train_loop(model, optimizer, loaders, device, cfg, state, total_steps, tokenizer,
                                log_every=run.log_every, stop=stop, on_epoch_end=lambda: save(completed=False),
-                               setup=setup, train_model=train_model, eval_batches=eval_batches)
+                               setup=setup, train_model=train_model, eval_batches=eval_batches,
+                               on_best=save_best)
     final = None
     if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
         with autocast(precision, device):
@@ -998,6 +1021,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, completed: bool, files
     print(f"  peak memory        {fmt(metrics['peak_memory_mib'], ',.0f')} MiB ({metrics['peak_memory_kind']})")
     print(f"  wall time          {metrics['elapsed_s']:.1f} s")
     files = files or ["checkpoint.pt", "config.json", "metrics.json", "training_losses.png"]
+    if (run_dir / BEST_NAME).is_file() and BEST_NAME not in files:
+        files.append(BEST_NAME)
     if (run_dir / TOKENIZER_NAME).is_file():
         files.append(TOKENIZER_NAME)
     print(f"  wrote              {run_dir}/: {', '.join(files)}")

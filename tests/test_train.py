@@ -67,7 +67,7 @@ def test_same_seed_same_losses_and_a_complete_run_dir(tmp_path, text_file, capsy
     assert first["batch_losses"] == second["batch_losses"] and first["val_losses"] == second["val_losses"]
     assert first["batch_losses"] != other_seed["batch_losses"]
 
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "config.json", "metrics.json",
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "best.pt", "config.json", "metrics.json",
                                                   "training_losses.png"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("train_losses", "val_losses", "tokens_seen", "final_train_loss", "final_val_loss",
@@ -92,6 +92,19 @@ def test_checkpoint_loads_safely_and_rebuilds_the_same_model(tmp_path, text_file
     model.eval()
     assert torch.equal(loaded(idx), model(idx))
     assert loaded_tokenizer.encode("The painter") == tokenizer.encode("The painter")
+
+
+def test_a_run_keeps_its_best_weights_beside_the_final_ones(tmp_path, text_file):
+    params = {**TINY_SETTINGS["custom_params"], "max_steps": 30, "eval_freq": 10}
+    _, _, metrics, run_dir = pretrain(tiny_run(tmp_path, "run", text_file, custom_params=params))
+    losses = metrics["val_losses"]  # estimates at steps 10, 20 and 30; the run ends at step 30
+    assert len(losses) == 3
+    best, final = (torch.load(run_dir / name, weights_only=True)["model"] for name in ("best.pt", "checkpoint.pt"))
+    same = all(torch.equal(best[key], final[key]) for key in final)
+    assert same == (losses[2] < min(losses[:2]))  # best.pt is the step-30 model only if step 30 was best
+    for name in ("best.pt", "checkpoint.pt"):  # both load, with their tokenizer, ready to generate
+        model, tokenizer, saved = load_model(run_dir / name)
+        assert saved["model"]["n_layers"] == 2 and tokenizer.encode("The") and model(torch.tensor([[0, 1]])).shape[1] == 2
 
 
 def test_corrupt_or_missing_checkpoint_says_what_to_do(tmp_path):
