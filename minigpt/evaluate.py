@@ -11,6 +11,7 @@ predicts many easy tokens, a BPE model fewer, harder ones. Two conversions help:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -20,6 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minigpt.config import ConfigError
+from minigpt.data import cache_dir, create_dataloader, download_file, read_text
 
 
 def perplexity(loss: float) -> float:
@@ -44,8 +49,6 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
     (so from up to `max_length - 1` tokens of context). Bits per byte counts the bytes of the
     text the scored tokens cover.
     """
-    from minigpt.data import create_dataloader
-
     ids = tokenizer.encode(text, allowed_special="all")
     loader = create_dataloader(ids, batch_size=batch_size, max_length=max_length, stride=max_length,
                                shuffle=False, drop_last=False, name="the evaluation text")
@@ -86,8 +89,6 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], directory: str | Path) -> list[Path]:
     """evaluation.json (every number) and evaluation.md (the table) in `directory`."""
-    import json
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "evaluation.json", directory / "evaluation.md"]
@@ -110,7 +111,6 @@ def ending_logprobs(model: torch.nn.Module, tokenizer, context: str, endings: li
     rows = [tokenizer.encode(" " + ending, allowed_special="all") for ending in endings]
     limit = model.cfg.context_length + 1  # inputs are all but the last token
     if max(len(ids) for ids in rows) >= limit:
-        from minigpt.config import ConfigError
         raise ConfigError(f"an ending of {max(len(ids) for ids in rows)} tokens does not fit, with any "
                           f"context, in the model's {model.cfg.context_length} positions.")
     scores = []
@@ -129,8 +129,6 @@ def evaluate_multiple_choice(model: torch.nn.Module, tokenizer, items: list[dict
     """acc: the share of items whose highest-scoring ending (total log-probability) is the labelled
     one; acc_norm: the same with the mean log-probability per token, which does not penalise
     long endings. Items are {"context", "endings", "label"} (label: the right ending's index)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     right = right_norm = 0
@@ -151,11 +149,6 @@ def load_multiple_choice(path: str | None = None) -> list[dict]:
     """Items {context, endings, label} from a JSONL file, or HellaSwag's 10,042 validation items
     (downloaded once) when `path` is None or "hellaswag". HellaSwag's own fields (ctx, endings,
     label) are read too."""
-    import json
-
-    from minigpt.config import ConfigError
-    from minigpt.data import cache_dir, download_file, read_text
-
     if path in (None, "hellaswag"):
         path = download_file(HELLASWAG_URL, cache_dir() / "hellaswag_val.jsonl")
     items = []
@@ -322,8 +315,6 @@ def judge_score(prompt: str, url: str = JUDGE_URL, model: str = JUDGE_MODEL, tim
     """
     import requests
 
-    from minigpt.config import ConfigError
-
     url = url.rstrip("/")
     payload = {
         "model": model,
@@ -360,8 +351,6 @@ def judge_responses(items: list[dict], url: str = JUDGE_URL, model: str = JUDGE_
     `mean_score` averages the scores the judge gave (None if it gave none); `unparsed` counts
     the replies with no score in them.
     """
-    from tqdm.auto import tqdm
-
     available, message = judge_available(url)
     if not available:
         print(f"{message}. Judge scores are skipped.", file=sys.stderr)
