@@ -52,7 +52,8 @@ custom_params = {
     "beta2": 0.999,            # AdamW's second-moment decay (0.95-0.99 for bigger batches and models)
     # Training at scale (chapter 9). None of these changes what a step computes, only how:
     "micro_batch_size": None,  # windows per forward/backward per process; batch_size / it = gradient
-                               # accumulation steps (None: batch_size split across processes)
+                               # accumulation steps (None: batch_size split across processes; "auto":
+                               # the largest that fits the device, found by trying, as --batch-size auto)
     "precision": "auto",       # "auto": bf16 on CUDA GPUs that have it, fp32 on CPU; or "fp32", "bf16", "fp16"
     "compile": False,          # torch.compile the model: fused kernels, after a wait while it compiles
     "sampling": "auto",        # "sliding" windows once per epoch, "random" windows; auto: random for token files

@@ -37,6 +37,16 @@ from minigpt.config import (ALIGN_TASKS, DPO_LOSSES, GENERATION_DEFAULTS, KL_EST
                             ConfigError, resolve_resume_config, resolve_run_config, settings_from_module)
 
 
+def whole_number_or_auto(text: str) -> int | str:
+    """argparse type for --batch-size and --micro-batch-size: a whole number or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description="Train and sample a GPT written from scratch. Defaults come from config_run.py.")
@@ -55,13 +65,16 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="run directory (default: runs/<task>-<mode>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped or finished run in DIR")
     parser.add_argument("--epochs", dest="num_epochs", type=int, help="number of epochs")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=whole_number_or_auto, metavar="N|auto",
+                        help="sequences per optimizer step; auto: keep the mode's and pick the largest "
+                             "micro-batch that fits the device (measured), accumulating the rest")
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--seed", type=int, help="config_run.SEED")
     scale = parser.add_argument_group("training at scale (chapter 9; defaults: the mode's settings)")
-    scale.add_argument("--micro-batch-size", type=int, metavar="N",
-                       help="windows per forward/backward; batch size / N = gradient accumulation steps")
+    scale.add_argument("--micro-batch-size", type=whole_number_or_auto, metavar="N|auto",
+                       help="windows per forward/backward; batch size / N = gradient accumulation steps "
+                            "(auto: the largest that fits)")
     scale.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on recent CUDA GPUs, fp32 on CPU")
     scale.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model (ignored where unsupported)")
@@ -118,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> dict:
     aligning.add_argument("--sft-steps", type=int, metavar="N",
                           help="ppo/grpo from new weights: supervised warm-up steps on the task first")
     cli = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
+    if cli.get("batch_size") == "auto":  # keep the batch per step; measure the micro-batch
+        if cli.get("micro_batch_size", "auto") != "auto":
+            parser.error("--batch-size auto picks the micro-batch itself; drop --micro-batch-size, or give "
+                         "--batch-size a number.")
+        del cli["batch_size"]
+        cli["micro_batch_size"] = "auto"
     if "stop_strings" in cli:  # let --stop "\n\n" mean two newlines, as users type it
         cli["stop_strings"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cli["stop_strings"]]
     return cli

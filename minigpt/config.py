@@ -241,7 +241,7 @@ class TrainConfig:
     grad_clip: float | None = None  # clip the gradient's global norm to this (None: off)
     beta1: float = 0.9           # AdamW's momentum of the gradient
     beta2: float = 0.999         # AdamW's momentum of the squared gradient (0.95-0.99 for larger/noisier runs)
-    micro_batch_size: int | None = None  # windows per forward/backward per process (None: batch_size / processes)
+    micro_batch_size: int | str | None = None  # windows per forward/backward per process (None: batch_size / processes; "auto": the largest that fits, measured)
     precision: str = "auto"      # "fp32", "bf16", "fp16" (with a gradient scaler), or "auto": bf16 on CUDA GPUs that have it, fp16 on older ones, else fp32
     compile: bool = False        # torch.compile the model (off by itself where unsupported: Windows, MPS)
     sampling: str = "auto"       # "sliding": every window once per epoch; "random": windows at random starts; "auto": random for token files
@@ -272,7 +272,10 @@ class TrainConfig:
             _check_float("grad_clip", self.grad_clip, 0.0, low_inclusive=False)
         _check_float("beta1", self.beta1, 0.0, 1.0, high_inclusive=False)
         _check_float("beta2", self.beta2, 0.0, 1.0, high_inclusive=False)
-        if self.micro_batch_size is not None:
+        if self.micro_batch_size is not None and self.micro_batch_size != "auto":
+            if isinstance(self.micro_batch_size, str):
+                raise ConfigError(f"micro_batch_size must be a whole number, None or 'auto', got "
+                                  f"{self.micro_batch_size!r}.")
             _check_int("micro_batch_size", self.micro_batch_size)
             if self.batch_size % self.micro_batch_size:
                 raise ConfigError(

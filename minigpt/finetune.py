@@ -43,10 +43,10 @@ from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
 from minigpt.train import (BEST_NAME, CHECKPOINT_NAME, Distributed, Loaders, StepSetup, StopRequest, TrainState,
-                           autocast, calc_loss_loader, choose_run_dir, compile_model, load_checkpoint, load_model,
-                           make_metrics, make_optimizer, micro_batch_size, peak_tflops, pick_device, print_rows,
-                           print_summary, resolve_precision, restore_rng, rng_states, save_checkpoint, save_weights,
-                           train_loop)
+                           autocast, calc_loss_loader, choose_run_dir, compile_model, fit_micro_batch, load_checkpoint,
+                           load_model, make_metrics, make_optimizer, micro_batch_size, peak_tflops, pick_device,
+                           precision_reason, print_rows, print_summary, resolve_precision, restore_rng, rng_states,
+                           save_checkpoint, save_weights, train_loop)
 
 # Splits, as in the book: labelled texts 70% / 10% / 20% (train / validation / test) after a
 # seeded shuffle; instructions 85% train, then 5% validation and 10% test, in file order.
@@ -430,6 +430,18 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
                           f"({model.cfg.context_length}); lower max_length to at most {model.cfg.context_length}.")
     model.to(device)
 
+    # Optimizer, precision and memory before the loaders: they need the micro-batch size it settles.
+    optimizer = make_optimizer(model, cfg)  # frozen weights get no gradient, so AdamW keeps no state for them
+    precision = resolve_precision(cfg.precision, device)
+    longest = max((data.train[i] for i in range(len(data.train))), key=lambda example: len(example[0]))
+
+    def copies_of_longest(size: int) -> tuple[torch.Tensor, torch.Tensor]:  # the widest micro-batch
+        inputs, targets = data.collate([longest] * size)
+        return inputs.to(device), targets.to(device)
+
+    cfg, memory_note = fit_micro_batch(model, cfg, _ONE_PROCESS, device, precision, copies_of_longest,
+                                       copies_of_longest(1)[0].shape[1])
+    run = replace(run, train=cfg)
     micro = micro_batch_size(cfg, _ONE_PROCESS)
     loaders = Loaders(
         train=make_loader(data.train, data.collate, cfg.batch_size, micro, True, run.seed, "the training split"),
@@ -440,9 +452,6 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
     steps_per_epoch = loaders.train.sampler.steps_per_epoch
     total_steps = min(steps_per_epoch * cfg.num_epochs, cfg.max_steps or math.inf)
 
-    # Frozen weights get no gradient, so AdamW neither moves them nor keeps state for them.
-    optimizer = make_optimizer(model, cfg)
-    precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainState()
     before: dict[str, Any] = {}
@@ -462,7 +471,8 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     print_rows(f"minigpt | {task} | {run.mode} mode", [
-        ("device", f"{device}, torch {torch.__version__}; precision {precision}, compile {compile_note}"),
+        ("device", f"{device}, torch {torch.__version__}; precision {precision}"
+                   f"{precision_reason(cfg.precision, device)}, compile {compile_note}"),
         ("starting from", origin),
         ("model", f"{model.cfg.n_layers} layers, {model.cfg.n_heads} heads, emb_dim {model.cfg.emb_dim}, "
                   f"context {model.cfg.context_length}, dropout {model.cfg.drop_rate}; "
@@ -476,6 +486,7 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
         ("training", f"{cfg.num_epochs} epoch(s), {total_steps:,} steps; AdamW lr {cfg.learning_rate:g} "
                      f"({cfg.lr_schedule}{f', {cfg.warmup_steps} warm-up steps' if cfg.warmup_steps else ''}), "
                      f"weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
+        ("memory", memory_note),
         ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split; at the end on every "
                        "example of every split"),
         ("seed", str(run.seed)),

@@ -602,6 +602,10 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("alignment runs in one process (torchrun is for pretraining); start it with "
                           "python main.py --task reward | dpo | ppo | grpo.")
+    if run.train.micro_batch_size is not None:
+        raise ConfigError(f"{run.task} trains on whole batches (its batch_size, or minibatch_size for ppo and grpo); "
+                          "micro_batch_size and --batch-size auto are for pretrain, classify and sft. Lower "
+                          "--batch-size instead.")
     checkpoint = load_checkpoint(run.resume) if run.resume else None
     start_file = Path(run.checkpoint or "")
     if checkpoint is None and run.checkpoint and not (start_file.is_file() or (start_file / CHECKPOINT_NAME).is_file()):

@@ -35,6 +35,8 @@ from minigpt.data import (IGNORE_INDEX, TokenFile, corpus_characters, corpus_fil
                           create_dataloader, is_large_corpus, read_text, read_token_files, split_text,
                           token_folder, write_token_files)
 from minigpt.generation import generate_text, text_to_token_ids
+from minigpt.memory import (MIB, Trial, can_measure_peak, check_fits, estimate_training_memory,
+                            find_micro_batch_size, free_memory_bytes, step_trial)
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
 from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
@@ -156,6 +158,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def precision_reason(requested: str, device: torch.device) -> str:
+    """Why "auto" chose fp32 on an Apple GPU, for the header (empty elsewhere)."""
+    if requested != "auto" or device.type != "mps":
+        return ""
+    return (" (auto on Apple's MPS: mixed precision there is recent in PyTorch and covers fewer operations "
+            "than on CUDA, so minigpt trains in fp32; --precision fp16 or bf16 tries it)")
+
+
 def autocast(precision: str, device: torch.device):
     """Run the forward pass in mixed precision: matrix products in bf16/fp16, while softmax,
     norms and the loss stay in fp32 (PyTorch's autocast keeps its list). fp32: no change."""
@@ -219,6 +229,8 @@ def start_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
 
 def micro_batch_size(cfg: TrainConfig, world: Distributed) -> int:
     """Windows per forward/backward in each process: the setting, or the batch split evenly."""
+    if cfg.micro_batch_size == "auto":
+        raise ValueError("micro_batch_size 'auto' must be settled first (fit_micro_batch).")
     if cfg.micro_batch_size is not None:
         return cfg.micro_batch_size
     if cfg.batch_size % world.world_size:
@@ -230,6 +242,66 @@ def micro_batch_size(cfg: TrainConfig, world: Distributed) -> int:
 def accumulation_steps(cfg: TrainConfig, world: Distributed) -> int:
     """Micro-batches each process adds up per optimizer step."""
     return cfg.batch_size // (micro_batch_size(cfg, world) * world.world_size)
+
+
+AUTO_HEADROOM = 0.9  # --batch-size auto leaves a tenth of the free memory for what a trial step does not show
+
+
+def fit_micro_batch(model: torch.nn.Module, cfg: TrainConfig, world: Distributed, device: torch.device,
+                    precision: str, make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                    num_tokens: int, limit: int | None = None) -> tuple[TrainConfig, str]:
+    """Make sure training fits the device before it starts; returns the settings and a note.
+
+    With a micro-batch size (or none, the whole batch), the estimate of chapter 9 is checked
+    against the free memory, and a run that cannot fit stops here with the estimate and what
+    to change. With micro_batch_size "auto", the largest divisor of the per-process batch whose
+    forward and backward pass (on `make_batch(size)`, with AdamW's moments set aside) fits under
+    `limit` (default: 90% of the free memory) is measured by binary search; the batch per step is
+    kept by accumulating micro-batches. The trials draw no random numbers the run will see.
+    """
+    per_process = cfg.batch_size // world.world_size
+    if cfg.micro_batch_size != "auto":
+        micro = micro_batch_size(cfg, world)
+        estimate = estimate_training_memory(model, micro, num_tokens, precision, accumulating=micro < per_process)
+        check_fits(estimate, device, cfg.batch_size)
+        free, _ = free_memory_bytes(device)
+        room = f"; {free / MIB:,.0f} MiB free" if free is not None else ""
+        return cfg, (f"about {estimate.total / MIB:,.0f} MiB estimated: states {estimate.states / MIB:,.0f}, "
+                     f"{estimate.per_sequence / MIB:,.1f} per sequence of {num_tokens} tokens{room}")
+    if cfg.batch_size % world.world_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) does not split evenly between {world.world_size} "
+                          f"processes; make it a multiple of {world.world_size}.")
+    free, _ = free_memory_bytes(device)
+    if limit is None and free is not None:
+        limit = int(AUTO_HEADROOM * free)
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+    how = "measured"
+    if device.type == "mps" or can_measure_peak(device):
+        def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            return calc_loss_batch(inputs, targets, model, device)
+
+        try_size = step_trial(model, make_batch, loss_fn, device, lambda: autocast(precision, device),
+                              limit, per_process, reserve=8 * trainable)
+    else:  # no way to read a peak here (a CPU off Linux): the estimate decides
+        how = "estimated (peak memory cannot be measured on this system)"
+
+        def try_size(size: int) -> Trial:
+            need = estimate_training_memory(model, size, num_tokens, precision, accumulating=size < per_process)
+            need = need.total - need.weights
+            return Trial(size, need, limit is None or need <= limit)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        micro, trials = find_micro_batch_size(per_process, try_size)
+    if world.active:  # every process must accumulate the same number of micro-batches
+        chosen = torch.tensor(micro, device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
+        micro = int(chosen.item())
+    shown = ", ".join(f"{t.micro_batch} {'fits' if t.fits else 'no'}"
+                      + (f" ({t.peak / MIB:,.0f} MiB)" if t.peak is not None else "" if t.fits else " (out of memory)")
+                      for t in trials)
+    cap = f" under {limit / MIB:,.0f} MiB" if limit is not None else ""
+    note = (f"auto: micro-batch {micro} of {per_process} ({per_process // micro} accumulation step"
+            f"{'s' if per_process // micro > 1 else ''}), {how}{cap}: {shown}")
+    return replace(cfg, micro_batch_size=micro), note
 
 
 def agree(loss: torch.Tensor, stop: bool, world: Distributed, tokens: int = 0) -> tuple[float, bool, int]:
@@ -772,6 +844,19 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         raise ConfigError(f"start_context {cfg.start_context!r} cannot be encoded: {err} "
                           "Or set custom_params['start_context'] to text from the corpus.") from None
 
+    model = GPTModel(run.model).to(device)
+    optimizer = make_optimizer(model, cfg)
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    state = TrainState()
+
+    def random_windows_of(size: int) -> tuple[torch.Tensor, torch.Tensor]:  # a micro-batch's shape, for the memory trials
+        ids = torch.randint(tokenizer.vocab_size, (size, cfg.max_length), device=device)
+        return ids, ids
+
+    cfg, memory_note = fit_micro_batch(model, cfg, world, device, precision, random_windows_of, cfg.max_length)
+    run = replace(run, train=cfg)
+
     random_windows = cfg.sampling == "random" or (cfg.sampling == "auto" and corpus.on_disk)
     shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=run.seed)
     micro = micro_batch_size(cfg, world)
@@ -792,11 +877,6 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    model = GPTModel(run.model).to(device)
-    optimizer = make_optimizer(model, cfg)
-    precision = resolve_precision(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    state = TrainState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -830,7 +910,8 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
             tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
         print_header(run, device, model, tokenizer, corpus, steps_per_epoch, total_steps, run_dir, state,
                      setup, compile_note, fused=optimizer.defaults.get("fused", False),
-                     random_windows=random_windows, final_eval_batches=final_eval_batches)
+                     random_windows=random_windows, final_eval_batches=final_eval_batches,
+                     memory_note=memory_note)
     extra = {"tokenizer_spec": tokenizer.spec(), "data_sha256": corpus.fingerprint}
 
     def save(completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -948,7 +1029,8 @@ def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool)
 
 def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenizer, corpus: Corpus,
                  steps_per_epoch: int, total_steps: int, run_dir: Path, state: TrainState, setup: StepSetup,
-                 compile_note: str, fused: bool, random_windows: bool, final_eval_batches: int | None) -> None:
+                 compile_note: str, fused: bool, random_windows: bool, final_eval_batches: int | None,
+                 memory_note: str = "") -> None:
     cfg, m = run.train, run.model
     threads = f" ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})" \
         if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
@@ -966,7 +1048,7 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
     mfu = f"; MFU against {setup.peak_tflops:g} TFLOP/s" if setup.peak_tflops else ""
     rows = [
         ("device", f"{device}{threads}, torch {torch.__version__}{processes}"),
-        ("speed", f"precision {setup.precision}, compile {compile_note}, fused AdamW {'yes' if fused else 'no'}"
+        ("speed", f"precision {setup.precision}{precision_reason(cfg.precision, device)}, compile {compile_note}, fused AdamW {'yes' if fused else 'no'}"
                   f"{', TF32 matmuls' if device.type == 'cuda' else ''}; "
                   f"{setup.flops_per_token / 1e6:,.1f} MFLOPs per token{mfu}"),
         ("model", f"{run.model_name}: {m.n_layers} layers, {m.n_heads} heads, emb_dim {m.emb_dim}, "
@@ -983,6 +1065,7 @@ def print_header(run: RunConfig, device: torch.device, model: GPTModel, tokenize
         ("training", f"{cfg.num_epochs} epoch{'s' if cfg.num_epochs > 1 else ''}, {total_steps:,} steps; "
                      f"AdamW lr {cfg.learning_rate:g} ({schedule}), betas ({cfg.beta1}, {cfg.beta2}), "
                      f"weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
+        ("memory", memory_note),
         ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split, at the end on "
                        f"{'every window' if final_eval_batches is None else f'{final_eval_batches * micro:,} windows'}; "
                        f"sample from {cfg.start_context!r} each epoch"),
