@@ -36,14 +36,14 @@ MIB = 2**20
 
 
 def activation_bytes_per_token(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | None = None,
-                               vocab_size: int | None = None) -> int:
+                               vocab_size: int | None = None, device_type: str = "cpu") -> int:
     """Bytes the forward pass keeps per token for the backward pass (see `activation_bytes`)."""
-    block, rest = activation_bytes(cfg, precision, num_tokens, vocab_size)
+    block, rest = activation_bytes(cfg, precision, num_tokens, vocab_size, device_type)
     return cfg.n_layers * block + rest
 
 
 def activation_bytes(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | None = None,
-                     vocab_size: int | None = None) -> tuple[int, int]:
+                     vocab_size: int | None = None, device_type: str = "cpu") -> tuple[int, int]:
     """Bytes the forward pass keeps per token for the backward pass, read off the code: (one
     block's, the rest's: embedding, final norm, head and loss).
 
@@ -51,17 +51,19 @@ def activation_bytes(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | 
     The same counting covers the other switches: matrix products keep their inputs (2-byte
     copies under bf16/fp16 autocast), norms their fp32 input and statistics, the fused
     attention kernel its q, k, v, output and a log-sum-exp per head, the loss its fp32
-    log-probabilities (V each) and the ids 16 bytes. With dropout, each mask is a byte per
-    number, and attention's dropout makes the kernel keep the T x T weights (`num_tokens`).
-    Exact, to a few bytes, on a CPU (the tests compare it with `saved_tensor_bytes`); a GPU's
-    dropout keeps a byte per mask instead of four, so there it errs high.
+    log-probabilities (V each) and the ids 16 bytes. Dropout differs by device: on a CPU each
+    mask is a number of the tensor's type, and attention's dropout sends the kernel down its
+    explicit path, which keeps the T x T weights (`num_tokens`); on CUDA each mask is a byte and
+    the fused kernels draw attention's dropout inside (read from PyTorch's kernels; CI has no
+    GPU to measure it). Exact, to a few bytes, on a CPU: the tests compare it with
+    `saved_tensor_bytes` for nine architectures in fp32 and bf16.
     """
     C, H, V = cfg.emb_dim, cfg.n_heads, vocab_size or cfg.vocab_size
     kv = cfg.kv_heads * (C // H)                 # width of the keys (and of the values)
     a = 4 if precision == "fp32" else 2          # bytes of a number a matrix product makes or casts
     norm = 4 * (C + 2) if cfg.norm == "layernorm" else 4 * (2 * C + 1)   # input, mean, 1/std | input, rms, x/rms
     grouped, rope, dropout = cfg.kv_heads != H, cfg.pos_emb == "rope", cfg.drop_rate > 0
-    if dropout:
+    if dropout and device_type != "cuda":
         # With dropout the kernel takes its explicit path: fp32 copies of q, k and v, and per head
         # the T x T weights, the dropout's mask (a float per number on a CPU) and the dropped weights.
         attention = 3 * 4 * C + 12 * H * (num_tokens or cfg.context_length) + a * C
@@ -88,8 +90,8 @@ def activation_bytes(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | 
     block = 2 * norm + a * C + attention + ffn   # + a x C: the qkv product's input
     rest = norm + a * C + 4 * V + 16             # final norm, the head's input, log-probabilities, ids
     if dropout:                                  # the masks of the embedding's and the two residual dropouts
-        block += 2 * a * C
-        rest += 4 * C
+        block += 2 * (1 if device_type == "cuda" else a) * C
+        rest += (1 if device_type == "cuda" else 4) * C
     return block, rest
 
 
@@ -146,21 +148,24 @@ class MemoryEstimate:
 
 
 def estimate_training_memory(model: torch.nn.Module, micro_batch: int, num_tokens: int,
-                             precision: str = "fp32", accumulating: bool = False) -> MemoryEstimate:
+                             precision: str = "fp32", accumulating: bool = False,
+                             device_type: str | None = None) -> MemoryEstimate:
     """Memory to train `model` on micro-batches of `micro_batch` x `num_tokens` tokens with AdamW.
 
     Counts the parameters the model has and which of them train (frozen weights have no
     gradient and no optimizer state; LoRA's adapters do); the activations follow
-    `activation_bytes`. An upper bound when the lower layers are frozen.
+    `activation_bytes`, for `device_type` (default: where the model's weights are). An upper
+    bound when the lower layers are frozen.
     """
     params = list({id(p): p for p in model.parameters()}.values())   # a tied weight counts once
     trainable = sum(p.numel() for p in params if p.requires_grad)
     matrices = sum(p.numel() for p in params if p.dim() == 2)
-    head = model.out_head.weight
+    head = getattr(model.out_head, "base", model.out_head).weight  # under LoRA, the frozen layer it wraps
     vocab = head.shape[0]                                       # a classifier's head: its classes
     tokens = micro_batch * num_tokens
     a = 4 if precision == "fp32" else 2
-    block, rest = activation_bytes(model.cfg, precision, num_tokens, vocab)
+    device_type = device_type or head.device.type
+    block, rest = activation_bytes(model.cfg, precision, num_tokens, vocab, device_type)
     return MemoryEstimate(
         micro_batch=micro_batch, num_tokens=num_tokens, precision=precision, accumulating=accumulating,
         weights=4 * sum(p.numel() for p in params), gradients=4 * trainable,
@@ -207,7 +212,9 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, batch_size: int, 
     free, what = free_memory_bytes(device)
     if free is None or estimate.total - estimate.weights <= free:
         return
-    table = "\n".join(f"    {name:<42} {value:>14}" for name, value in estimate.rows())
+    rows = estimate.rows()
+    width = max(len(name) for name, _ in rows)
+    table = "\n".join(f"    {name:<{width}}  {value:>14}" for name, value in rows)
     per_sequence = estimate.per_sequence
     room = free - (estimate.states - estimate.weights)
     if room >= per_sequence and estimate.micro_batch > 1:

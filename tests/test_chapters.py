@@ -211,11 +211,32 @@ def activation_bytes_formula(L: int, C: int, H: int, V: int) -> str:
 
 
 def largest_micro_batches(gigabytes) -> str:
-    """Section 9.10's table, gpt2-small in bf16: sequences of 1,024 tokens that fit beside the states."""
-    L, C, H, V = 12, 768, 12, 50257
-    per_token = L * (36 * C + 16 + 4 * H) + 6 * C + 8 + 4 * V + 16
-    parameters = meta_model("gpt2-small").num_parameters()
-    return " / ".join(str(int((gb * 1e9 - 18 * parameters) // (per_token * 1024))) for gb in gigabytes)
+    """Section 9.10's table, gpt2-small in bf16: the most sequences of 1,024 tokens whose estimated
+    peak fits, found by stepping up one sequence at a time (not by the chapter's arithmetic)."""
+    from minigpt.memory import estimate_training_memory
+
+    model = meta_model("gpt2-small", drop_rate=0.0)
+    counts = []
+    for gb in gigabytes:
+        sequences = 0
+        while estimate_training_memory(model, sequences + 1, 1024, "bf16").total <= gb * 1e9:
+            sequences += 1
+        counts.append(str(sequences))
+    return " / ".join(counts)
+
+
+def memory_quote(field: str) -> float:
+    from minigpt.memory import estimate_training_memory
+
+    micro = 32 if field == "total" else 8
+    return getattr(estimate_training_memory(meta_model("gpt2-small", drop_rate=0.0), micro, 1024, "bf16"), field) / 2**20
+
+
+def activation_row(preset: str, precision: str) -> str:
+    from minigpt.config import model_config
+    from minigpt.memory import activation_bytes_per_token
+
+    return f"{activation_bytes_per_token(model_config(preset, vocab_size=65, drop_rate=0.0, context_length=64), precision, 64):,}"
 
 
 QUOTED = [
@@ -223,7 +244,14 @@ QUOTED = [
     ("09", "854.4 MFLOPs per token", lambda: f"{meta_model('gpt2-small').flops_per_token(1024) / 1e6:.1f} MFLOPs per token"),
     ("09", "[82, 92, 2, 36, 32, 1, 5, 90] in one process; with\n  two, rank 0 gets [82, 92, 2, 36] and rank 1 [32, 1, 5, 90]", first_global_batch),
     ("09", "34,204 bytes", lambda: activation_bytes_formula(4, 128, 4, 65)),
-    ("09", "38 / 67 / 139", lambda: largest_micro_batches((24, 40, 80))),
+    ("09", "19 / 34 / 70", lambda: largest_micro_batches((24, 40, 80))),
+    ("09", "training needs about 35,714 MiB", lambda: f"training needs about {memory_quote('total'):,.0f} MiB"),
+    ("09", "3,926.3 MiB beside 4,204.7 MiB",
+     lambda: f"{memory_quote('loss_buffers'):,.1f} MiB beside {memory_quote('activations'):,.1f} MiB"),
+    ("09", "| llama-tiny | 44,408 | 44,408 | 28,024 |",
+     lambda: f"| llama-tiny | {activation_row('llama-tiny', 'fp32')} | {activation_row('llama-tiny', 'fp32')} | "
+             f"{activation_row('llama-tiny', 'bf16')} |"),
+    ("09", "| moe-tiny | 79,048 |", lambda: f"| moe-tiny | {activation_row('moe-tiny', 'fp32')} |"),
     ("09", "$\\log_2 62 = 5.95$", lambda: f"$\\log_2 62 = {math.log2(62):.2f}$"),
     ("03", "(0.4419, 0.6515, 0.5683)", journey_context),
     ("03", "0.2379", lambda: f"{torch.softmax(torch.tensor(SIX_TOKENS) @ torch.tensor(SIX_TOKENS[1]), 0)[1]:.4f}"),
