@@ -190,6 +190,11 @@ def _proc_bytes(path: str, key: str) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
+def process_memory_bytes() -> int | None:
+    """This process's resident memory now (Linux), Python and PyTorch included; None elsewhere."""
+    return _proc_bytes("/proc/self/status", "VmRSS")
+
+
 def free_memory_bytes(device: torch.device) -> tuple[int | None, str]:
     """Memory this process could still take on `device`, and what that number is."""
     if device.type == "cuda":
@@ -292,7 +297,7 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> int | None:
     if not can_measure_peak(device):
         fn()
         return None
-    before = _proc_bytes("/proc/self/status", "VmRSS")
+    before = process_memory_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current size
     fn()
     return _proc_bytes("/proc/self/status", "VmHWM") - before

@@ -50,8 +50,9 @@ from minigpt.generation import generate
 from minigpt.model import GPTModel
 from minigpt.plot import plot_panels
 from minigpt.tokenizer import END_OF_TEXT, BPETokenizer, get_tokenizer, tokenizer_from_spec
-from minigpt.train import (CHECKPOINT_NAME, StopRequest, calc_loss_batch, choose_run_dir, learning_rate_at,
-                           load_checkpoint, load_model, pick_device, print_rows, save_checkpoint)
+from minigpt.train import (BEST_NAME, CHECKPOINT_NAME, StopRequest, calc_loss_batch, choose_run_dir,
+                           learning_rate_at, load_checkpoint, load_model, pick_device, print_rows, save_checkpoint,
+                           save_weights)
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -583,6 +584,7 @@ class AlignState:
     history: list[dict[str, float]] = field(default_factory=list)  # what each step logged
     evals: list[dict[str, float]] = field(default_factory=list)    # held-out numbers, with their step
     elapsed_s: float = 0.0
+    best: float | None = None  # the best held-out score so far (the method's `best_score`), kept as best.pt
 
 
 @dataclass
@@ -742,6 +744,10 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
                 state.evals.append({"step": state.step, **method.evaluate()})
                 tqdm.write(f"step {state.step:>5}: " + "  ".join(
                     f"{key} {value:.3f}" for key, value in state.evals[-1].items() if key != "step"))
+                score = method.best_score(state.evals[-1])
+                if state.best is None or score > state.best:  # the best held-out weights so far
+                    state.best = score
+                    save_weights(run_dir / BEST_NAME, model, run, extra_keys)
             state.elapsed_s = time.perf_counter() - start_time
         bar.close()
     completed = state.step >= total
@@ -756,7 +762,7 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
     config = {**run.to_dict(), **extra_keys, "torch_version": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    files = [CHECKPOINT_NAME, "config.json", "metrics.json"]
+    files = [CHECKPOINT_NAME, "config.json", "metrics.json"] + ([BEST_NAME] if state.best is not None else [])
     if state.history:
         method.plot(state, before, metrics.get("after"), run_dir / f"{task}_curves.png",
                     f"{task}, {run.mode} mode")
@@ -900,6 +906,9 @@ class _RewardMethod(_PairMethod):
     def evaluate(self) -> dict[str, float]:
         return {"val_accuracy": preference_accuracy(self.model, self.batches(self.val_loader))}
 
+    def best_score(self, numbers: dict[str, float]) -> float:
+        return numbers["val_accuracy"]
+
     def measure(self) -> dict[str, float]:
         return {"val_accuracy": preference_accuracy(self.model, self.batches(self.val_loader)),
                 "test_accuracy": preference_accuracy(self.model, self.batches(self.test_loader))}
@@ -943,7 +952,10 @@ class _DPOMethod(_PairMethod):
 
     def evaluate(self) -> dict[str, float]:
         numbers = evaluate_dpo(self.model, self.reference, self.batches(self.val_loader), self.run.align.beta)
-        return {"val_margin": numbers["margin"], "val_accuracy": numbers["accuracy"]}
+        return {"val_loss": numbers["loss"], "val_margin": numbers["margin"], "val_accuracy": numbers["accuracy"]}
+
+    def best_score(self, numbers: dict[str, float]) -> float:
+        return -numbers["val_loss"]  # the held-out DPO loss, lower is better
 
     def measure(self) -> dict[str, float]:
         numbers = {}
@@ -1048,6 +1060,9 @@ class _RLMethod:
         return {split: self.greedy_reward(*self.measured[split]) for split in ("held_out", "train")}
 
     evaluate = measure
+
+    def best_score(self, numbers: dict[str, float]) -> float:
+        return numbers["held_out"]  # greedy accuracy, or the reward model's mean score
 
     def describe(self, numbers: dict[str, float]) -> str:
         held_out, train = (len(self.measured[split][0]) for split in ("held_out", "train"))

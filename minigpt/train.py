@@ -36,7 +36,7 @@ from minigpt.data import (IGNORE_INDEX, TokenFile, corpus_characters, corpus_fil
                           token_folder, write_token_files)
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.memory import (MIB, Trial, can_measure_peak, check_fits, estimate_training_memory,
-                            find_micro_batch_size, free_memory_bytes, step_trial)
+                            find_micro_batch_size, free_memory_bytes, process_memory_bytes, step_trial)
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
 from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
@@ -266,6 +266,9 @@ def fit_micro_batch(model: torch.nn.Module, cfg: TrainConfig, world: Distributed
         check_fits(estimate, device, cfg.batch_size)
         free, _ = free_memory_bytes(device)
         room = f"; {free / MIB:,.0f} MiB free" if free is not None else ""
+        held = process_memory_bytes() if device.type == "cpu" else None
+        if held is not None:  # so that the summary's peak, the whole process's, can be read against it
+            room += f"; the process holds {(held - estimate.weights) / MIB:,.0f} MiB besides (Python, PyTorch, data)"
         return cfg, (f"about {estimate.total / MIB:,.0f} MiB estimated: states {estimate.states / MIB:,.0f}, "
                      f"{estimate.per_sequence / MIB:,.1f} per sequence of {num_tokens} tokens{room}")
     if cfg.batch_size % world.world_size:

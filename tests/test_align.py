@@ -50,6 +50,14 @@ def test_a_reward_run_learns_the_rule_and_its_model_reloads(reward_run):
     assert saved["task"] == "reward"
     ids = torch.tensor([tokenizer.encode("Name some things. apple pear")])
     assert model(ids).shape == (1, ids.shape[1], 1)
+    # best.pt holds the weights of the best periodic held-out accuracy, and loads the same way.
+    assert metrics["evals"], "the run should have evaluated periodically"
+    best, _, saved_best = load_model(out / "best.pt")
+    assert saved_best["task"] == "reward" and best(ids).shape == (1, ids.shape[1], 1)
+    first_best = max(metrics["evals"], key=lambda e: e["val_accuracy"])
+    best_state, final_state = best.state_dict(), model.state_dict()
+    assert first_best["step"] < metrics["steps"]  # taken before the end of training, so not the final weights
+    assert not all(torch.equal(best_state[k], final_state[k]) for k in final_state)
 
 
 def test_a_dpo_run_starts_at_ln2_and_widens_the_held_out_margin(tmp_path, preference_file):
