@@ -225,6 +225,15 @@ def largest_micro_batches(gigabytes) -> str:
     return " / ".join(counts)
 
 
+def quick_memory_row() -> str:
+    """The header's memory row for quick mode: gpt-mini, 2 sequences of 64 tokens, fp32."""
+    from minigpt.memory import estimate_training_memory
+
+    e = estimate_training_memory(meta_model("gpt-mini", drop_rate=0.0), 2, 64)
+    return (f"about {e.total / 2**20:,.0f} MiB estimated: states {e.states / 2**20:,.0f}, "
+            f"{e.per_sequence / 2**20:,.1f} per sequence of 64 tokens")
+
+
 def memory_quote(field: str) -> float:
     from minigpt.memory import estimate_training_memory
 
@@ -264,6 +273,8 @@ QUOTED = [
     ("05", "ln 50{,}257 = 10.8249", lambda: f"ln 50{{,}}257 = {math.log(50257):.4f}"),
     ("05", "$[1, -2]$ becomes $[0.99, -1.98]$", adamw_pure_decay),
     ("01", "13,673,984", lambda: f"{meta_model('gpt-mini').num_parameters():,}"),
+    ("01", "about 260 MiB estimated: states 209, 39.4 per sequence of 64 tokens", quick_memory_row),
+    ("01", "36.8 MiB\n  of which", lambda: f"{12 * 50257 * 64 / 2**20:.1f} MiB\n  of which"),
     ("01", "7,241,088", lambda: f"{meta_model('gpt-mini').num_parameters(exclude_output_head=True):,}"),
     ("01", "162,419,712", lambda: f"{meta_model('gpt2-small', context_length=256).num_parameters():,}"),
     ("01", "49,336,320", lambda: f"{meta_model('gpt2-small', context_length=256, n_layers=6, emb_dim=384, n_heads=6).num_parameters():,}"),
