@@ -22,6 +22,8 @@
     python main.py --task grpo                                   # GRPO on sums of small numbers
     python main.py --task ppo --checkpoint runs/sft-quick --reward-model runs/reward-quick --max-new-tokens 32
     python main.py --task generate --checkpoint runs/grpo-quick --prompt "What is 7 + 5?"
+    python main.py --task studio                                 # build, train and chat in a web page
+    python main.py --graph my-model.json                         # train a model built in the studio
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def whole_number_or_auto(text: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description="Train and sample a GPT written from scratch. Defaults come from config_run.py.")
-    parser.add_argument("--task", choices=TASKS, help="what to do (config_run.TASK)")
+    parser.add_argument("--task", choices=TASKS + ("studio",),
+                        help="what to do (config_run.TASK); studio: the web page that builds, trains and chats")
     parser.add_argument("--mode", choices=MODES, help="quick, full or custom (config_run.QUICK_MODE / CUSTOM_MODE)")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: the best available")
     parser.add_argument("--model", choices=list(MODEL_PRESETS), help="model preset (config_run.MODEL)")
@@ -71,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--seed", type=int, help="config_run.SEED")
+    parser.add_argument("--graph", metavar="FILE",
+                        help="pretrain the model of a studio graph (a JSON file the studio exports)")
+    studio = parser.add_argument_group("the studio (--task studio)")
+    studio.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    studio.add_argument("--port", type=int, help="port to listen on (default 5000)")
+    studio.add_argument("--no-browser", dest="open_browser", action="store_false", default=None,
+                        help="do not open the page in a browser")
     scale = parser.add_argument_group("training at scale (chapter 9; defaults: the mode's settings)")
     scale.add_argument("--micro-batch-size", type=whole_number_or_auto, metavar="N|auto",
                        help="windows per forward/backward; batch size / N = gradient accumulation steps "
@@ -285,10 +295,48 @@ def run_export(run) -> None:
               f"(minigpt.train.load_model({run.checkpoint!r})) before giving ids to transformers.")
 
 
+def run_studio(cli: dict) -> None:
+    from minigpt.studio import serve
+
+    unused = sorted(set(cli) - {"task", "host", "port", "open_browser"})
+    if unused:
+        raise ConfigError(f"--task studio takes --host, --port and --no-browser only; drop "
+                          f"{', '.join('--' + name.replace('_', '-') for name in unused)} (the page sets the rest).")
+    serve(cli.get("host", "127.0.0.1"), cli.get("port", 5000), cli.get("open_browser", True))
+
+
+def graph_settings(cli: dict) -> dict:
+    """config_run.py's settings with a studio graph's model, data and training goal on top."""
+    from minigpt.studio import GraphError, settings_from_graph
+
+    if cli.get("task", config_run.TASK) != "pretrain":
+        raise ConfigError("--graph describes a model to pretrain; drop --task, or use --task pretrain.")
+    path = Path(cli.pop("graph"))
+    try:
+        graph = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read the graph {path}: {err.strerror}; export it from the studio first.") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not JSON ({err}); export the graph from the studio again.") from None
+    try:
+        return {**settings_from_module(config_run), **settings_from_graph(graph), "TASK": "pretrain"}
+    except GraphError as err:
+        raise ConfigError(f"the graph in {path} cannot be built: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     cli = parse_args(argv)
     try:
-        if "resume" in cli:
+        if cli.get("task") == "studio":
+            run_studio(cli)
+            return 0
+        studio_flags = [f"--{name.replace('_', '-')}" for name in ("host", "port", "open_browser") if name in cli]
+        if studio_flags:
+            raise ConfigError(f"{', '.join(studio_flags).replace('--open-browser', '--no-browser')} "
+                              "only apply to --task studio.")
+        if "graph" in cli:
+            run = resolve_run_config(graph_settings(cli), cli)
+        elif "resume" in cli:
             config_path = Path(cli["resume"]) / "config.json"
             if not config_path.is_file():
                 raise ConfigError(f"no run to resume in {cli['resume']} (it has no config.json); "

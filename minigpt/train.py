@@ -466,7 +466,8 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                on_epoch_end: Callable[[], None] | None = None, setup: StepSetup | None = None,
                train_model: torch.nn.Module | None = None, eval_batches: int | None = None,
                epoch_note: Callable[[], dict[str, Any]] | None = None,
-               on_best: Callable[[], None] | None = None) -> bool:
+               on_best: Callable[[], None] | None = None,
+               on_event: Callable[[dict[str, Any]], None] | None = None) -> bool:
     """Train from `state` until `total_steps` or the last epoch; True if it got there.
 
     The loop can stop after any step (Ctrl-C) and continue later from the saved state:
@@ -479,6 +480,9 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
     After each epoch, `epoch_note()` says how the model does ({"text": ..., any numbers}); by
     default it is a sample continuing `cfg.start_context`. Tokens are counted as read,
     padding included (fine-tuning batches are padded to their longest sequence).
+    `on_event(event)` receives what each log line and sample shows, as a dict (the studio's
+    live chart): {"type": "step", step, epoch, batch_loss, lr, tokens_per_sec, tokens_seen,
+    and train_loss and val_loss after an evaluation} and {"type": "sample", epoch, step, text}.
     """
     stop = stop or StopRequest()
     setup = setup or StepSetup(device)
@@ -547,6 +551,11 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                 if evaluate_now:
                     line += f"  | train loss {train_loss:.3f}  val loss {val_loss:.3f}"
                 tqdm.write(line)
+                if on_event is not None:
+                    event = {"type": "step", "step": state.global_step, "epoch": state.epoch + 1,
+                             "batch_loss": sum(recent) / len(recent), "lr": lr, "tokens_per_sec": tokens_per_sec,
+                             "tokens_seen": state.tokens_seen}
+                    on_event(event | ({"train_loss": train_loss, "val_loss": val_loss} if evaluate_now else {}))
                 last_log_step, last_log_time, last_log_tokens = state.global_step, state.train_time_s, state.tokens_seen
             if stopping or state.global_step >= total_steps:
                 break
@@ -563,6 +572,9 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
             state.samples.append({"epoch": state.epoch, "step": state.global_step, **note})
             if world.is_main:
                 tqdm.write(line)
+                if on_event is not None:
+                    on_event({"type": "sample", "epoch": state.epoch, "step": state.global_step,
+                              "text": note["text"]})
             state.elapsed_s = elapsed_before + time.perf_counter() - loop_start
             more_to_come = state.epoch < cfg.num_epochs and state.global_step < total_steps
             if on_epoch_end is not None and more_to_come:
@@ -815,7 +827,8 @@ def _build_tokenizer(run: RunConfig, text: str):
                           f"tokens on the training split: {err}") from None
 
 
-def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+def pretrain(run: RunConfig, stop: StopRequest | None = None,
+             on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
     """Train a GPT as `run` says, writing the run directory; returns (model, tokenizer, metrics, dir).
 
     Started by `torchrun --nproc_per_node=N`, it is one of N data-parallel processes: each
@@ -824,14 +837,15 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
     checkpoint = load_checkpoint(run.resume) if run.resume else None
     world, device = start_distributed(pick_device(run.device))
     try:
-        return _pretrain(run, checkpoint, world, device, stop)
+        return _pretrain(run, checkpoint, world, device, stop, on_event)
     finally:
         if world.active:
             dist.destroy_process_group()
 
 
 def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed, device: torch.device,
-              stop: StopRequest | None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+              stop: StopRequest | None, on_event: Callable[[dict[str, Any]], None] | None = None
+              ) -> tuple[GPTModel, Any, dict[str, Any], Path]:
     run_dir = choose_run_dir(run)
     torch.manual_seed(run.seed)
     corpus = prepare_corpus(run, checkpoint, world)
@@ -915,6 +929,10 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
                      setup, compile_note, fused=optimizer.defaults.get("fused", False),
                      random_windows=random_windows, final_eval_batches=final_eval_batches,
                      memory_note=memory_note)
+        if on_event is not None:
+            on_event({"type": "start", "run_dir": str(run_dir), "total_steps": total_steps,
+                      "steps_per_epoch": steps_per_epoch, "step": state.global_step,
+                      "parameters": model.num_parameters(), "memory": memory_note})
     extra = {"tokenizer_spec": tokenizer.spec(), "data_sha256": corpus.fingerprint}
 
     def save(completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
@@ -933,7 +951,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         completed = train_loop(model, optimizer, loaders, device, cfg, state, total_steps, tokenizer,
                                log_every=run.log_every, stop=stop, on_epoch_end=lambda: save(completed=False),
                                setup=setup, train_model=train_model, eval_batches=eval_batches,
-                               on_best=save_best)
+                               on_best=save_best, on_event=on_event if world.is_main else None)
     final = None
     if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
         with autocast(precision, device):
