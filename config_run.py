@@ -6,7 +6,8 @@ TASK = "pretrain"     # "pretrain" trains a model; "generate" writes text (needs
                       # "classify" fine-tunes a classifier (SMS spam, or DATA = a .csv/.tsv/.jsonl of text,label);
                       # "sft" fine-tunes a model to follow instructions (instruction-data.json, or DATA = your JSON)
                       # alignment (chapter 8): "reward" trains a reward model on preference pairs; "dpo" tunes a
-                      # model on them directly; "ppo" and "grpo" tune it by sampling answers and rewarding them
+                      # model on them directly; "ppo" and "grpo" tune it by sampling answers and rewarding them;
+                      # "studio" opens the web page that builds, trains and chats (python main.py --task studio)
 DEVICE = None         # None picks the best available: "cuda", then "mps", then "cpu"
 
 QUICK_MODE = True     # a small model, one epoch: done in well under a minute on a laptop CPU

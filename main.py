@@ -52,7 +52,7 @@ def whole_number_or_auto(text: str) -> int | str:
 def parse_args(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description="Train and sample a GPT written from scratch. Defaults come from config_run.py.")
-    parser.add_argument("--task", choices=TASKS + ("studio",),
+    parser.add_argument("--task", choices=TASKS,
                         help="what to do (config_run.TASK); studio: the web page that builds, trains and chats")
     parser.add_argument("--mode", choices=MODES, help="quick, full or custom (config_run.QUICK_MODE / CUSTOM_MODE)")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: the best available")
@@ -327,7 +327,7 @@ def graph_settings(cli: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cli = parse_args(argv)
     try:
-        if cli.get("task") == "studio":
+        if cli.get("task", getattr(config_run, "TASK", None)) == "studio":
             run_studio(cli)
             return 0
         studio_flags = [f"--{name.replace('_', '-')}" for name in ("host", "port", "open_browser") if name in cli]

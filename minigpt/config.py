@@ -400,7 +400,7 @@ class AlignConfig:
 # One run: what config_run.py and the command line resolve to
 # ---------------------------------------------------------------------------------------
 
-TASKS = ("pretrain", "generate", "evaluate", "export", "classify", "sft", "reward", "dpo", "ppo", "grpo")
+TASKS = ("pretrain", "generate", "evaluate", "export", "classify", "sft", "reward", "dpo", "ppo", "grpo", "studio")
 FINETUNE_TASKS = ("classify", "sft")
 ALIGN_TASKS = ("reward", "dpo", "ppo", "grpo")
 MODES = ("quick", "full", "custom")

@@ -47,6 +47,21 @@ def test_every_name_a_chapter_mentions_exists(chapter):
     assert not missing, f"{chapter.name} names things the package does not have: {missing}"
 
 
+@pytest.mark.parametrize("appendix", sorted((ROOT / "chapters").glob("appendix-*.md")), ids=lambda path: path.stem)
+def test_every_name_and_figure_an_appendix_mentions_exists(appendix):
+    text = appendix.read_text(encoding="utf-8")
+    missing = []
+    for name in sorted(set(NAME.findall(text))):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"{appendix.name} names things the package does not have: {missing}"
+    for figure in re.findall(r"\]\((figures/[^)]+\.png)\)", text):
+        assert (ROOT / "chapters" / figure).is_file(), figure
+    assert appendix.name in (ROOT / "chapters" / "README.md").read_text(encoding="utf-8")
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda path: path.stem)
 def test_every_chapter_has_its_notebook_and_its_figures(chapter):
     number, slug = chapter.stem.split("-", 1)
