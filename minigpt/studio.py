@@ -406,10 +406,11 @@ class Studio:
             busy = self.training_now()
             if busy is not None:
                 raise RuntimeError(f"run {busy.run_id} is still training; stop it first (one run at a time)")
+            prefix = name if name.startswith("studio") else f"studio-{name}"
             number = 1
-            while (self.runs_dir / f"studio-{name}-{number}").exists() or f"studio-{name}-{number}" in self.runs:
+            while (self.runs_dir / f"{prefix}-{number}").exists() or f"{prefix}-{number}" in self.runs:
                 number += 1
-            run_id = f"studio-{name}-{number}"
+            run_id = f"{prefix}-{number}"
             run = self.run_config(built, self.runs_dir / run_id, name)
             self.runs_dir.mkdir(parents=True, exist_ok=True)
             studio_run = StudioRun(run_id)
@@ -462,7 +463,13 @@ class Studio:
                 raise ValueError("pretrained must be gpt2, gpt2-medium, gpt2-large or gpt2-xl")
             key = (request["pretrained"], 0.0)
             if key not in self._models:
-                self._models[key] = (GPTModel.from_pretrained(request["pretrained"]), get_tokenizer("gpt2"))
+                try:
+                    self._models[key] = (GPTModel.from_pretrained(request["pretrained"]), get_tokenizer("gpt2"))
+                except ConfigError as err:  # offline: say so in a line, not with the whole download story
+                    raise ValueError(f"{request['pretrained']}'s weights are not here and could not be downloaded "
+                                     f"({str(err).splitlines()[0][:160]}); chat with one of your runs instead, or "
+                                     f"run python main.py --task generate --pretrained {request['pretrained']} "
+                                     "once online.") from None
             return self._models[key]
         path = self.run_dir(request.get("run_id"))
         checkpoint = path / CHECKPOINT_NAME
@@ -580,9 +587,9 @@ class StudioRun:
 
 def presets() -> list[dict[str, Any]]:
     """Every model preset as a graph, plus studio-tiny: a character model that trains in seconds."""
-    found = [("studio-tiny", "2 blocks of width 32 on The Verdict, one token per character: trains in seconds",
+    found = [("studio-tiny", "2 blocks of width 32 on The Verdict, one token per character: an epoch in about a second",
               model_config("gpt-nano", context_length=32, drop_rate=0.0), "char",
-              dict(batch_size=8, learning_rate=3e-3, num_epochs=1, max_steps=30, eval_freq=5))]
+              dict(batch_size=8, learning_rate=3e-3, num_epochs=1, max_steps=None, eval_freq=10))]
     for name in MODEL_PRESETS:
         cfg = model_config(name)
         context = min(cfg.context_length, 128)
