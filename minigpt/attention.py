@@ -147,10 +147,12 @@ class LayerKVCache:
     """
 
     def __init__(self, batch_size: int, n_heads: int, max_tokens: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 key_dim: int | None = None) -> None:
         shape = (batch_size, n_heads, max_tokens, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)    # (B, H, max_tokens, D)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # (B, H, max_tokens, D)
+        key_shape = (batch_size, n_heads, max_tokens, key_dim or head_dim)  # low-rank attention: narrower keys
+        self.keys = torch.zeros(key_shape, device=device, dtype=dtype)  # (B, H, max_tokens, D or rank)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)    # (B, H, max_tokens, D)
         self.length = 0
 
     @property
@@ -178,8 +180,9 @@ class KVCache:
     """One `LayerKVCache` per transformer block; they fill together, one token position at a time."""
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_tokens: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.layers = [LayerKVCache(batch_size, n_heads, max_tokens, head_dim, device, dtype)
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 key_dim: int | None = None) -> None:
+        self.layers = [LayerKVCache(batch_size, n_heads, max_tokens, head_dim, device, dtype, key_dim)
                        for _ in range(n_layers)]
 
     @property
@@ -245,7 +248,7 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0,
                  qkv_bias: bool = False, out_bias: bool = True, num_kv_heads: int | None = None,
-                 rope: RotaryEmbedding | None = None) -> None:
+                 rope: RotaryEmbedding | None = None, rank: int | None = None, tau: bool = False) -> None:
         super().__init__()
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}).")
@@ -254,22 +257,42 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}).")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = d_out // num_heads
+        # Low-rank attention (chapter 11): queries and keys live in `rank` dimensions per head,
+        # values keep head_dim; the scores cost rank instead of head_dim multiply-adds each.
+        self.qk_dim = rank or self.head_dim
         self.dropout = dropout
         self.rope = rope
-        # Rows [0, d_out) are the query projection, then the key, then the value projection.
-        self.qkv = nn.Linear(d_in, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=qkv_bias)
+        # Rows: the query projection (heads x qk_dim), then the key (kv heads x qk_dim), then the value.
+        self.qkv = nn.Linear(d_in, (num_heads + num_kv_heads) * self.qk_dim + num_kv_heads * self.head_dim,
+                             bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
+        # tau-gated attention (chapter 11): each token sets, per head, a temperature
+        # tau = softplus(w . x + b) that divides its scores; w = 0 and b = ln(e - 1) start it at 1.
+        self.temperature = nn.Linear(d_in, num_heads) if tau else None
+        self.reset_gates()
+
+    def reset_gates(self) -> None:
+        """tau = 1 for every input: the standard attention, until training moves it."""
+        if self.temperature is not None:
+            nn.init.zeros_(self.temperature.weight)
+            nn.init.constant_(self.temperature.bias, math.log(math.e - 1))
+
+    def tau(self, x: torch.Tensor) -> torch.Tensor:
+        """Each token's temperature per head, (B, T, C) -> (B, H, T, 1)."""
+        return F.softplus(self.temperature(x)).transpose(1, 2).unsqueeze(-1)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         batch, num_tokens, _ = x.shape
         # One matmul, then three views: (B, T, heads x D) -> (B, T, heads, D) -> (B, heads, T, D).
         # In the backward pass the three gradients are joined by one concatenation.
-        sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-        queries, keys, values = (part.view(batch, num_tokens, -1, self.head_dim).transpose(1, 2)
-                                 for part in self.qkv(x).split(sizes, dim=2))
+        sizes = [self.num_heads * self.qk_dim, self.num_kv_heads * self.qk_dim, self.num_kv_heads * self.head_dim]
+        queries, keys, values = (part.view(batch, num_tokens, -1, width).transpose(1, 2) for part, width
+                                 in zip(self.qkv(x).split(sizes, dim=2), (self.qk_dim, self.qk_dim, self.head_dim)))
         past = 0 if cache is None else cache.length
         if self.rope is not None:
             queries, keys = self.rope(queries, past), self.rope(keys, past)
+        if self.temperature is not None:  # q / tau: every score of a query divided by its tau
+            queries = queries / self.tau(x).to(queries.dtype)
         if cache is not None:
             keys, values = cache.append(keys, values)       # each (B, kv heads, past + T, D)
         if self.num_kv_heads != self.num_heads:  # each K/V head serves a group of query heads

@@ -193,7 +193,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.n_heads, dropout=cfg.drop_rate,
                                       qkv_bias=cfg.qkv_bias, out_bias=cfg.bias, num_kv_heads=cfg.kv_heads,
-                                      rope=rope)
+                                      rope=rope, rank=cfg.attn_rank, tau=cfg.attn_tau)
         self.ff = make_ffn(cfg)
         self.norm1 = make_norm(cfg)
         self.norm2 = make_norm(cfg)
@@ -203,3 +203,66 @@ class TransformerBlock(nn.Module):
         x = x + self.drop_shortcut(self.att(self.norm1(x), cache))  # (B, T, emb_dim)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
+
+
+class HaltingUnit(nn.Module):
+    """Adaptive computation time's halting unit (Graves, 2016), read after a block: the
+    probability h = sigmoid(w . x + b) that a token has been computed enough (chapter 11).
+
+    w = 0 and b = -3 start every token at h = 0.047, so a new model runs every block and the
+    ponder cost teaches it where to stop."""
+
+    def __init__(self, emb_dim: int, bias: float = -3.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(emb_dim, 1)
+        self.start_bias = bias
+        self.reset_gates()
+
+    def reset_gates(self) -> None:
+        nn.init.zeros_(self.linear.weight)
+        nn.init.constant_(self.linear.bias, self.start_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(x).float()).squeeze(-1)  # (B, T, C) -> (B, T)
+
+
+class AdaptiveDepth:
+    """ACT's bookkeeping over the blocks of one forward pass.
+
+    After block n, a running token with halting probability h_n stops once its running sum
+    reaches 1 - eps (or at the last block); it then gets the remainder R = 1 - (h_1 + ... +
+    h_{n-1}) instead of h_n, so the weights p_1..p_N of its states sum to 1, and the output
+    is sum_n p_n x_n. The ponder cost N + R (blocks run, plus the remainder, through which the
+    gradient flows) is what the loss charges. A stopped token keeps its state from then on:
+    later blocks still read it for their keys and values, but do not change it.
+    """
+
+    def __init__(self, x: torch.Tensor, eps: float) -> None:
+        batch, num_tokens, _ = x.shape
+        zeros = torch.zeros(batch, num_tokens, device=x.device)
+        self.eps = eps
+        self.cumulative, self.remainder, self.depth = zeros, zeros, zeros  # (B, T) each
+        self.halted = torch.zeros(batch, num_tokens, dtype=torch.bool, device=x.device)
+        self.output = torch.zeros_like(x)
+        self.weights: list[torch.Tensor] = []  # p_n of every block, (B, T) each
+
+    def carry(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """The block's output for running tokens; the old state for stopped ones."""
+        return torch.where(self.halted.unsqueeze(-1), before, after)
+
+    def step(self, x: torch.Tensor, halt: torch.Tensor, last: bool) -> None:
+        """Account for one block's states `x` (B, T, C) and halting probabilities `halt` (B, T)."""
+        running = ~self.halted
+        stopping = running & ((self.cumulative + halt >= 1 - self.eps) | last)
+        p = torch.where(stopping, 1 - self.cumulative, halt) * running
+        self.weights.append(p)
+        self.output = self.output + p.unsqueeze(-1).to(x.dtype) * x
+        self.remainder = torch.where(stopping, 1 - self.cumulative, self.remainder)
+        self.cumulative = self.cumulative + p
+        self.depth = self.depth + running.float()
+        self.halted = self.halted | stopping
+
+    @property
+    def ponder_cost(self) -> torch.Tensor:
+        """N + R per token, (B, T)."""
+        return self.depth + self.remainder

@@ -100,6 +100,12 @@ class GPTConfig:
     moe_shared_expert: bool = False  # moe: one more expert that every token uses
     moe_aux_coef: float = 0.01  # moe: weight of the load-balancing loss (Switch Transformer's)
     moe_z_coef: float = 0.0     # moe: weight of the router z-loss (keeps the router's logits small)
+    # Research variants (chapter 11), all off by default:
+    attn_rank: int | None = None  # queries and keys in this many dimensions per head (None: head_dim)
+    attn_tau: bool = False      # a learned temperature per head and token, tau = softplus(w . x + b), divides the scores
+    halting: bool = False       # adaptive depth: a halting unit after each block lets each token stop early (ACT)
+    ponder_coef: float = 0.01   # halting: weight of the ponder cost (layers used + remainder) in the loss
+    halting_eps: float = 0.01   # halting: a token stops once its halting probabilities reach 1 - halting_eps
 
     def __post_init__(self) -> None:
         _check_int("vocab_size", self.vocab_size)
@@ -140,6 +146,16 @@ class GPTConfig:
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE rotates pairs of dimensions, so each head needs an even width; "
                               f"emb_dim / n_heads is {self.head_dim}.")
+        if self.attn_rank is not None:
+            _check_int("attn_rank", self.attn_rank, high=self.head_dim)
+            if self.pos_emb == "rope" and self.attn_rank % 2:
+                raise ConfigError(f"attn_rank ({self.attn_rank}) must be even with RoPE, which rotates pairs of "
+                                  "the query's and key's dimensions.")
+        for name in ("attn_tau", "halting"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        _check_float("ponder_coef", self.ponder_coef, 0.0)
+        _check_float("halting_eps", self.halting_eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
 
     @property
     def head_dim(self) -> int:
@@ -172,13 +188,25 @@ class GPTConfig:
                          + (" + a shared one" if self.moe_shared_expert else ""))
         if self.kv_heads != self.n_heads:
             parts.append(f"{self.kv_heads} KV heads")
+        if self.attn_rank is not None and self.attn_rank != self.head_dim:
+            parts.append(f"queries and keys of rank {self.attn_rank}")
+        if self.attn_tau:
+            parts.append("tau-gated attention")
+        if self.halting:
+            parts.append(f"halting (ponder cost {self.ponder_coef:g})")
         return ", ".join(parts)
+
+    @property
+    def qk_dim(self) -> int:
+        """Width of a head's queries and keys: attn_rank, or head_dim."""
+        return self.attn_rank or self.head_dim
 
     @property
     def gpt2_compatible(self) -> bool:
         """The architecture GPT-2's weights (and Hugging Face's GPT2LMHeadModel) have."""
-        return (self.norm, self.pos_emb, self.ffn, self.kv_heads, self.ffn_hidden in (None, 4 * self.emb_dim)) == \
-            ("layernorm", "learned", "gelu", self.n_heads, True)
+        return (self.norm, self.pos_emb, self.ffn, self.kv_heads, self.ffn_hidden in (None, 4 * self.emb_dim),
+                self.qk_dim, self.attn_tau, self.halting) == \
+            ("layernorm", "learned", "gelu", self.n_heads, True, self.head_dim, False, False)
 
 
 # Presets: GPT-2's four published sizes, and small ones that train in seconds on a CPU.
@@ -196,6 +224,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                      pos_emb="rope", ffn="moe", n_experts=4, moe_top_k=2, bias=False),
     "llama-124m": dict(emb_dim=768, n_layers=12, n_heads=12, n_kv_heads=4, norm="rmsnorm", pos_emb="rope",
                        ffn="swiglu", bias=False),
+    # Research variants (chapter 11): tau-gated low-rank attention over a small mixture of experts (with a
+    # shared expert), and the same with a halting unit after each block.
+    "tau-tiny": dict(emb_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, context_length=128, norm="rmsnorm",
+                     pos_emb="rope", ffn="moe", n_experts=4, moe_top_k=1, moe_shared_expert=True, ffn_hidden=128,
+                     attn_rank=16, attn_tau=True, bias=False),
+    "halting-tiny": dict(emb_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, context_length=128, norm="rmsnorm",
+                         pos_emb="rope", ffn="moe", n_experts=4, moe_top_k=1, moe_shared_expert=True,
+                         ffn_hidden=128, attn_rank=16, attn_tau=True, halting=True, bias=False),
 }
 
 
@@ -558,6 +594,8 @@ class RunConfig:
     align: AlignConfig | None = None        # --task reward / dpo / ppo / grpo only
     choices: str | None = None     # --task evaluate: multiple-choice items, "hellaswag" or a JSONL file
     limit: int | None = None       # --task evaluate: score only the first N multiple-choice items
+    ensemble: list[str] = field(default_factory=list)  # generate / evaluate: runs that join `checkpoint`
+    ensemble_weights: list[float] | None = None  # one per run, `checkpoint` first; None: equal weights
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -688,6 +726,16 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         raise ConfigError(f"--task {task} needs one model: --checkpoint DIR (the run directory of a "
                           "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "
                           "also gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder).")
+    ensemble, weights = list(cli.get("ensemble", [])), cli.get("ensemble_weights")
+    if ensemble and task not in ("generate", "evaluate"):
+        raise ConfigError(f"--checkpoint once for --task {task}; several only for generate and evaluate "
+                          "(an ensemble of models).")
+    if weights is not None:
+        if not checkpoint or len(weights) != 1 + len(ensemble):
+            raise ConfigError(f"--ensemble-weights takes one number per --checkpoint: got {len(weights)} "
+                              f"for {(1 + len(ensemble)) if checkpoint else 0} checkpoints.")
+        for weight in weights:
+            _check_float("each of --ensemble-weights", weight, 0.0, low_inclusive=False)
     if cli.get("limit") is not None:
         _check_int("--limit", cli["limit"])
     if task == "export" and not (checkpoint and out):
@@ -698,7 +746,7 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
                      device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
                      checkpoint=checkpoint, pretrained=pretrained, prompt=cli.get("prompt"),
                      generation=generation, finetune=finetune, align=align, choices=cli.get("choices"),
-                     limit=cli.get("limit"))
+                     limit=cli.get("limit"), ensemble=ensemble, ensemble_weights=weights)
 
 
 def _resolve_finetune(settings: dict[str, Any], cli: dict[str, Any], task: str, mode: str,

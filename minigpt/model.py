@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from minigpt.attention import KVCache, RotaryEmbedding
-from minigpt.blocks import TransformerBlock, make_norm
+from minigpt.blocks import AdaptiveDepth, HaltingUnit, TransformerBlock, make_norm
 from minigpt.config import ConfigError, GPTConfig, did_you_mean
 from minigpt.data import cache_dir, download_file
 
@@ -47,9 +47,13 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         if cfg.pos_emb == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_positions(cfg.context_length, cfg.emb_dim), persistent=False)
-        rope = RotaryEmbedding(cfg.head_dim, cfg.context_length, cfg.rope_base) if cfg.pos_emb == "rope" else None
+        rope = RotaryEmbedding(cfg.qk_dim, cfg.context_length, cfg.rope_base) if cfg.pos_emb == "rope" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, rope) for _ in range(cfg.n_layers)])
+        # Adaptive depth (chapter 11): a halting unit after every block but the last, where all stop.
+        self.halt_units = nn.ModuleList(HaltingUnit(cfg.emb_dim) for _ in range(cfg.n_layers - 1)) \
+            if cfg.halting else None
+        self.depth: torch.Tensor | None = None  # halting: blocks each token of the last forward ran, (B, T)
         self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.aux_loss: torch.Tensor | None = None  # a mixture of experts' balancing terms, set by forward
@@ -66,6 +70,9 @@ class GPTModel(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("att.out_proj.weight", "ff.layers.2.weight", "down.weight")):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        for module in self.modules():  # chapter 11's gates start neutral: tau = 1, halting rarely
+            if hasattr(module, "reset_gates"):
+                module.reset_gates()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -103,10 +110,24 @@ class GPTModel(nn.Module):
         elif self.cfg.pos_emb == "sinusoidal":
             x = x + self.sinusoid[past:past + num_tokens].to(x.dtype)
         x = self.drop_emb(x)
+        adaptive = AdaptiveDepth(x, self.cfg.halting_eps) if self.cfg.halting else None
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, None if cache is None else cache.layers[layer])  # (B, T, C)
+            out = block(x, None if cache is None else cache.layers[layer])  # (B, T, C)
+            if adaptive is None:
+                x = out
+                continue
+            x = adaptive.carry(x, out)  # a stopped token keeps its state; later blocks still read it
+            last = layer == self.cfg.n_layers - 1
+            adaptive.step(x, torch.ones_like(adaptive.cumulative) if last else self.halt_units[layer](x), last)
+        aux = []
         if self.cfg.ffn == "moe":  # the experts' load-balancing terms, for the training loss to add
-            self.aux_loss = sum(block.ff.aux_loss for block in self.trf_blocks)
+            aux.append(sum(block.ff.aux_loss for block in self.trf_blocks))
+        if adaptive is not None:  # the states weighted by their halting probabilities, and the ponder cost
+            x = adaptive.output
+            self.depth = adaptive.depth
+            aux.append(self.cfg.ponder_coef * adaptive.ponder_cost.mean())
+        if aux:
+            self.aux_loss = sum(aux)
         x = self.final_norm(x)
         return self.out_head(x)                             # (B, T, vocab_size)
 
@@ -115,7 +136,7 @@ class GPTModel(nn.Module):
         max_tokens = min(max_tokens or self.cfg.context_length, self.cfg.context_length)
         weight = self.tok_emb.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_tokens, self.cfg.head_dim,
-                       device=weight.device, dtype=weight.dtype)
+                       device=weight.device, dtype=weight.dtype, key_dim=self.cfg.qk_dim)
 
     def num_parameters(self, exclude_output_head: bool = False) -> int:
         """Trainable weights, each shared tensor counted once.
@@ -145,6 +166,7 @@ class GPTModel(nn.Module):
         multiplies, and biases and norms are too few to count. Attention adds its scores and
         their weighted sum, 2 x 2 x seq_len x emb_dim per layer forward, so 12 x n_layers x
         emb_dim x seq_len with the backward (the PaLM paper's estimate, causal mask ignored).
+        With low-rank attention the scores cost n_heads x attn_rank instead of emb_dim.
         """
         lookups = {self.tok_emb.weight} | ({self.pos_emb.weight} if self.pos_emb is not None else set())
         lookups -= {self.out_head.weight}  # a tied head multiplies
@@ -152,7 +174,8 @@ class GPTModel(nn.Module):
         if self.cfg.ffn == "moe":  # a token runs through top_k of the n_experts experts only
             expert = sum(p.numel() for p in self.trf_blocks[0].ff.experts[0].parameters() if p.dim() == 2)
             weights -= self.cfg.n_layers * (self.cfg.n_experts - self.cfg.moe_top_k) * expert
-        return 6 * weights + 12 * self.cfg.n_layers * self.cfg.emb_dim * seq_len
+        scores_and_sum = self.cfg.n_heads * self.cfg.qk_dim + self.cfg.emb_dim  # q.k, then weights x v
+        return 6 * weights + 6 * self.cfg.n_layers * scores_and_sum * seq_len
 
     def parameter_memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Memory the weights alone take in `dtype` (fp32: 4 bytes each)."""

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from minigpt.config import TOKENIZERS, ConfigError, RunConfig, TrainConfig
+from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig, did_you_mean,
+                            model_config)
 from minigpt.data import (IGNORE_INDEX, TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample,
                           create_dataloader, is_large_corpus, read_text, read_token_files, split_text,
                           token_folder, write_token_files)
@@ -548,6 +549,9 @@ def train_loop(model: GPTModel, optimizer: torch.optim.Optimizer, loaders: Loade
                 if setup.peak_tflops:
                     tflops = setup.tflops_per_device(tokens_per_sec)
                     line += f"  MFU {100 * tflops / setup.peak_tflops:.1f}%"
+                depth = getattr(model, "depth", None)
+                if depth is not None:  # adaptive depth: blocks per token in the last training batch
+                    line += f"  depth {depth.mean().item():.2f}/{model.cfg.n_layers}"
                 if evaluate_now:
                     line += f"  | train loss {train_loss:.3f}  val loss {val_loss:.3f}"
                 tqdm.write(line)
@@ -960,6 +964,53 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     if world.is_main:
         print_summary(metrics, run_dir, completed)
     return model, tokenizer, metrics, run_dir
+
+
+def train_model(texts: list[str] | None = None, data: str | None = None, model: str = "gpt-mini",
+                epochs: int = 1, batch_size: int = 8, learning_rate: float = 4e-4, out: str | None = None,
+                device: str | None = None, tokenizer: str = "gpt2", seed: int = 123,
+                **overrides: Any) -> tuple[GPTModel, Any, dict[str, Any]]:
+    """Pretrain from a script or a notebook: `pretrain`, with the loop, run directory and
+    validation split `python main.py` uses; returns (model, tokenizer, metrics).
+
+    `texts` are strings to train on (joined by blank lines and written to texts.txt beside the
+    run), or `data` names a file or a corpus ("the-verdict", "tinyshakespeare"). `model` is a
+    preset; `overrides` set any GPTConfig field (emb_dim=64, attn_tau=True ...) or TrainConfig
+    field (max_length=32, max_steps=100 ...) by name. `tokenizer` is "gpt2", "char", "train"
+    (a BPE learned from the text: add bpe_vocab_size=...) or a saved BPE file; all of them work
+    on bytes or characters, so any language, mixed ones included, round-trips.
+    """
+    if (texts is None) == (data is None):
+        raise ConfigError("give train_model either texts=[...] (strings) or data=\"file.txt\", not both or neither.")
+    if model not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {model!r}; pick one of {', '.join(MODEL_PRESETS)}."
+                          f"{did_you_mean(model, list(MODEL_PRESETS))}")
+    bpe_vocab_size = overrides.pop("bpe_vocab_size", 1024)
+    model_fields, train_fields = set(GPTConfig.__dataclass_fields__) - {"vocab_size"}, set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - model_fields - train_fields)
+    if unknown:
+        raise ConfigError(f"train_model has no setting {unknown[0]!r}: give a GPTConfig or TrainConfig field."
+                          f"{did_you_mean(unknown[0], sorted(model_fields | train_fields))}")
+    cfg = model_config(model, **{k: v for k, v in overrides.items() if k in model_fields})
+    train = {k: v for k, v in overrides.items() if k in train_fields}
+    train.setdefault("max_length", min(cfg.context_length, 128))
+    train.setdefault("stride", train["max_length"])
+    run = RunConfig(task="pretrain", mode="custom", model_name=model, model=cfg,
+                    train=TrainConfig(num_epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, **train),
+                    tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out, device=device, seed=seed)
+    if run.train.max_length > cfg.context_length:
+        raise ConfigError(f"max_length ({run.train.max_length}) is longer than the model's context_length "
+                          f"({cfg.context_length}); lower max_length or raise context_length.")
+    run_dir = choose_run_dir(run)
+    if texts is not None:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not "".join(texts).strip():
+            raise ConfigError("texts must be a list of non-empty strings, e.g. texts=[\"first document\", ...].")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "texts.txt"
+        path.write_text("\n\n".join(texts), encoding="utf-8")
+        run = replace(run, data=str(path))
+    model_out, tokenizer_out, metrics, _ = pretrain(replace(run, out=str(run_dir)))
+    return model_out, tokenizer_out, metrics
 
 
 def make_metrics(state: TrainState, model: GPTModel, device: torch.device, completed: bool,
