@@ -12,6 +12,7 @@
     python main.py --task export --checkpoint runs/pretrain-quick --out exported/   # for transformers
     python main.py --task evaluate --checkpoint runs/pretrain-quick      # loss, perplexity, bits per byte
     python main.py --task evaluate --pretrained gpt2 --choices hellaswag # GPT-2 on HellaSwag
+    python main.py --task evaluate --checkpoint runs/a --checkpoint runs/b   # an ensemble and each member
     python main.py --task classify --data reviews.csv            # a classifier (columns text,label)
     python main.py --task classify --checkpoint runs/classify-quick --prompt "WINNER! Claim your prize"
     python main.py --task sft --mode full                        # GPT-2 medium follows instructions
@@ -95,8 +96,11 @@ def parse_args(argv: list[str] | None = None) -> dict:
     scale.add_argument("--sampling", choices=SAMPLINGS,
                        help="sliding: each window once per epoch; random: random windows (auto: random for token files)")
     scale.add_argument("--eval-freq", type=int, metavar="N", help="evaluate every N steps")
-    parser.add_argument("--checkpoint", metavar="DIR",
-                        help="run directory to generate from, export, fine-tune from, or classify with")
+    parser.add_argument("--checkpoint", metavar="DIR", action="append",
+                        help="run directory to generate from, export, fine-tune from, or classify with; "
+                             "--task generate / evaluate: repeat it for an ensemble of runs")
+    parser.add_argument("--ensemble-weights", type=float, nargs="+", metavar="W",
+                        help="an ensemble's weights, one per --checkpoint (default: equal)")
     parser.add_argument("--pretrained", metavar="NAME|DIR",
                         help="OpenAI's GPT-2 to generate with or fine-tune: gpt2, gpt2-medium, gpt2-large, "
                              "gpt2-xl, or a Hugging Face GPT-2 folder")
@@ -147,6 +151,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
                          "--batch-size a number.")
         del cli["batch_size"]
         cli["micro_batch_size"] = "auto"
+    if "checkpoint" in cli:  # several: an ensemble, led by the first
+        cli["checkpoint"], *others = cli["checkpoint"]
+        if others:
+            cli["ensemble"] = others
     if "stop_strings" in cli:  # let --stop "\n\n" mean two newlines, as users type it
         cli["stop_strings"] = [s.replace("\\n", "\n").replace("\\t", "\t") for s in cli["stop_strings"]]
     return cli
@@ -159,6 +167,8 @@ def load_for_generation(run):
     from minigpt.tokenizer import get_tokenizer
     from minigpt.train import load_model, pick_device
 
+    if run.ensemble:  # several runs decode as one
+        return load_ensemble(run)
     device = pick_device(run.device)
     if run.checkpoint:
         model, tokenizer, saved = load_model(run.checkpoint, device)
@@ -179,6 +189,31 @@ def load_for_generation(run):
                           "directory with --checkpoint instead.")
     size = f"{model.num_parameters() / 1e6:.0f}M parameters"
     return model, get_tokenizer("gpt2"), f"{run.pretrained} ({size}, gpt2 tokenizer)", None
+
+
+def load_ensemble(run):
+    """load_for_generation for several runs (--checkpoint repeated): an `Ensemble` of their models,
+    which must share a tokenizer (compared by its saved spec) and an instruction template."""
+    from dataclasses import replace
+
+    from minigpt.generation import Ensemble
+
+    checkpoints = [run.checkpoint, *run.ensemble]
+    loaded = [load_for_generation(replace(run, checkpoint=checkpoint, ensemble=[])) for checkpoint in checkpoints]
+    _, tokenizer, _, style = loaded[0]
+    for checkpoint, (_, other_tokenizer, _, other_style) in zip(checkpoints[1:], loaded[1:]):
+        if other_tokenizer.spec() != tokenizer.spec():
+            names = (f"both {tokenizer.name}, with different vocabularies" if other_tokenizer.name == tokenizer.name
+                     else f"{tokenizer.name} and {other_tokenizer.name}")
+            raise ConfigError(f"{checkpoints[0]} and {checkpoint} use different tokenizers ({names}); an "
+                              "ensemble averages the scores of the same tokens, so give runs trained with "
+                              "the same tokenizer.")
+        if other_style != style:
+            raise ConfigError(f"{checkpoints[0]} and {checkpoint} expect different prompts (instruction "
+                              f"template {style} and {other_style}); ensemble runs that read the same template.")
+    ensemble = Ensemble([model for model, *_ in loaded], run.ensemble_weights)
+    members = ", ".join(f"{source} x {weight:.3g}" for (_, _, source, _), weight in zip(loaded, ensemble.weights))
+    return ensemble, tokenizer, f"ensemble of {len(loaded)}: {members}", style
 
 
 def run_generate(run) -> None:
@@ -238,17 +273,35 @@ def run_evaluate(run) -> None:
     from minigpt.data import corpus_path, read_text
     from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown, write_report
 
+    from minigpt.generation import Ensemble
+
     model, tokenizer, source, _ = load_for_generation(run)
     device = next(model.parameters()).device
     path = corpus_path(run.data)
     print(f"minigpt | evaluate | {source} | text {path}", file=sys.stderr)
-    report = {"model": source, "text": {"file": str(path), **evaluate_text(
-        model, tokenizer, read_text(path), min(model.cfg.context_length, 1024), batch_size=4, device=device)}}
-    if run.choices:
-        items = load_multiple_choice(run.choices)[:run.limit]
-        report["multiple_choice"] = {"file": run.choices, **evaluate_multiple_choice(model, tokenizer, items, device)}
-    out = Path(run.out) if run.out else Path(run.checkpoint) if run.checkpoint else \
-        Path("runs") / f"evaluate-{Path(run.pretrained).name}"
+    text = read_text(path)
+    items = load_multiple_choice(run.choices)[:run.limit] if run.choices else None
+    max_length = min(model.cfg.context_length, 1024)  # an ensemble's members all read the same windows
+
+    def scores(scored) -> dict:
+        result = {"text": {"file": str(path), **evaluate_text(scored, tokenizer, text, max_length, batch_size=4,
+                                                               device=device)}}
+        if items is not None:
+            result["multiple_choice"] = {"file": run.choices, **evaluate_multiple_choice(scored, tokenizer, items,
+                                                                                         device)}
+        return result
+
+    report = {"model": source, **scores(model)}
+    if isinstance(model, Ensemble):  # each member beside the ensemble
+        report["weights"] = model.weights
+        report["members"] = [{"model": checkpoint, **scores(member)}
+                             for checkpoint, member in zip([run.checkpoint, *run.ensemble], model.models)]
+    if run.out:
+        out = Path(run.out)
+    elif run.ensemble:  # its own directory, not one member's
+        out = Path("runs") / "-".join(["evaluate-ensemble"] + [Path(c).name for c in [run.checkpoint, *run.ensemble]])
+    else:
+        out = Path(run.checkpoint) if run.checkpoint else Path("runs") / f"evaluate-{Path(run.pretrained).name}"
     paths = write_report(report, out)
     print(report_markdown(report))
     print(f"wrote {paths[0]} and {paths[1]}")

@@ -71,19 +71,33 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """A short Markdown table of an evaluation report (what `write_report` puts beside its JSON)."""
-    lines = [f"# Evaluation of {report['model']}", "", "| measure | value |", "|---|---|"]
-    text = report.get("text")
-    if text:
-        lines += [f"| text | {text['file']} ({text['tokens']:,} tokens scored, {text['bytes']:,} bytes) |",
-                  f"| loss (nats per token) | {text['loss']:.4f} |", f"| perplexity | {text['perplexity']:,.2f} |",
-                  f"| bits per byte | {text['bits_per_byte']:.4f} |",
-                  f"| next-token accuracy | {100 * text['next_token_accuracy']:.2f}% |"]
-    choice = report.get("multiple_choice")
-    if choice:
-        lines += [f"| multiple choice | {choice['file']} ({choice['items']:,} items) |",
-                  f"| acc (total log-probability) | {choice['acc']:.4f} |",
-                  f"| acc_norm (mean log-probability per token) | {choice['acc_norm']:.4f} |"]
+    """A short Markdown table of an evaluation report (what `write_report` puts beside its JSON).
+    An ensemble's report has a column for the ensemble and one for each of its "members"."""
+    columns = [report] + report.get("members", [])
+    lines = [f"# Evaluation of {report['model']}", ""]
+    if len(columns) == 1:
+        lines += ["| measure | value |", "|---|---|"]
+    else:
+        lines += ["| measure | ensemble | " + " | ".join(member["model"] for member in columns[1:]) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+
+    def row(measure: str, section: str, show, shared: bool = False) -> str:
+        """One measure per column; a `shared` one (the same for every column) is shown once."""
+        cells = [show(column[section]) if not shared or i == 0 else "" for i, column in enumerate(columns)]
+        return f"| {measure} | " + " | ".join(cells) + " |"
+
+    if report.get("text"):
+        lines += [row("text", "text", lambda t: f"{t['file']} ({t['tokens']:,} tokens scored, {t['bytes']:,} bytes)",
+                      shared=True),
+                  row("loss (nats per token)", "text", lambda t: f"{t['loss']:.4f}"),
+                  row("perplexity", "text", lambda t: f"{t['perplexity']:,.2f}"),
+                  row("bits per byte", "text", lambda t: f"{t['bits_per_byte']:.4f}"),
+                  row("next-token accuracy", "text", lambda t: f"{100 * t['next_token_accuracy']:.2f}%")]
+    if report.get("multiple_choice"):
+        lines += [row("multiple choice", "multiple_choice", lambda c: f"{c['file']} ({c['items']:,} items)",
+                      shared=True),
+                  row("acc (total log-probability)", "multiple_choice", lambda c: f"{c['acc']:.4f}"),
+                  row("acc_norm (mean log-probability per token)", "multiple_choice", lambda c: f"{c['acc_norm']:.4f}")]
     return "\n".join(lines) + "\n"
 
 

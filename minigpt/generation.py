@@ -14,6 +14,7 @@ one token's work instead of the whole sequence's.
     beam_search        the most probable continuations, length-normalised
     stream_text        text pieces as they are produced, for a chat that types as it thinks
     generate_text      prompt in, text out
+    Ensemble           several models decoding as one: the weighted mean of their log-probabilities
 """
 
 from __future__ import annotations
@@ -279,6 +280,73 @@ def beam_search(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, 
     for row, sequence in enumerate(best):
         out[row, prompt_length:prompt_length + len(sequence)] = sequence
     return out
+
+
+class EnsembleCache:
+    """One KV cache per member of an `Ensemble`; they fill, reset and reorder together."""
+
+    def __init__(self, caches: list) -> None:
+        self.caches = caches
+
+    @property
+    def length(self) -> int:
+        return self.caches[0].length
+
+    @property
+    def max_tokens(self) -> int:
+        return self.caches[0].max_tokens
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.reorder(rows)
+
+    def reset(self) -> None:
+        for cache in self.caches:
+            cache.reset()
+
+
+class Ensemble(torch.nn.Module):
+    """Several models that share a tokenizer, scoring the next token as one.
+
+    The output is the weighted mean of the members' log-probabilities, sum_i w_i log p_i.
+    Used as logits, softmax renormalises it into a weighted geometric mean of the members'
+    distributions (a "product of experts"): a token is likely only if every member finds it
+    plausible. Weights default to equal and are normalised to sum to 1. It decodes wherever
+    a GPTModel does (with or without the KV cache) and within the smallest member context.
+    """
+
+    def __init__(self, models: list[torch.nn.Module], weights: list[float] | None = None) -> None:
+        super().__init__()
+        models = list(models)
+        if not models:
+            raise ValueError("an ensemble needs at least one model; pass a list of models.")
+        vocab_sizes = [model.cfg.vocab_size for model in models]
+        if len(set(vocab_sizes)) > 1:
+            raise ValueError(f"the members' vocabularies differ in size ({vocab_sizes}); an ensemble "
+                             "averages scores token by token, so give models trained with the same tokenizer.")
+        weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(models) or not all(w > 0 for w in weights):
+            raise ValueError(f"ensemble weights must be positive numbers, one per model: got {weights} "
+                             f"for {len(models)} models; give {len(models)} numbers > 0, or none for equal weights.")
+        self.models = torch.nn.ModuleList(models)
+        self.weights = [w / sum(weights) for w in weights]
+
+    @property
+    def cfg(self):
+        """The config of the member with the smallest context: every member must see the whole input."""
+        return min((model.cfg for model in self.models), key=lambda cfg: cfg.context_length)
+
+    def forward(self, idx: torch.Tensor, cache: EnsembleCache | None = None) -> torch.Tensor:
+        """sum_i w_i log_softmax(model_i(idx)), (B, T, V), in float32."""
+        caches = cache.caches if cache is not None else [None] * len(self.models)
+        return sum(weight * torch.log_softmax(model(idx, member_cache).float(), dim=-1)
+                   for weight, model, member_cache in zip(self.weights, self.models, caches))
+
+    def new_kv_cache(self, batch_size: int, max_tokens: int | None = None) -> EnsembleCache:
+        """A cache per member, all of the same size (at most the smallest member context)."""
+        context_length = self.cfg.context_length
+        max_tokens = min(max_tokens or context_length, context_length)
+        return EnsembleCache([model.new_kv_cache(batch_size, max_tokens) for model in self.models])
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
