@@ -240,9 +240,15 @@ def run_generate(run) -> None:
             print(piece, end="", flush=True)
         print(flush=True)
 
+    depths: list[torch.Tensor] = []  # adaptive depth: the blocks each generated token ran
+    if getattr(model, "cfg", None) is not None and model.cfg.halting:
+        model.register_forward_hook(lambda module, inputs, output: depths.append(module.depth[:, -1]))
     if run.prompt is not None:
         print(run.prompt, end="\n" if style else "", flush=True)
         answer(run.prompt)
+        if depths:
+            print(f"mean depth per generated token: {torch.cat(depths).float().mean():.2f} of "
+                  f"{model.cfg.n_layers} blocks", file=sys.stderr)
         return
     print("Type an instruction and press Enter: the model answers it." if style else
           "Type a text and press Enter: the model continues it.",

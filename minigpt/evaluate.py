@@ -43,7 +43,8 @@ def bits_per_byte(loss: float, num_tokens: int, num_bytes: int) -> float:
 @torch.no_grad()
 def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int, batch_size: int = 8,
                   device: torch.device | str = "cpu") -> dict[str, float]:
-    """Loss, perplexity and bits per byte of `model` on `text`, over non-overlapping windows.
+    """Loss, perplexity and bits per byte of `model` on `text`, over non-overlapping windows
+    (and, for a model with adaptive depth, the mean number of blocks a token ran: "mean_depth").
 
     Every token but the first is predicted once, from the tokens before it in its window
     (so from up to `max_length - 1` tokens of context). Bits per byte counts the bytes of the
@@ -54,20 +55,25 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
                                shuffle=False, drop_last=False, name="the evaluation text")
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count, depth = 0.0, 0, 0, 0.0
     for inputs, targets in loader:
         logits = model(inputs.to(device)).float()                       # (B, T, V)
         targets = targets.to(device)
         total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == targets).sum())
         count += targets.numel()
+        if getattr(model, "depth", None) is not None:  # adaptive depth: the blocks each token ran
+            depth += model.depth.sum().item()
     model.train(was_training)
     loss = total_loss / count
     windows = len(loader.dataset)
     scored = ids[1:windows * max_length + 1]  # the targets of every window, in order
     num_bytes = len(tokenizer.decode(scored).encode("utf-8"))
-    return {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
-            "next_token_accuracy": correct / count, "tokens": len(scored), "bytes": num_bytes}
+    result = {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
+              "next_token_accuracy": correct / count, "tokens": len(scored), "bytes": num_bytes}
+    if getattr(model, "depth", None) is not None:
+        result["mean_depth"] = depth / count
+    return result
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -93,6 +99,9 @@ def report_markdown(report: dict[str, Any]) -> str:
                   row("perplexity", "text", lambda t: f"{t['perplexity']:,.2f}"),
                   row("bits per byte", "text", lambda t: f"{t['bits_per_byte']:.4f}"),
                   row("next-token accuracy", "text", lambda t: f"{100 * t['next_token_accuracy']:.2f}%")]
+        if any("mean_depth" in column["text"] for column in columns):
+            lines.append(row("blocks per token (adaptive depth)", "text",
+                             lambda t: f"{t['mean_depth']:.2f}" if "mean_depth" in t else ""))
     if report.get("multiple_choice"):
         lines += [row("multiple choice", "multiple_choice", lambda c: f"{c['file']} ({c['items']:,} items)",
                       shared=True),
