@@ -1,6 +1,6 @@
 // minigpt studio: build a GPT as a graph of nodes, see its size, train it, and talk to it.
 // Plain JavaScript, no frameworks. The server does every computation (parameter counts,
-// memory, training); this page only draws what the server says. API: /tmp/studio_api.md.
+// memory, training); this page only draws what the server says. API: chapters/appendix-studio.md and minigpt/studio.py.
 
 "use strict";
 
