@@ -59,7 +59,8 @@ def activation_bytes(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | 
     `saved_tensor_bytes` for nine architectures in fp32 and bf16.
     """
     C, H, V = cfg.emb_dim, cfg.n_heads, vocab_size or cfg.vocab_size
-    kv = cfg.kv_heads * (C // H)                 # width of the keys (and of the values)
+    kv = cfg.kv_heads * (C // H)                 # width of the values (and, at full rank, of the keys)
+    q_width, k_width = H * cfg.qk_dim, cfg.kv_heads * cfg.qk_dim  # narrower with low-rank attention
     a = 4 if precision == "fp32" else 2          # bytes of a number a matrix product makes or casts
     norm = 4 * (C + 2) if cfg.norm == "layernorm" else 4 * (2 * C + 1)   # input, mean, 1/std | input, rms, x/rms
     grouped, rope, dropout = cfg.kv_heads != H, cfg.pos_emb == "rope", cfg.drop_rate > 0
@@ -70,12 +71,17 @@ def activation_bytes(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | 
     else:
         # q, k and v are views of the qkv product, which stays whole while any view of it is
         # kept; RoPE rotates q and k into new tensors; grouped heads copy k and v to every head.
-        attention = 0 if grouped and rope else a * (C + 2 * kv)
+        attention = 0 if grouped and rope else a * (q_width + k_width + kv)
         if rope:
-            attention += a * C + (0 if grouped else a * kv)
+            attention += a * q_width + (0 if grouped else a * k_width)
         if grouped:
-            attention += 2 * a * C
+            attention += a * (q_width + C)
+        if cfg.attn_tau:                         # q / tau; tau and the softplus's input; x cast again
+            attention += a * q_width + 8 * H + (2 * C if a == 2 else 0)
         attention += a * C + 4 * H               # output (out_proj's input), a log-sum-exp per head
+        if cfg.qk_dim != C // H:                 # the fused kernel wants keys as wide as values: the
+            T = num_tokens or cfg.context_length # explicit path keeps the T x T weights (fp32 under
+            attention += 4 * H * T * (1 if a == 4 else 2) - 4 * H  # autocast, and a cast) and no log-sum-exp
     h = cfg.hidden_dim
     swiglu = 4 * C + a * 4 * h                   # input (cast twice under autocast); gate, SiLU, up, product
     if cfg.ffn == "gelu":
@@ -88,6 +94,8 @@ def activation_bytes(cfg: GPTConfig, precision: str = "fp32", num_tokens: int | 
         if cfg.moe_shared_expert:
             ffn += swiglu - 2 * (a - 2) * C      # in fp32 its input is the router's, not a copy
     block = 2 * norm + a * C + attention + ffn   # + a x C: the qkv product's input
+    if cfg.halting:                              # the halting unit's input (cast under autocast), its
+        block += (8 - a) // 2 * C + 8            # probability and the state's weight in the sum
     rest = norm + a * C + 4 * V + 16             # final norm, the head's input, log-probabilities, ids
     if dropout:                                  # the masks of the embedding's and the two residual dropouts
         block += 2 * (1 if device_type == "cuda" else a) * C

@@ -60,6 +60,17 @@ def test_the_count_is_chapter_9s_formula_for_a_gpt2_block():
     assert activation_bytes_per_token(cfg, "bf16") == L * (36 * C + 4 * H + 16) + 6 * C + 4 * V + 24 == 19_612
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("preset,overrides", [("gpt-mini", dict(attn_rank=16)), ("llama-tiny", dict(attn_rank=16)),
+                                              ("llama-tiny", dict(attn_tau=True)), ("gpt-mini", dict(halting=True)),
+                                              ("tau-tiny", {}), ("halting-tiny", {})], ids=lambda v: str(v))
+def test_chapter_11s_switches_are_counted_within_a_percent(preset, overrides, precision):
+    cfg = model_config(preset, **{"vocab_size": 61, "context_length": 32, "drop_rate": 0.0, "n_layers": 2,
+                                  **overrides})
+    counted = activation_bytes_per_token(cfg, precision, num_tokens=32)
+    assert counted == pytest.approx(measured_bytes_per_token(cfg, precision), rel=0.01)
+
+
 def test_a_mixture_of_experts_is_counted_within_a_percent():
     cfg = model_config("moe-tiny", vocab_size=61, context_length=32, n_layers=2)
     assert activation_bytes_per_token(cfg, "fp32", 32) == pytest.approx(measured_bytes_per_token(cfg, "fp32"), rel=0.01)
