@@ -241,7 +241,7 @@ def run_generate(run) -> None:
         print(flush=True)
 
     depths: list[torch.Tensor] = []  # adaptive depth: the blocks each generated token ran
-    if getattr(model, "cfg", None) is not None and model.cfg.halting:
+    if getattr(model, "halt_units", None) is not None:  # a GPTModel with adaptive depth (not an ensemble)
         model.register_forward_hook(lambda module, inputs, output: depths.append(module.depth[:, -1]))
     if run.prompt is not None:
         print(run.prompt, end="\n" if style else "", flush=True)
