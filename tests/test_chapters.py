@@ -240,6 +240,14 @@ def largest_micro_batches(gigabytes) -> str:
     return " / ".join(counts)
 
 
+def rank_activations(num_tokens: int) -> int:
+    from minigpt.config import model_config
+    from minigpt.memory import activation_bytes_per_token
+
+    return activation_bytes_per_token(model_config("llama-tiny", vocab_size=65, drop_rate=0.0, attn_rank=16),
+                                      "fp32", num_tokens)
+
+
 def quick_memory_row() -> str:
     """The header's memory row for quick mode: gpt-mini, 2 sequences of 64 tokens, fp32."""
     from minigpt.memory import estimate_training_memory
@@ -288,6 +296,12 @@ QUOTED = [
     ("05", "ln 50{,}257 = 10.8249", lambda: f"ln 50{{,}}257 = {math.log(50257):.4f}"),
     ("05", "$[1, -2]$ becomes $[0.99, -1.98]$", adamw_pure_decay),
     ("01", "13,673,984", lambda: f"{meta_model('gpt-mini').num_parameters():,}"),
+    ("11", "**693,632**", lambda: f"**{meta_model('llama-tiny', vocab_size=65, attn_rank=16).num_parameters():,}**"),
+    ("11", "**4,694,784**",
+     lambda: f"**{meta_model('llama-tiny', vocab_size=65, attn_rank=16).flops_per_token(128):,.0f}**"),
+    ("11", "46,392 bytes with 64-token windows, 50,488 with 128 and 107,832",
+     lambda: "{:,} bytes with 64-token windows, {:,} with 128 and {:,}".format(*(
+         rank_activations(T) for T in (64, 128, 1024)))),
     ("01", "about 260 MiB estimated: states 209, 39.4 per sequence of 64 tokens", quick_memory_row),
     ("01", "36.8 MiB\n  of which", lambda: f"{12 * 50257 * 64 / 2**20:.1f} MiB\n  of which"),
     ("01", "7,241,088", lambda: f"{meta_model('gpt-mini').num_parameters(exclude_output_head=True):,}"),
