@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from minigpt.blocks import AdaptiveDepth
-from minigpt.config import ConfigError, GPTConfig
+from minigpt.config import ConfigError, GPTConfig, resolve_run_config
 from minigpt.generation import generate
 from minigpt.model import GPTModel
-from minigpt.train import train_model
+from minigpt.train import pretrain, train_model
 
 BASE = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=3, drop_rate=0.0)
 
@@ -150,12 +150,16 @@ def test_halting_decodes_the_same_with_and_without_the_kv_cache():
 
 
 @pytest.mark.parametrize("preset", ["tau-tiny", "halting-tiny", "moe-tiny"])
-def test_the_variant_presets_train(preset, tmp_path, verdict_text):
-    model, _, metrics = train_model(texts=[verdict_text[:4000]], model=preset, tokenizer="char", epochs=1,
-                                    batch_size=4, learning_rate=3e-3, max_length=32, max_steps=25, eval_freq=5,
-                                    eval_iter=2, out=str(tmp_path / preset), start_context="I HAD")
-    assert metrics["val_losses"][-1] < metrics["val_losses"][0], metrics["val_losses"]
-    assert model.cfg.architecture()
+def test_the_variant_presets_train_in_quick_mode(preset, tmp_path, verdict_text):
+    text = tmp_path / "verdict.txt"
+    text.write_text(verdict_text, encoding="utf-8")
+    run = resolve_run_config({"QUICK_MODE": True, "MODEL": preset, "LOG_EVERY": 1000},
+                             {"out": str(tmp_path / preset), "data": str(text), "max_steps": 20})
+    assert run.mode == "quick" and run.model_name == preset
+    model, _, metrics, _ = pretrain(run)
+    assert metrics["val_losses"][-1] < metrics["val_losses"][0] - 1.0, metrics["val_losses"]
+    if model.cfg.halting:
+        assert model.depth is not None and 1 <= model.depth.mean() <= model.cfg.n_layers
 
 
 def test_train_model_trains_on_a_bilingual_text_and_round_trips_the_chinese(tmp_path):
