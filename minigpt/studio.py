@@ -77,6 +77,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                    _param("ffn_hidden", "int", None, "hidden width (empty: the default)", min=1, optional=True),
                    _param("n_experts", "int", 4, "experts", min=2, max=64, when={"ffn": "moe"}),
                    _param("moe_top_k", "int", 2, "experts per token", min=1, max=64, when={"ffn": "moe"}),
+                   _param("moe_shared_expert", "bool", False, "a shared expert every token uses", when={"ffn": "moe"}),
+                   _param("attn_rank", "int", None, "query/key rank per head (empty: the head size)", min=1,
+                          optional=True),
+                   _param("attn_tau", "bool", False, "tau-gated attention (chapter 11)"),
+                   _param("halting", "bool", False, "adaptive depth: tokens may stop early (chapter 11)"),
+                   _param("ponder_coef", "float", 0.01, "ponder cost weight", min=0.0, when={"halting": True}),
                    _param("drop_rate", "float", 0.0, "dropout", min=0.0, max=0.9),
                    _param("qkv_bias", "bool", False, "bias in q, k, v"),
                    _param("bias", "bool", True, "other biases")]},
@@ -305,7 +311,11 @@ class Studio:
             rope_base=values["positional_encoding"]["rope_base"],
             tie_weights=values["output_head"]["tie_weights"])
         if block["ffn"] == "moe":
-            overrides.update(n_experts=block["n_experts"], moe_top_k=block["moe_top_k"])
+            overrides.update(n_experts=block["n_experts"], moe_top_k=block["moe_top_k"],
+                             moe_shared_expert=block["moe_shared_expert"])
+        overrides.update(attn_rank=block["attn_rank"], attn_tau=block["attn_tau"], halting=block["halting"])
+        if block["halting"]:
+            overrides["ponder_coef"] = block["ponder_coef"]
         vocab = self.vocab_size(tok["kind"], tok["vocab_size"], data, ids["tokenizer"])
         try:
             config = GPTConfig(vocab_size=vocab, **overrides)
@@ -360,8 +370,8 @@ class Studio:
              "note": f"{cfg.vocab_size:,} x {cfg.emb_dim}"},
             {"node": ids["positional_encoding"], "params": count(model.pos_emb),
              "note": f"{cfg.context_length:,} x {cfg.emb_dim}" if model.pos_emb is not None else "no weights"},
-            {"node": ids["transformer_block"], "params": block * cfg.n_layers,
-             "note": f"{cfg.n_layers} x {block:,}"},
+            {"node": ids["transformer_block"], "params": block * cfg.n_layers + count(model.halt_units),
+             "note": f"{cfg.n_layers} x {block:,}" + (f" + {count(model.halt_units):,} halting" if cfg.halting else "")},
             {"node": ids["final_norm"], "params": count(model.final_norm), "note": cfg.norm},
             {"node": ids["output_head"], "params": 0 if cfg.tie_weights else model.out_head.weight.numel(),
              "note": "shares the token embedding" if cfg.tie_weights else f"{cfg.emb_dim} x {cfg.vocab_size:,}"},
@@ -609,8 +619,10 @@ def graph_for(name: str, cfg: GPTConfig, tokenizer: str, train: dict[str, Any]) 
         "positional_encoding": {"kind": cfg.pos_emb, "rope_base": cfg.rope_base},
         "transformer_block": {"n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
                               "norm": cfg.norm, "ffn": cfg.ffn, "ffn_hidden": cfg.ffn_hidden,
-                              "n_experts": cfg.n_experts, "moe_top_k": cfg.moe_top_k, "drop_rate": cfg.drop_rate,
-                              "qkv_bias": cfg.qkv_bias, "bias": cfg.bias},
+                              "n_experts": cfg.n_experts, "moe_top_k": cfg.moe_top_k,
+                              "moe_shared_expert": cfg.moe_shared_expert, "attn_rank": cfg.attn_rank,
+                              "attn_tau": cfg.attn_tau, "halting": cfg.halting, "ponder_coef": cfg.ponder_coef,
+                              "drop_rate": cfg.drop_rate, "qkv_bias": cfg.qkv_bias, "bias": cfg.bias},
         "final_norm": {},
         "output_head": {"tie_weights": cfg.tie_weights},
         "training_goal": {"context_length": cfg.context_length, "lr_schedule": "constant", "warmup_steps": 0,

@@ -5,6 +5,7 @@ and command that rebuild the same model outside the studio."""
 
 import copy
 import io
+from dataclasses import replace
 import json
 import time
 import types
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import main
-from minigpt.config import GPTConfig, resolve_resume_config, resolve_run_config, settings_from_module
+from minigpt.config import (MODEL_PRESETS, GPTConfig, model_config, resolve_resume_config, resolve_run_config,
+                            settings_from_module)
 from minigpt.model import GPTModel
 from minigpt.studio import MAX_UPLOAD_BYTES, create_app, presets
 from minigpt.train import pretrain
@@ -48,6 +50,11 @@ def test_every_preset_summary_counts_what_the_package_builds(client):
         assert response.status_code == 200, (name, response.get_json())
         summary = response.get_json()
         assert summary["params"] == meta_parameters(summary["config"]), name
+        if name in MODEL_PRESETS:  # the preset itself, at the studio's context of at most 128
+            preset_cfg = model_config(name)
+            preset_cfg = replace(preset_cfg, context_length=min(preset_cfg.context_length, 128), drop_rate=0.0)
+            with torch.device("meta"):
+                assert summary["params"] == GPTModel(preset_cfg).num_parameters(), name
         assert sum(n["params"] for n in summary["per_node"]) == summary["params"], name
         assert summary["memory"]["training_step_mib"] > summary["memory"]["weights_mib"] > 0
         assert summary["flops_per_token"] > 0
