@@ -109,12 +109,18 @@ def test_ponder_cost_and_halting_weights_on_hand_built_cases():
     assert model.aux_loss.item() == pytest.approx(0.01 * (2 + 0.7), abs=1e-6)
 
 
-def test_the_halting_weights_of_every_token_sum_to_one():
+def input_dependent_halting_model():
+    """Four blocks whose halting units read the state, so that tokens stop at different depths."""
     model = built(replace(BASE, n_layers=4, halting=True))
     with torch.no_grad():
         for unit in model.halt_units:
             unit.linear.weight.normal_(std=0.5)
             unit.linear.bias.fill_(0.0)
+    return model
+
+
+def test_the_halting_weights_of_every_token_sum_to_one():
+    model = input_dependent_halting_model()
     x = model.drop_emb(model.tok_emb(ids()) + model.pos_emb(torch.arange(12)))
     adaptive = AdaptiveDepth(x, 0.01)
     for layer, block in enumerate(model.trf_blocks):
@@ -136,11 +142,7 @@ def test_a_unit_that_always_halts_after_the_first_block_is_the_one_block_model()
 
 
 def test_halting_decodes_the_same_with_and_without_the_kv_cache():
-    model = built(replace(BASE, n_layers=4, halting=True))
-    with torch.no_grad():
-        for unit in model.halt_units:
-            unit.linear.weight.normal_(std=0.5)
-            unit.linear.bias.fill_(0.0)
+    model = input_dependent_halting_model()
     prompt = ids(1, 4)
     full = model(torch.cat([prompt, ids(1, 6, seed=5)], dim=1))
     cache = model.new_kv_cache(1)
