@@ -217,32 +217,32 @@ def free_memory_bytes(device: torch.device) -> tuple[int | None, str]:
     return None, "not known on this system"
 
 
-def check_fits(estimate: MemoryEstimate, device: torch.device, batch_size: int, preset_hint: str = "") -> None:
-    """Raise a ConfigError with the estimate and what to change if training cannot fit on `device`.
+def check_fits(estimate: MemoryEstimate, device: torch.device, batch_size: int) -> int | None:
+    """Raise a ConfigError with the estimate and what to change if training cannot fit on `device`;
+    else return the free memory (None where it is not known).
 
     The weights are already on the device when this runs, so they are not asked for again.
     """
     free, what = free_memory_bytes(device)
     if free is None or estimate.total - estimate.weights <= free:
-        return
+        return free
     rows = estimate.rows()
     width = max(len(name) for name, _ in rows)
     table = "\n".join(f"    {name:<{width}}  {value:>14}" for name, value in rows)
     per_sequence = estimate.per_sequence
     room = free - (estimate.states - estimate.weights)
     if room >= per_sequence and estimate.micro_batch > 1:
-        fitting = max(d for d in divisors(batch_size) if d * per_sequence <= room) if any(
-            d * per_sequence <= room for d in divisors(batch_size)) else 1
+        fitting = max(d for d in divisors(batch_size) if d * per_sequence <= room)  # 1 always fits here
         advice = (f"a smaller micro-batch keeps the batch of {batch_size} through gradient accumulation: "
                   f"--micro-batch-size {fitting} (about {(estimate.states + fitting * per_sequence) / MIB:,.0f} "
                   "MiB), or --batch-size auto to measure the largest that fits")
     elif room > 0:
         advice = (f"one sequence of {estimate.num_tokens} tokens does not fit beside the states: shorten the "
                   "context (custom_params['max_length'] and model_overrides['context_length']), use "
-                  "--precision bf16 on a GPU that has it, or a smaller model" + preset_hint)
+                  "--precision bf16 on a GPU that has it, or a smaller model")
     else:
         advice = ("the weights, gradients and AdamW's moments alone do not fit: pick a smaller model"
-                  + preset_hint + (", or fine-tune with --trainable lora" if estimate.gradients else ""))
+                  + (", or fine-tune with --trainable lora" if estimate.gradients else ""))
     raise ConfigError(
         f"training needs about {estimate.total / MIB:,.0f} MiB but {device} has {free / MIB:,.0f} MiB "
         f"({what}):\n{table}\n  Change: {advice}.")

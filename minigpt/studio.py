@@ -122,7 +122,7 @@ def _error(node: str | None, message: str, field_name: str | None = None) -> dic
     return {"node": node, "field": field_name, "message": message}
 
 
-def _check_value(node_id: str, spec: dict[str, Any], value: Any) -> tuple[Any, str | None]:
+def _check_value(spec: dict[str, Any], value: Any) -> tuple[Any, str | None]:
     """`value` converted to the parameter's kind, or an error message."""
     name, kind = spec["name"], spec["kind"]
     if value is None or value == "":
@@ -222,7 +222,7 @@ def read_graph(graph: Any) -> dict[str, dict[str, Any]]:
             errors.append(_error(node_id, f"{SCHEMA[kind]['label']} has no setting {name!r}", name))
         values[kind] = {"id": node_id}
         for spec in SCHEMA[kind]["params"]:
-            value, problem = _check_value(node_id, spec, given.get(spec["name"], spec["default"]))
+            value, problem = _check_value(spec, given.get(spec["name"], spec["default"]))
             if problem:
                 errors.append(_error(node_id, problem, spec["name"]))
             values[kind][spec["name"]] = value
@@ -289,20 +289,11 @@ class Studio:
         ids = {kind: values[kind]["id"] for kind in ORDER}
         data = self.data_path(values["data"]["source"], ids["data"])
         tok, block, goal = values["tokenizer"], values["transformer_block"], values["training_goal"]
-        errors = []
         width = values["token_embedding"]["emb_dim"]
-        if width % block["n_heads"]:
-            errors.append(_error(ids["transformer_block"], f"{block['n_heads']} heads do not divide the width "
-                                 f"{width}: pick heads from {[d for d in range(1, width + 1) if width % d == 0]}",
-                                 "n_heads"))
-        if block["n_kv_heads"] is not None and block["n_heads"] % block["n_kv_heads"]:
-            errors.append(_error(ids["transformer_block"], f"{block['n_kv_heads']} key/value heads do not divide "
-                                 f"{block['n_heads']} heads", "n_kv_heads"))
-        if block["ffn"] == "moe" and block["moe_top_k"] > block["n_experts"]:
-            errors.append(_error(ids["transformer_block"], "experts per token cannot exceed the experts",
-                                 "moe_top_k"))
-        if errors:
-            raise GraphError(errors)
+        if width % block["n_heads"]:  # spans two nodes: put it on the block, where the heads are chosen
+            raise GraphError([_error(ids["transformer_block"], f"{block['n_heads']} heads do not divide the width "
+                                     f"{width}: pick heads from {[d for d in range(1, width + 1) if width % d == 0]}",
+                                     "n_heads")])
         overrides = dict(
             emb_dim=width, context_length=goal["context_length"], n_layers=block["n_layers"],
             n_heads=block["n_heads"], n_kv_heads=block["n_kv_heads"], norm=block["norm"], ffn=block["ffn"],
@@ -320,7 +311,7 @@ class Studio:
         try:
             config = GPTConfig(vocab_size=vocab, **overrides)
         except ConfigError as err:
-            raise GraphError([_error(self._node_for(str(err), ids), str(err))]) from None
+            raise GraphError([self._error_for(str(err), ids)]) from None
         train = {key: goal[key] for key in ("batch_size", "learning_rate", "num_epochs", "max_steps", "eval_freq",
                                             "lr_schedule", "warmup_steps", "grad_clip")}
         train.update(max_length=goal["context_length"], stride=goal["context_length"])
@@ -331,12 +322,13 @@ class Studio:
         return BuiltGraph(config, settings, data, ids)
 
     @staticmethod
-    def _node_for(message: str, ids: dict[str, str]) -> str | None:
-        """The node an error from the package is about: the first setting its message names."""
-        for name, kind in FIELD_NODES.items():
-            if re.search(rf"\b{name}\b", message):
-                return ids[kind]
-        return None
+    def _error_for(message: str, ids: dict[str, str]) -> dict[str, Any]:
+        """A package error (GPTConfig's, TrainConfig's) put on the node of the setting it names first."""
+        named = [(found.start(), name) for name in FIELD_NODES if (found := re.search(rf"\b{name}\b", message))]
+        if not named:
+            return _error(None, message)
+        name = min(named)[1]
+        return _error(ids[FIELD_NODES[name]], message, name)
 
     def run_config(self, built: BuiltGraph, out: Path, name: str):
         """The RunConfig `python main.py` would resolve for these settings, writing into `out`; it
@@ -349,7 +341,7 @@ class Studio:
         try:
             run = resolve_run_config(settings, {"data": built.data, "out": str(out)})
         except ConfigError as err:
-            raise GraphError([_error(self._node_for(str(err), built.node_ids), str(err))]) from None
+            raise GraphError([self._error_for(str(err), built.node_ids)]) from None
         return replace(run, model_name=f"{name} (studio graph)")
 
     def summary(self, graph: Any) -> dict[str, Any]:

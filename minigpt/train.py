@@ -228,16 +228,21 @@ def start_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     return info, device
 
 
+def process_batch_size(cfg: TrainConfig, world: Distributed) -> int:
+    """Windows of each optimizer step that one process computes: the batch split evenly."""
+    if cfg.batch_size % world.world_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) does not split evenly between {world.world_size} "
+                          f"processes; make it a multiple of {world.world_size}.")
+    return cfg.batch_size // world.world_size
+
+
 def micro_batch_size(cfg: TrainConfig, world: Distributed) -> int:
     """Windows per forward/backward in each process: the setting, or the batch split evenly."""
     if cfg.micro_batch_size == "auto":
         raise ValueError("micro_batch_size 'auto' must be settled first (fit_micro_batch).")
     if cfg.micro_batch_size is not None:
         return cfg.micro_batch_size
-    if cfg.batch_size % world.world_size:
-        raise ConfigError(f"batch_size ({cfg.batch_size}) does not split evenly between {world.world_size} "
-                          f"processes; make it a multiple of {world.world_size}.")
-    return cfg.batch_size // world.world_size
+    return process_batch_size(cfg, world)
 
 
 def accumulation_steps(cfg: TrainConfig, world: Distributed) -> int:
@@ -260,21 +265,18 @@ def fit_micro_batch(model: torch.nn.Module, cfg: TrainConfig, world: Distributed
     `limit` (default: 90% of the free memory) is measured by binary search; the batch per step is
     kept by accumulating micro-batches. The trials draw no random numbers the run will see.
     """
-    per_process = cfg.batch_size // world.world_size
     if cfg.micro_batch_size != "auto":
         micro = micro_batch_size(cfg, world)
-        estimate = estimate_training_memory(model, micro, num_tokens, precision, accumulating=micro < per_process)
-        check_fits(estimate, device, cfg.batch_size)
-        free, _ = free_memory_bytes(device)
+        estimate = estimate_training_memory(model, micro, num_tokens, precision,
+                                            accumulating=micro < cfg.batch_size // world.world_size)
+        free = check_fits(estimate, device, cfg.batch_size)
         room = f"; {free / MIB:,.0f} MiB free" if free is not None else ""
         held = process_memory_bytes() if device.type == "cpu" else None
         if held is not None:  # so that the summary's peak, the whole process's, can be read against it
             room += f"; the process holds {(held - estimate.weights) / MIB:,.0f} MiB besides (Python, PyTorch, data)"
         return cfg, (f"about {estimate.total / MIB:,.0f} MiB estimated: states {estimate.states / MIB:,.0f}, "
                      f"{estimate.per_sequence / MIB:,.1f} per sequence of {num_tokens} tokens{room}")
-    if cfg.batch_size % world.world_size:
-        raise ConfigError(f"batch_size ({cfg.batch_size}) does not split evenly between {world.world_size} "
-                          f"processes; make it a multiple of {world.world_size}.")
+    per_process = process_batch_size(cfg, world)
     free, _ = free_memory_bytes(device)
     if limit is None and free is not None:
         limit = int(AUTO_HEADROOM * free)
