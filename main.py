@@ -35,9 +35,19 @@ import sys
 from pathlib import Path
 
 import config_run
-from minigpt.config import (ALIGN_TASKS, DPO_LOSSES, GENERATION_DEFAULTS, KL_ESTIMATORS, LR_SCHEDULES,
-                            MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES, SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE,
-                            ConfigError, resolve_resume_config, resolve_run_config, settings_from_module)
+from minigpt.config import (DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
+                            SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE, ConfigError)
+from minigpt.settings import resolve_resume_config, resolve_run_config, settings_from_module
+from minigpt.task_align import align
+from minigpt.task_evaluate import run_evaluate
+from minigpt.task_export import run_export
+from minigpt.task_finetune import finetune, run_classify
+from minigpt.task_generate import run_generate
+from minigpt.task_pretrain import pretrain
+
+# What runs each task (the studio serves its own page: run_studio below).
+PIPELINES = {"pretrain": pretrain, "generate": run_generate, "evaluate": run_evaluate, "export": run_export,
+             "classify": run_classify, "sft": finetune, "reward": align, "dpo": align, "ppo": align, "grpo": align}
 
 
 def whole_number_or_auto(text: str) -> int | str:
@@ -160,200 +170,6 @@ def parse_args(argv: list[str] | None = None) -> dict:
     return cli
 
 
-def load_for_generation(run):
-    """The model, its tokenizer, a one-line description, and the instruction template if the
-    model was instruction-tuned (None otherwise), from a run directory or a pretrained GPT-2."""
-    from minigpt.model import GPTModel
-    from minigpt.tokenizer import get_tokenizer
-    from minigpt.train import load_model, pick_device
-
-    if run.ensemble:  # several runs decode as one
-        return load_ensemble(run)
-    device = pick_device(run.device)
-    if run.checkpoint:
-        model, tokenizer, saved = load_model(run.checkpoint, device)
-        if saved["task"] == "classify":
-            raise ConfigError(f"{run.checkpoint} holds a classifier, which scores classes, not text; "
-                              f"classify with --task classify --checkpoint {run.checkpoint} --prompt TEXT.")
-        if saved["task"] == "reward":
-            raise ConfigError(f"{run.checkpoint} holds a reward model, which scores answers, not text; "
-                              f"use it with --task ppo --reward-model {run.checkpoint}.")
-        style = (saved["finetune"]["prompt_style"] if saved["task"] == "sft" else
-                 saved["align"]["prompt_style"] if saved["task"] in ALIGN_TASKS else None)
-        what = f", instruction-tuned ({style} template)" if style else ""
-        return model, tokenizer, f"{run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer{what})", style
-    model = GPTModel.from_pretrained(run.pretrained).to(device)
-    if model.cfg.vocab_size != 50257:
-        raise ConfigError(f"{run.pretrained} has a vocabulary of {model.cfg.vocab_size} tokens, not GPT-2's "
-                          "50,257, so GPT-2's tokenizer does not fit it; generate from its minigpt run "
-                          "directory with --checkpoint instead.")
-    size = f"{model.num_parameters() / 1e6:.0f}M parameters"
-    return model, get_tokenizer("gpt2"), f"{run.pretrained} ({size}, gpt2 tokenizer)", None
-
-
-def load_ensemble(run):
-    """load_for_generation for several runs (--checkpoint repeated): an `Ensemble` of their models,
-    which must share a tokenizer (compared by its saved spec) and an instruction template."""
-    from dataclasses import replace
-
-    from minigpt.generation import Ensemble
-
-    checkpoints = [run.checkpoint, *run.ensemble]
-    loaded = [load_for_generation(replace(run, checkpoint=checkpoint, ensemble=[])) for checkpoint in checkpoints]
-    _, tokenizer, _, style = loaded[0]
-    for checkpoint, (_, other_tokenizer, _, other_style) in zip(checkpoints[1:], loaded[1:]):
-        if other_tokenizer.spec() != tokenizer.spec():
-            names = (f"both {tokenizer.name}, with different vocabularies" if other_tokenizer.name == tokenizer.name
-                     else f"{tokenizer.name} and {other_tokenizer.name}")
-            raise ConfigError(f"{checkpoints[0]} and {checkpoint} use different tokenizers ({names}); an "
-                              "ensemble averages the scores of the same tokens, so give runs trained with "
-                              "the same tokenizer.")
-        if other_style != style:
-            raise ConfigError(f"{checkpoints[0]} and {checkpoint} expect different prompts (instruction "
-                              f"template {style} and {other_style}); ensemble runs that read the same template.")
-    ensemble = Ensemble([model for model, *_ in loaded], run.ensemble_weights)
-    members = ", ".join(f"{source} x {weight:.3g}" for (_, _, source, _), weight in zip(loaded, ensemble.weights))
-    return ensemble, tokenizer, f"ensemble of {len(loaded)}: {members}", style
-
-
-def run_generate(run) -> None:
-    import torch
-
-    from minigpt.data import format_prompt
-    from minigpt.generation import generate_text, stream_text
-
-    model, tokenizer, source, style = load_for_generation(run)
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(run.seed)
-    options = dict(run.generation)
-    shown = {k: v for k, v in options.items() if v != GENERATION_DEFAULTS[k] or k in ("max_new_tokens", "temperature")}
-    print(f"minigpt | generate | {source} | " + ", ".join(f"{k}={v!r}" for k, v in shown.items()), file=sys.stderr)
-
-    def answer(prompt: str) -> None:
-        if style is not None:  # an instruction-tuned model answers prompts in its template
-            prompt = format_prompt({"instruction": prompt}, style)
-        if options["num_beams"] > 1:  # beam search knows its answer only at the end
-            print(generate_text(model, tokenizer, prompt, generator=generator, **options)[len(prompt):], flush=True)
-            return
-        options_for_stream = {k: v for k, v in options.items() if k not in ("num_beams", "length_penalty")}
-        for piece in stream_text(model, tokenizer, prompt, generator=generator, **options_for_stream):
-            print(piece, end="", flush=True)
-        print(flush=True)
-
-    depths: list[torch.Tensor] = []  # adaptive depth: the blocks each generated token ran
-    if getattr(model, "halt_units", None) is not None:  # a GPTModel with adaptive depth (not an ensemble)
-        model.register_forward_hook(lambda module, inputs, output: depths.append(module.depth[:, -1]))
-    if run.prompt is not None:
-        print(run.prompt, end="\n" if style else "", flush=True)
-        answer(run.prompt)
-        if depths:
-            print(f"mean depth per generated token: {torch.cat(depths).float().mean():.2f} of "
-                  f"{model.cfg.n_layers} blocks", file=sys.stderr)
-        return
-    print("Type an instruction and press Enter: the model answers it." if style else
-          "Type a text and press Enter: the model continues it.",
-          "Ctrl-C stops an answer; an empty line or Ctrl-D quits.", file=sys.stderr)
-    for prompt in typed_lines():
-        try:
-            answer(prompt)
-        except KeyboardInterrupt:
-            print(" [stopped]", flush=True)
-
-
-def typed_lines():
-    """Lines the user types at a "> " prompt, until an empty line, Ctrl-D or Ctrl-C."""
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if not line.strip():
-            return
-        yield line
-
-
-def run_evaluate(run) -> None:
-    """Loss, perplexity, bits per byte and next-token accuracy on a text, and multiple-choice accuracy
-    (HellaSwag style) if asked; the report goes to evaluation.json and evaluation.md."""
-    from minigpt.data import corpus_path, read_text
-    from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown, write_report
-
-    from minigpt.generation import Ensemble
-
-    model, tokenizer, source, _ = load_for_generation(run)
-    device = next(model.parameters()).device
-    path = corpus_path(run.data)
-    print(f"minigpt | evaluate | {source} | text {path}", file=sys.stderr)
-    text = read_text(path)
-    items = load_multiple_choice(run.choices)[:run.limit] if run.choices else None
-    max_length = min(model.cfg.context_length, 1024)  # an ensemble's members all read the same windows
-
-    def scores(scored) -> dict:
-        result = {"text": {"file": str(path), **evaluate_text(scored, tokenizer, text, max_length, batch_size=4,
-                                                               device=device)}}
-        if items is not None:
-            result["multiple_choice"] = {"file": run.choices, **evaluate_multiple_choice(scored, tokenizer, items,
-                                                                                         device)}
-        return result
-
-    report = {"model": source, **scores(model)}
-    if isinstance(model, Ensemble):  # each member beside the ensemble
-        report["weights"] = model.weights
-        report["members"] = [{"model": checkpoint, **scores(member)}
-                             for checkpoint, member in zip([run.checkpoint, *run.ensemble], model.models)]
-    if run.out:
-        out = Path(run.out)
-    elif run.ensemble:  # its own directory, not one member's
-        out = Path("runs") / "-".join(["evaluate-ensemble"] + [Path(c).name for c in [run.checkpoint, *run.ensemble]])
-    else:
-        out = Path(run.checkpoint) if run.checkpoint else Path("runs") / f"evaluate-{Path(run.pretrained).name}"
-    paths = write_report(report, out)
-    print(report_markdown(report))
-    print(f"wrote {paths[0]} and {paths[1]}")
-
-
-def run_classify(run) -> None:
-    """Fine-tune a classifier; or, given a classifier's run directory, classify texts with it."""
-    from minigpt.finetune import classify, finetune
-    from minigpt.train import load_checkpoint, load_model, pick_device
-
-    if not (run.checkpoint and load_checkpoint(run.checkpoint)["run"]["task"] == "classify"):
-        finetune(run)
-        return
-    model, tokenizer, saved = load_model(run.checkpoint, pick_device(run.device))
-
-    def show(text: str) -> None:
-        label, probabilities = classify(model, tokenizer, text, saved["labels"], saved["train"]["max_length"])
-        print(f"{label}  (" + ", ".join(f"{name} {p:.3f}" for name, p in probabilities.items()) + ")", flush=True)
-
-    if run.prompt is not None:
-        show(run.prompt)
-        return
-    print(f"Type a text and press Enter: the classifier in {run.checkpoint} names its class. "
-          "An empty line or Ctrl-D quits.", file=sys.stderr)
-    for text in typed_lines():
-        show(text)
-
-
-def run_export(run) -> None:
-    from minigpt.model import save_hf_gpt2
-    from minigpt.train import load_model
-
-    model, tokenizer, saved = load_model(run.checkpoint, "cpu")
-    if saved["task"] in ("classify", "reward"):
-        raise ConfigError(f"{run.checkpoint} holds a {'classifier' if saved['task'] == 'classify' else 'reward model'}; "
-                          "Hugging Face's GPT2LMHeadModel has a vocabulary head, so only language models "
-                          "(pretrained, instruction-tuned or aligned runs) export.")
-    folder = save_hf_gpt2(model, run.out)
-    print(f"wrote {folder}/config.json and {folder}/model.safetensors ({saved['model_name']}, "
-          f"{model.num_parameters():,} parameters); load them with "
-          f"transformers.GPT2LMHeadModel.from_pretrained({str(folder)!r}).")
-    if tokenizer.name != "gpt2":
-        print(f"note: this run used the {tokenizer.name} tokenizer, not GPT-2's; encode text with it "
-              f"(minigpt.train.load_model({run.checkpoint!r})) before giving ids to transformers.")
-
-
 def run_studio(cli: dict) -> None:
     from minigpt.studio import serve
 
@@ -403,23 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             run = resolve_resume_config(json.loads(config_path.read_text()), cli)
         else:
             run = resolve_run_config(settings_from_module(config_run), cli)
-        if run.task == "generate":
-            run_generate(run)
-        elif run.task == "evaluate":
-            run_evaluate(run)
-        elif run.task == "export":
-            run_export(run)
-        elif run.task == "classify":
-            run_classify(run)
-        elif run.task == "sft":
-            from minigpt.finetune import finetune
-            finetune(run)
-        elif run.task in ALIGN_TASKS:
-            from minigpt.rlhf import align
-            align(run)
-        else:
-            from minigpt.train import pretrain
-            pretrain(run)
+        PIPELINES[run.task](run)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

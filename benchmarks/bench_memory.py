@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from minigpt.config import TrainConfig, model_config  # noqa: E402
 from minigpt.memory import MIB, can_measure_peak, estimate_training_memory, measure_peak  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
-from minigpt.train import Distributed, StepSetup, fit_micro_batch, make_optimizer, train_step  # noqa: E402
+from minigpt.scale import Distributed, ScaledSetup, fit_micro_batch  # noqa: E402
+from minigpt.train import make_optimizer, train_step  # noqa: E402
 
 # (label, preset, overrides, micro-batch, tokens per sequence)
 CONFIGS = [
@@ -56,7 +57,7 @@ def measure_one(index: int, device: torch.device, precision: str, accumulation: 
     cfg = config_of(preset, overrides)
     torch.manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (micro, tokens), device=device) for _ in range(accumulation)]
-    setup = StepSetup(device, precision)
+    setup = ScaledSetup(device, precision=precision)
     box = {}
 
     def train() -> None:
@@ -91,7 +92,7 @@ def time_auto(device: torch.device, precision: str, cap_sequences: int) -> dict:
     optimizer = make_optimizer(model, settled)
     micro = settled.micro_batch_size
     start = time.perf_counter()
-    train_step(model, optimizer, [batch(micro) for _ in range(64 // micro)], StepSetup(device, precision))
+    train_step(model, optimizer, [batch(micro) for _ in range(64 // micro)], ScaledSetup(device, precision=precision))
     step = time.perf_counter() - start
     return {"note": note, "search_s": search, "step_s": step, "cap": cap}
 

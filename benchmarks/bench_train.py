@@ -149,7 +149,7 @@ def main() -> None:
 
     import torch
 
-    from minigpt.train import pick_device
+    from minigpt.runs import pick_device
 
     torch.set_num_threads(ARGS.threads)
     device = pick_device(ARGS.device)

@@ -46,11 +46,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minigpt.config import model_config, resolve_run_config  # noqa: E402
+from minigpt.config import model_config
+from minigpt.settings import resolve_run_config  # noqa: E402
 from minigpt.data import corpus_path, read_text, split_text  # noqa: E402
 from minigpt.evaluate import evaluate_text  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
-from minigpt.train import pretrain  # noqa: E402
+from minigpt.task_pretrain import pretrain  # noqa: E402
 
 BASELINE = "llama-tiny"
 # Row name -> (preset, GPTConfig fields changed). The two ablations switch on one idea each.

@@ -41,12 +41,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minigpt.config import resolve_run_config  # noqa: E402
+from minigpt.settings import resolve_run_config  # noqa: E402
 from minigpt.data import corpus_path, create_dataloader, read_text, split_text  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
 from minigpt.tokenizer import CharTokenizer  # noqa: E402
-from minigpt.train import (StepSetup, calc_loss_loader, learning_rate_at, make_optimizer,  # noqa: E402
-                           pretrain, train_step)
+from minigpt.task_pretrain import pretrain
+from minigpt.train import StepSetup, calc_loss_loader, learning_rate_at, make_optimizer, train_step  # noqa: E402
 
 # nanoGPT's README command for a CPU: config/train_shakespeare_char.py with these overrides.
 NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3,
@@ -224,7 +224,7 @@ class MinigptSteps:
             self.batches = iter(self.loader)
             batch = [next(self.batches)]
         self.step_index += 1
-        return train_step(self.model, self.optimizer, batch, self.setup, self.cfg.grad_clip).item()
+        return train_step(self.model, self.optimizer, batch, self.setup, self.cfg.grad_clip).loss.item()
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,17 +1,17 @@
-"""Configuration: the model's shape (`GPTConfig`), the training settings (`TrainConfig`),
-and how `config_run.py` plus command-line flags resolve into one validated `RunConfig`.
+"""Configuration: the model's shape (`GPTConfig`), the training settings (`TrainConfig`,
+`FinetuneConfig`, `AlignConfig`) and one run's settings (`RunConfig`), as validated dataclasses.
 
 Every value a user can set is checked here, before any data is read or any weight is
-allocated, and every error names the setting, the value given and what to change.
+allocated, and every error names the setting, the value given and what to change. How
+`config_run.py`, the modes and the command-line flags combine into a `RunConfig` is
+`minigpt.settings`'s job.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import types
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 # Small validators shared by the dataclasses below
 # ---------------------------------------------------------------------------------------
 
-def _check_int(where: str, value: Any, low: int = 1, high: int | None = None) -> None:
+def check_int(where: str, value: Any, low: int = 1, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where} must be a whole number, got {value!r} ({type(value).__name__}).")
     if value < low or (high is not None and value > high):
@@ -31,7 +31,7 @@ def _check_int(where: str, value: Any, low: int = 1, high: int | None = None) ->
         raise ConfigError(f"{where} must be {bound}, got {value}.")
 
 
-def _check_float(where: str, value: Any, low: float, high: float | None = None,
+def check_float(where: str, value: Any, low: float, high: float | None = None,
                  low_inclusive: bool = True, high_inclusive: bool = True) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{where} must be a finite number, got {value!r}.")
@@ -44,7 +44,7 @@ def _check_float(where: str, value: Any, low: float, high: float | None = None,
         raise ConfigError(f"{where} must lie in {left}{low}, {upper}{right}, got {value}.")
 
 
-def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{where} must be one of {', '.join(map(repr, choices))}, "
                           f"got {value!r}.{did_you_mean(value, choices)}")
@@ -55,7 +55,7 @@ def did_you_mean(given: Any, valid: list[str] | tuple[str, ...]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _check_keys(where: str, given: dict, valid: list[str]) -> None:
+def check_keys(where: str, given: dict, valid: list[str]) -> None:
     """Reject unknown keys, suggesting the closest valid one."""
     for key in given:
         if key not in valid:
@@ -108,30 +108,30 @@ class GPTConfig:
     halting_eps: float = 0.01   # halting: a token stops once its halting probabilities reach 1 - halting_eps
 
     def __post_init__(self) -> None:
-        _check_int("vocab_size", self.vocab_size)
-        _check_int("context_length", self.context_length)
-        _check_int("emb_dim", self.emb_dim)
-        _check_int("n_heads", self.n_heads)
-        _check_int("n_layers", self.n_layers)
-        _check_float("drop_rate", self.drop_rate, 0.0, 1.0, high_inclusive=False)
+        check_int("vocab_size", self.vocab_size)
+        check_int("context_length", self.context_length)
+        check_int("emb_dim", self.emb_dim)
+        check_int("n_heads", self.n_heads)
+        check_int("n_layers", self.n_layers)
+        check_float("drop_rate", self.drop_rate, 0.0, 1.0, high_inclusive=False)
         for name in ("qkv_bias", "bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("pos_emb", self.pos_emb, POSITION_EMBEDDINGS)
-        _check_float("rope_base", self.rope_base, 1.0, low_inclusive=False)
-        _check_choice("ffn", self.ffn, FFNS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("pos_emb", self.pos_emb, POSITION_EMBEDDINGS)
+        check_float("rope_base", self.rope_base, 1.0, low_inclusive=False)
+        check_choice("ffn", self.ffn, FFNS)
         if self.ffn_hidden is not None:
-            _check_int("ffn_hidden", self.ffn_hidden)
-        _check_int("n_experts", self.n_experts)
-        _check_int("moe_top_k", self.moe_top_k, high=self.n_experts)
+            check_int("ffn_hidden", self.ffn_hidden)
+        check_int("n_experts", self.n_experts)
+        check_int("moe_top_k", self.moe_top_k, high=self.n_experts)
         if not isinstance(self.moe_shared_expert, bool):
             raise ConfigError(f"moe_shared_expert must be True or False, got {self.moe_shared_expert!r}.")
-        _check_float("moe_aux_coef", self.moe_aux_coef, 0.0)
-        _check_float("moe_z_coef", self.moe_z_coef, 0.0)
+        check_float("moe_aux_coef", self.moe_aux_coef, 0.0)
+        check_float("moe_z_coef", self.moe_z_coef, 0.0)
         if self.n_kv_heads is not None:
-            _check_int("n_kv_heads", self.n_kv_heads)
+            check_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
                 raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}): each "
                                   f"key/value head serves a whole group of query heads. Pick one of "
@@ -147,15 +147,15 @@ class GPTConfig:
             raise ConfigError(f"RoPE rotates pairs of dimensions, so each head needs an even width; "
                               f"emb_dim / n_heads is {self.head_dim}.")
         if self.attn_rank is not None:
-            _check_int("attn_rank", self.attn_rank, high=self.head_dim)
+            check_int("attn_rank", self.attn_rank, high=self.head_dim)
             if self.pos_emb == "rope" and self.attn_rank % 2:
                 raise ConfigError(f"attn_rank ({self.attn_rank}) must be even with RoPE, which rotates pairs of "
                                   "the query's and key's dimensions.")
         for name in ("attn_tau", "halting"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        _check_float("ponder_coef", self.ponder_coef, 0.0)
-        _check_float("halting_eps", self.halting_eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        check_float("ponder_coef", self.ponder_coef, 0.0)
+        check_float("halting_eps", self.halting_eps, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
 
     @property
     def head_dim(self) -> int:
@@ -237,9 +237,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 def model_config(preset: str, **overrides: Any) -> GPTConfig:
     """A `GPTConfig` from a preset name, with any fields replaced by `overrides`."""
-    _check_choice("model preset", preset, tuple(MODEL_PRESETS))
+    check_choice("model preset", preset, tuple(MODEL_PRESETS))
     valid = [f.name for f in fields(GPTConfig)]
-    _check_keys("model overrides", overrides, valid)
+    check_keys("model overrides", overrides, valid)
     return GPTConfig(**{**MODEL_PRESETS[preset], **overrides})
 
 
@@ -284,46 +284,46 @@ class TrainConfig:
     peak_tflops: float | None = None  # the device's peak for the MFU estimate (None: known GPUs only)
 
     def __post_init__(self) -> None:
-        _check_int("num_epochs", self.num_epochs)
-        _check_int("batch_size", self.batch_size)
-        _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
-        _check_float("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_int("eval_freq", self.eval_freq)
-        _check_int("eval_iter", self.eval_iter)
-        _check_int("max_length", self.max_length, low=2)
-        _check_int("stride", self.stride)
+        check_int("num_epochs", self.num_epochs)
+        check_int("batch_size", self.batch_size)
+        check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
+        check_float("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_int("eval_freq", self.eval_freq)
+        check_int("eval_iter", self.eval_iter)
+        check_int("max_length", self.max_length, low=2)
+        check_int("stride", self.stride)
         if not isinstance(self.start_context, str) or not self.start_context.strip():
             raise ConfigError(f"start_context must be a non-empty string, got {self.start_context!r}.")
-        _check_int("num_workers", self.num_workers, low=0, high=64)
+        check_int("num_workers", self.num_workers, low=0, high=64)
         if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _check_int("warmup_steps", self.warmup_steps, low=0)
+            check_int("max_steps", self.max_steps)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_int("warmup_steps", self.warmup_steps, low=0)
         if self.min_lr is not None:
-            _check_float("min_lr", self.min_lr, 0.0)
+            check_float("min_lr", self.min_lr, 0.0)
             if self.min_lr > self.learning_rate:
                 raise ConfigError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); "
                                   "the cosine decays from learning_rate down to min_lr: lower min_lr.")
         if self.grad_clip is not None:
-            _check_float("grad_clip", self.grad_clip, 0.0, low_inclusive=False)
-        _check_float("beta1", self.beta1, 0.0, 1.0, high_inclusive=False)
-        _check_float("beta2", self.beta2, 0.0, 1.0, high_inclusive=False)
+            check_float("grad_clip", self.grad_clip, 0.0, low_inclusive=False)
+        check_float("beta1", self.beta1, 0.0, 1.0, high_inclusive=False)
+        check_float("beta2", self.beta2, 0.0, 1.0, high_inclusive=False)
         if self.micro_batch_size is not None and self.micro_batch_size != "auto":
             if isinstance(self.micro_batch_size, str):
                 raise ConfigError(f"micro_batch_size must be a whole number, None or 'auto', got "
                                   f"{self.micro_batch_size!r}.")
-            _check_int("micro_batch_size", self.micro_batch_size)
+            check_int("micro_batch_size", self.micro_batch_size)
             if self.batch_size % self.micro_batch_size:
                 raise ConfigError(
                     f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                     f"({self.micro_batch_size}): each optimizer step adds up batch_size / micro_batch_size "
                     f"micro-batches. Pick micro_batch_size from {divisors(self.batch_size)}.")
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}.")
-        _check_choice("sampling", self.sampling, SAMPLINGS)
+        check_choice("sampling", self.sampling, SAMPLINGS)
         if self.peak_tflops is not None:
-            _check_float("peak_tflops", self.peak_tflops, 0.0, low_inclusive=False)
+            check_float("peak_tflops", self.peak_tflops, 0.0, low_inclusive=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,23 +354,23 @@ class FinetuneConfig:
     judge_model: str = "llama3"
 
     def __post_init__(self) -> None:
-        _check_choice("trainable", self.trainable, TRAINABLE)
-        _check_int("last_blocks", self.last_blocks)
-        _check_int("lora_rank", self.lora_rank)
-        _check_float("lora_alpha", self.lora_alpha, 0.0, low_inclusive=False)
-        _check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
+        check_choice("trainable", self.trainable, TRAINABLE)
+        check_int("last_blocks", self.last_blocks)
+        check_int("lora_rank", self.lora_rank)
+        check_float("lora_alpha", self.lora_alpha, 0.0, low_inclusive=False)
+        check_float("lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
         targets = self.lora_targets
         if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
             raise ConfigError(f"lora_targets must be a non-empty list of layer names from "
                               f"{', '.join(LORA_TARGET_CHOICES)}, got {targets!r}.")
         for target in targets:
-            _check_choice("each of lora_targets", target, LORA_TARGET_CHOICES)
+            check_choice("each of lora_targets", target, LORA_TARGET_CHOICES)
         object.__setattr__(self, "lora_targets", tuple(targets))  # JSON gives a list back
-        _check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
         for name in ("balance", "mask_prompt", "judge"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        _check_int("max_new_tokens", self.max_new_tokens)
+        check_int("max_new_tokens", self.max_new_tokens)
         for name in ("judge_url", "judge_model"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty string, got {getattr(self, name)!r}.")
@@ -410,26 +410,26 @@ class AlignConfig:
     max_operand: int = 19         # ppo/grpo without --data: the arithmetic task's largest number
 
     def __post_init__(self) -> None:
-        _check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
-        _check_float("beta", self.beta, 0.0)
-        _check_choice("dpo_loss", self.dpo_loss, DPO_LOSSES)
-        _check_float("label_smoothing", self.label_smoothing, 0.0, 0.5, high_inclusive=False)
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        check_float("beta", self.beta, 0.0)
+        check_choice("dpo_loss", self.dpo_loss, DPO_LOSSES)
+        check_float("label_smoothing", self.label_smoothing, 0.0, 0.5, high_inclusive=False)
         if self.reward_model is not None and (not isinstance(self.reward_model, str) or not self.reward_model):
             raise ConfigError(f"reward_model must be None or a run directory, got {self.reward_model!r}.")
         for name in ("iterations", "prompts_per_iteration", "group_size", "update_epochs", "minibatch_size",
                      "max_new_tokens", "max_operand"):
-            _check_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.group_size < 2:
             raise ConfigError(f"group_size must be at least 2 (GRPO compares answers within a group), "
                               f"got {self.group_size}.")
-        _check_int("sft_steps", self.sft_steps, low=0)
-        _check_float("clip", self.clip, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-        _check_float("value_clip", self.value_clip, 0.0, low_inclusive=False)
+        check_int("sft_steps", self.sft_steps, low=0)
+        check_float("clip", self.clip, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        check_float("value_clip", self.value_clip, 0.0, low_inclusive=False)
         for name in ("value_coef", "entropy_coef"):
-            _check_float(name, getattr(self, name), 0.0)
+            check_float(name, getattr(self, name), 0.0)
         for name in ("gamma", "lam"):
-            _check_float(name, getattr(self, name), 0.0, 1.0)
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+            check_float(name, getattr(self, name), 0.0, 1.0)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -443,130 +443,14 @@ MODES = ("quick", "full", "custom")
 TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DEVICES = ("cpu", "cuda", "mps")
 
-# What each mode trains. Quick: a small model that finishes in well under a minute on a
-# laptop CPU. Full: the book's GPT-2 124M run on the-verdict (context 256, 10 epochs).
-MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "quick": dict(
-        model="gpt-mini", model_overrides=dict(context_length=128, drop_rate=0.0),
-        train=dict(num_epochs=1, batch_size=2, learning_rate=3e-3, weight_decay=0.1,
-                   eval_freq=5, eval_iter=5, max_length=64, stride=64,
-                   lr_schedule="cosine", warmup_steps=5, grad_clip=1.0)),
-    "full": dict(
-        model="gpt2-small", model_overrides=dict(context_length=256, drop_rate=0.1),
-        train=dict(num_epochs=10, batch_size=2, learning_rate=4e-4, weight_decay=0.1,
-                   eval_freq=5, eval_iter=5, max_length=256, stride=256)),
-}
+PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
-# Fine-tuning's modes. Quick: a small new model, to watch the mechanics in a minute on a CPU.
-# Full: the book's runs, starting from OpenAI's GPT-2 (downloaded once): a spam classifier from
-# GPT-2 124M training its last block, final norm and a new head; an instruction follower from
-# GPT-2 medium (355M) training everything.
-FINETUNE_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "classify": {
-        "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=128, drop_rate=0.0), pretrained=None,
-            train=dict(num_epochs=3, batch_size=8, learning_rate=1e-3, weight_decay=0.1, eval_freq=20,
-                       eval_iter=5, max_length=128, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0),
-            finetune=dict(trainable="all")),
-        "full": dict(
-            model="gpt2-small", model_overrides=dict(drop_rate=0.0), pretrained="gpt2",
-            train=dict(num_epochs=5, batch_size=8, learning_rate=5e-5, weight_decay=0.1, eval_freq=50,
-                       eval_iter=5, max_length=256),
-            finetune=dict(trainable="last_blocks", last_blocks=1)),
-    },
-    "sft": {
-        "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
-            train=dict(num_epochs=1, batch_size=8, learning_rate=1e-3, weight_decay=0.1, eval_freq=20,
-                       eval_iter=5, max_length=256, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0),
-            finetune=dict(trainable="all", max_new_tokens=64)),
-        "full": dict(
-            model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained="gpt2-medium",
-            train=dict(num_epochs=2, batch_size=8, learning_rate=5e-5, weight_decay=0.1, eval_freq=5,
-                       eval_iter=5, max_length=1024),
-            finetune=dict(trainable="all", max_new_tokens=256)),
-    },
-}
 
-# Alignment's modes. Quick: a small new model on a CPU in a few minutes each: the reward model and
-# DPO on the 1,100 preference records, PPO and GRPO on sums of small numbers after a short SFT
-# (a task whose answers a program checks). Full: the book's path, GPT-2 weights and the
-# instruction-tuned run of `--task sft --mode full` (runs/sft-full), which DPO and PPO refine.
-_QUICK_RL_TRAIN = dict(num_epochs=1, batch_size=16, learning_rate=5e-4, weight_decay=0.0, eval_freq=10,
-                       eval_iter=5, max_length=64, grad_clip=1.0)
-ALIGN_MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "reward": {
-        "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
-            train=dict(num_epochs=2, batch_size=8, learning_rate=5e-4, weight_decay=0.1, eval_freq=20,
-                       eval_iter=5, max_length=256, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0),
-            align=dict()),
-        "full": dict(
-            model="gpt2-small", model_overrides=dict(drop_rate=0.0), pretrained="gpt2",
-            train=dict(num_epochs=2, batch_size=8, learning_rate=1e-5, weight_decay=0.0, eval_freq=20,
-                       eval_iter=5, max_length=512, grad_clip=1.0),
-            align=dict()),
-    },
-    "dpo": {
-        "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=256, drop_rate=0.0), pretrained=None,
-            train=dict(num_epochs=1, batch_size=8, learning_rate=5e-4, weight_decay=0.0, eval_freq=40,
-                       eval_iter=5, max_length=128, lr_schedule="cosine", warmup_steps=5, grad_clip=1.0),
-            align=dict(beta=0.1)),
-        "full": dict(
-            model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained=None, checkpoint="runs/sft-full",
-            train=dict(num_epochs=1, batch_size=8, learning_rate=5e-6, weight_decay=0.0, eval_freq=5,
-                       eval_iter=5, max_length=1024, grad_clip=1.0),
-            align=dict(beta=0.1)),
-    },
-    "ppo": {
-        "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
-            train=_QUICK_RL_TRAIN,
-            align=dict(prompt_style="chat", beta=0.02, prompts_per_iteration=64, update_epochs=2,
-                       minibatch_size=64, max_new_tokens=4)),
-        "full": dict(
-            model="gpt2-medium", model_overrides=dict(drop_rate=0.0), pretrained=None, checkpoint="runs/sft-full",
-            train=dict(num_epochs=1, batch_size=8, learning_rate=1e-6, weight_decay=0.0, eval_freq=25,
-                       eval_iter=5, max_length=1024, grad_clip=1.0),
-            align=dict(beta=0.05, reward_model="runs/reward-full", iterations=200, prompts_per_iteration=16,
-                       update_epochs=2, minibatch_size=8, max_new_tokens=128)),
-    },
-    "grpo": {
-        "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
-            train=_QUICK_RL_TRAIN,
-            align=dict(prompt_style="chat", beta=0.02, prompts_per_iteration=16, group_size=8,
-                       minibatch_size=64, max_new_tokens=4)),
-        "full": dict(
-            model="gpt2-small", model_overrides=dict(drop_rate=0.0), pretrained="gpt2",
-            train=dict(num_epochs=1, batch_size=16, learning_rate=1e-5, weight_decay=0.0, eval_freq=10,
-                       eval_iter=5, max_length=128, grad_clip=1.0),
-            align=dict(beta=0.02, iterations=300, prompts_per_iteration=16, group_size=8, minibatch_size=32,
-                       max_new_tokens=8, max_operand=99)),
-    },
-}
-
-# The TrainConfig values that have a command-line flag (they override every mode).
-TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
-               "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq")
-# The FinetuneConfig values that have a command-line flag.
-# (--task sft also takes --max-new-tokens for the responses it generates.)
-FINETUNE_FLAGS = ("trainable", "last_blocks", "lora_rank", "lora_alpha", "prompt_style", "mask_prompt", "judge")
-# The AlignConfig values that have a command-line flag.
-ALIGN_FLAGS = ("prompt_style", "beta", "dpo_loss", "reward_model", "iterations", "group_size", "kl_estimator",
-               "sft_steps")
-
-# The keys `custom_params` may hold; model_overrides may hold any GPTConfig field but vocab_size.
-CUSTOM_PARAM_KEYS = [f.name for f in fields(TrainConfig)] + ["model_overrides"]
-MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
-
-# The names config_run.py may define.
-RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
-                "DATA", "OUT", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
-                "finetune_params", "align_params"]
-FINETUNE_PARAM_KEYS = [f.name for f in fields(FinetuneConfig)]
-ALIGN_PARAM_KEYS = [f.name for f in fields(AlignConfig)]
+def check_max_length(train: TrainConfig, model: GPTConfig, change: str) -> None:
+    """A training window must fit the model's context; `change` says which setting to lower or raise."""
+    if train.max_length > model.context_length:
+        raise ConfigError(f"max_length ({train.max_length}) is longer than the model's context_length "
+                          f"({model.context_length}): {change}")
 
 
 @dataclass(frozen=True)
@@ -597,6 +481,35 @@ class RunConfig:
     ensemble: list[str] = field(default_factory=list)  # generate / evaluate: runs that join `checkpoint`
     ensemble_weights: list[float] | None = None  # one per run, `checkpoint` first; None: equal weights
 
+    def __post_init__(self) -> None:
+        check_choice("task", self.task, TASKS)
+        check_choice("mode", self.mode, MODES)
+        if self.task == "dpo" and not self.align.beta > 0:
+            raise ConfigError(f"DPO's beta must be positive, got {self.align.beta}: it scales the implicit reward "
+                              "beta * (log pi - log pi_ref), so 0 would make every pair look alike. Set --beta "
+                              "(or align_params['beta']) to e.g. 0.1.")
+        self._refuse_what_the_task_cannot_honour()
+        if (self.task in FINETUNE_TASKS) != (self.finetune is not None):
+            raise ConfigError(f"--task {self.task} {'needs' if self.task in FINETUNE_TASKS else 'takes no'} "
+                              "fine-tuning settings (finetune).")
+        if (self.task in ALIGN_TASKS) != (self.align is not None):
+            raise ConfigError(f"--task {self.task} {'needs' if self.task in ALIGN_TASKS else 'takes no'} "
+                              "alignment settings (align).")
+
+    def _refuse_what_the_task_cannot_honour(self) -> None:
+        """A training setting means the same in every task; a task it cannot apply to says so."""
+        if self.task in ALIGN_TASKS and self.train.micro_batch_size is not None:
+            raise ConfigError(f"{self.task} trains on whole batches (its batch_size, or minibatch_size for ppo and "
+                              "grpo); micro_batch_size and --batch-size auto are for pretrain, classify and sft. "
+                              "Lower --batch-size instead.")
+        if self.task in ("ppo", "grpo") and self.train.compile:
+            raise ConfigError(f"{self.task} samples its answers with a KV cache at a new length every round, which "
+                              "torch.compile would compile again and again; drop --compile (pretrain, classify, "
+                              "sft, reward and dpo take it).")
+        if self.task in FINETUNE_TASKS + ALIGN_TASKS and self.train.sampling != "auto":
+            raise ConfigError(f"sampling ({self.train.sampling!r}) chooses pretraining's windows of a text; "
+                              f"--task {self.task} trains on whole examples: drop --sampling.")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -618,18 +531,18 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
 
 def check_generation(values: dict[str, Any]) -> dict[str, Any]:
     """The decoding settings, complete and checked (the decoding functions check them again)."""
-    _check_keys("generation_params", values, list(GENERATION_DEFAULTS))
+    check_keys("generation_params", values, list(GENERATION_DEFAULTS))
     values = {**GENERATION_DEFAULTS, **values}
-    _check_int("max_new_tokens (or --max-new-tokens)", values["max_new_tokens"])
-    _check_float("temperature (or --temperature)", values["temperature"], 0.0)
+    check_int("max_new_tokens (or --max-new-tokens)", values["max_new_tokens"])
+    check_float("temperature (or --temperature)", values["temperature"], 0.0)
     if values["top_k"] is not None:
-        _check_int("top_k (or --top-k)", values["top_k"])
+        check_int("top_k (or --top-k)", values["top_k"])
     if values["top_p"] is not None:
-        _check_float("top_p (or --top-p)", values["top_p"], 0.0, 1.0, low_inclusive=False)
-    _check_float("repetition_penalty (or --repetition-penalty)", values["repetition_penalty"], 0.0,
+        check_float("top_p (or --top-p)", values["top_p"], 0.0, 1.0, low_inclusive=False)
+    check_float("repetition_penalty (or --repetition-penalty)", values["repetition_penalty"], 0.0,
                  low_inclusive=False)
-    _check_int("num_beams (or --num-beams)", values["num_beams"])
-    _check_float("length_penalty (or --length-penalty)", values["length_penalty"], -10.0, 10.0)
+    check_int("num_beams (or --num-beams)", values["num_beams"])
+    check_float("length_penalty (or --length-penalty)", values["length_penalty"], -10.0, 10.0)
     stops = values["stop_strings"]
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise ConfigError(f"stop_strings (or --stop) must be a list of non-empty strings, got {stops!r}.")
@@ -640,234 +553,3 @@ def check_generation(values: dict[str, Any]) -> dict[str, Any]:
                           "sample and takes no stop strings: set temperature to 0 (--temperature 0) "
                           "and drop the stop strings, or keep num_beams at 1.")
     return {**values, "stop_strings": list(stops)}
-
-
-def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = None) -> RunConfig:
-    """Combine config_run.py's names (`settings`) with command-line overrides (`cli`).
-
-    `cli` holds only the flags the user gave: task, mode, device, model, tokenizer,
-    bpe_vocab_size, data, out, resume, checkpoint, pretrained, prompt, seed, the training
-    values in TRAIN_FLAGS, and the generation values (the keys of GENERATION_DEFAULTS).
-    """
-    cli = {k: v for k, v in (cli or {}).items() if v is not None}
-    _check_keys("config_run.py", {k: v for k, v in settings.items() if not k.startswith("_")},
-                RUN_SETTINGS)
-
-    task = cli.get("task", settings.get("TASK", "pretrain"))
-    _check_choice("TASK (or --task)", task, TASKS)
-    mode = cli.get("mode") or _mode_from_flags(settings)
-    _check_choice("--mode", mode, MODES)
-
-    custom = settings.get("custom_params", {})
-    if not isinstance(custom, dict):
-        raise ConfigError(f"custom_params must be a dict, got {type(custom).__name__}.")
-    _check_keys("custom_params", custom, CUSTOM_PARAM_KEYS)
-    overrides = custom.get("model_overrides", {})
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"custom_params['model_overrides'] must be a dict, got {overrides!r}.")
-    _check_keys("custom_params['model_overrides']", overrides, MODEL_OVERRIDE_KEYS)
-
-    modes = (FINETUNE_MODE_DEFAULTS[task] if task in FINETUNE_TASKS else
-             ALIGN_MODE_DEFAULTS[task] if task in ALIGN_TASKS else MODE_DEFAULTS)
-    if mode == "custom":
-        base = modes["full"]
-        train_values = {**base["train"], **{k: v for k, v in custom.items() if k != "model_overrides"}}
-        model_values = {**base["model_overrides"], **overrides}
-    else:
-        base = modes[mode]
-        train_values, model_values = dict(base["train"]), dict(base["model_overrides"])
-    for key in TRAIN_FLAGS:
-        if key in cli:
-            train_values[key] = cli[key]
-    finetune = align = None
-    if task in FINETUNE_TASKS:
-        finetune = _resolve_finetune(settings, cli, task, mode, base)
-    if task in ALIGN_TASKS:
-        align = _resolve_align(settings, cli, mode, base)
-
-    model_name = cli.get("model") or settings.get("MODEL") or base["model"]
-    _check_choice("MODEL (or --model)", model_name, tuple(MODEL_PRESETS))
-    model = _build(f"the model settings ({mode} mode)", model_config, model_name, **model_values)
-    train = _build(f"the training settings ({mode} mode)", TrainConfig, **train_values)
-    if train.max_length > model.context_length:
-        raise ConfigError(
-            f"max_length ({train.max_length}) is longer than the model's context_length "
-            f"({model.context_length}): lower custom_params['max_length'] to at most "
-            f"{model.context_length}, or raise custom_params['model_overrides']['context_length'].")
-
-    tokenizer = cli.get("tokenizer", settings.get("TOKENIZER", "gpt2"))
-    _check_tokenizer(tokenizer)
-    bpe_vocab_size = cli.get("bpe_vocab_size", settings.get("BPE_VOCAB_SIZE", 1024))
-    _check_int("BPE_VOCAB_SIZE (or --vocab-size)", bpe_vocab_size, low=257, high=1_000_000)
-    device = cli.get("device", settings.get("DEVICE"))
-    if device is not None:
-        _check_choice("DEVICE (or --device)", device, DEVICES)
-    seed = cli.get("seed", settings.get("SEED", 123))
-    _check_int("SEED (or --seed)", seed, low=0)
-    log_every = settings.get("LOG_EVERY", 10)
-    _check_int("LOG_EVERY", log_every)
-    data = cli.get("data", settings.get("DATA"))
-    out = cli.get("out", settings.get("OUT"))
-    for name, value in (("DATA (or --data)", data), ("OUT (or --out)", out)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{name} must be a path string or None, got {value!r}.")
-
-    params = settings.get("generation_params", {})
-    if not isinstance(params, dict):
-        raise ConfigError(f"generation_params must be a dict, got {type(params).__name__}.")
-    generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
-    checkpoint, pretrained = cli.get("checkpoint"), cli.get("pretrained")
-    if task in FINETUNE_TASKS + ALIGN_TASKS:
-        if checkpoint and pretrained:
-            raise ConfigError("fine-tuning and alignment start from one model: give --checkpoint DIR (a "
-                              "minigpt run) or --pretrained NAME (GPT-2), not both.")
-        checkpoint, pretrained = _resolve_init(settings, checkpoint, pretrained, base)
-    if task in ("generate", "evaluate") and bool(checkpoint) == bool(pretrained):
-        raise ConfigError(f"--task {task} needs one model: --checkpoint DIR (the run directory of a "
-                          "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "
-                          "also gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder).")
-    ensemble, weights = list(cli.get("ensemble", [])), cli.get("ensemble_weights")
-    if ensemble and task not in ("generate", "evaluate"):
-        raise ConfigError(f"--checkpoint once for --task {task}; several only for generate and evaluate "
-                          "(an ensemble of models).")
-    if weights is not None:
-        if not checkpoint or len(weights) != 1 + len(ensemble):
-            raise ConfigError(f"--ensemble-weights takes one number per --checkpoint: got {len(weights)} "
-                              f"for {(1 + len(ensemble)) if checkpoint else 0} checkpoints.")
-        for weight in weights:
-            _check_float("each of --ensemble-weights", weight, 0.0, low_inclusive=False)
-    if cli.get("limit") is not None:
-        _check_int("--limit", cli["limit"])
-    if task == "export" and not (checkpoint and out):
-        raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER "
-                          "(where config.json and model.safetensors for transformers are written).")
-    return RunConfig(task=task, mode=mode, model_name=model_name, model=model, train=train,
-                     tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out,
-                     device=device, seed=seed, log_every=log_every, resume=cli.get("resume"),
-                     checkpoint=checkpoint, pretrained=pretrained, prompt=cli.get("prompt"),
-                     generation=generation, finetune=finetune, align=align, choices=cli.get("choices"),
-                     limit=cli.get("limit"), ensemble=ensemble, ensemble_weights=weights)
-
-
-def _resolve_finetune(settings: dict[str, Any], cli: dict[str, Any], task: str, mode: str,
-                      base: dict[str, Any]) -> FinetuneConfig:
-    """The fine-tuning settings: the mode's, finetune_params in custom mode, then the flags."""
-    params = settings.get("finetune_params", {})
-    if not isinstance(params, dict):
-        raise ConfigError(f"finetune_params must be a dict, got {type(params).__name__}.")
-    _check_keys("finetune_params", params, FINETUNE_PARAM_KEYS)
-    values = {**base["finetune"], **(params if mode == "custom" else {})}
-    values.update({key: cli[key] for key in FINETUNE_FLAGS if key in cli})
-    if task == "sft" and "max_new_tokens" in cli:
-        values["max_new_tokens"] = cli["max_new_tokens"]
-    return _build(f"the fine-tuning settings ({mode} mode)", FinetuneConfig, **values)
-
-
-def _resolve_align(settings: dict[str, Any], cli: dict[str, Any], mode: str, base: dict[str, Any]) -> AlignConfig:
-    """The alignment settings: the mode's, align_params in custom mode, then the flags."""
-    params = settings.get("align_params", {})
-    if not isinstance(params, dict):
-        raise ConfigError(f"align_params must be a dict, got {type(params).__name__}.")
-    _check_keys("align_params", params, ALIGN_PARAM_KEYS)
-    values = {**base["align"], **(params if mode == "custom" else {})}
-    values.update({key: cli[key] for key in ALIGN_FLAGS if key in cli})
-    if "max_new_tokens" in cli:
-        values["max_new_tokens"] = cli["max_new_tokens"]
-    return _build(f"the alignment settings ({mode} mode)", AlignConfig, **values)
-
-
-PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def _resolve_init(settings: dict[str, Any], checkpoint: str | None, pretrained: str | None,
-                  base: dict[str, Any]) -> tuple[str | None, str | None]:
-    """Where fine-tuning starts: --checkpoint / --pretrained, else INIT, else the mode's choice.
-
-    INIT is "scratch" (a new model), a GPT-2 name, a Hugging Face GPT-2 folder, or a minigpt
-    run directory (one holding checkpoint.pt).
-    """
-    if checkpoint or pretrained:
-        return checkpoint, pretrained
-    init = settings.get("INIT")
-    if init is None:
-        return base.get("checkpoint"), base["pretrained"]
-    if not isinstance(init, str) or not init:
-        raise ConfigError(f"INIT must be None, 'scratch', a GPT-2 name, or a directory, got {init!r}.")
-    if init == "scratch":
-        return None, None
-    if init in PRETRAINED_NAMES:
-        return None, init
-    if (Path(init) / "checkpoint.pt").is_file():
-        return init, None
-    if (Path(init) / "config.json").is_file():
-        return None, init
-    raise ConfigError(f"INIT is {init!r}: not 'scratch', not a GPT-2 name ({', '.join(PRETRAINED_NAMES)}), "
-                      "and not a directory holding a minigpt run (checkpoint.pt) or a Hugging Face GPT-2 "
-                      f"(config.json).{did_you_mean(init, ('scratch',) + PRETRAINED_NAMES)}")
-
-
-# What may change when a stopped run continues; everything else is the run's own. How a
-# step is computed (micro-batches, precision, compile) may change with the machine.
-RESUME_TRAIN_OVERRIDES = ("num_epochs", "max_steps", "micro_batch_size", "precision", "compile")
-RESUME_OVERRIDES = ("resume", "device", "task") + RESUME_TRAIN_OVERRIDES
-
-
-def resolve_resume_config(saved: dict[str, Any], cli: dict[str, Any]) -> RunConfig:
-    """The settings of a run being resumed: its saved ones, plus --epochs, --max-steps, --device."""
-    cli = {k: v for k, v in cli.items() if v is not None}
-    for key in cli:
-        if key not in RESUME_OVERRIDES:
-            flags = {"learning_rate": "--lr", "bpe_vocab_size": "--vocab-size"}
-            flag = flags.get(key, "--" + key.replace("_", "-"))
-            raise ConfigError(f"{flag} cannot change when resuming: a resumed run "
-                              f"keeps its own settings (see {cli['resume']}/config.json). Drop the "
-                              "flag, or start a new run with --out.")
-    run = RunConfig.from_dict(saved)
-    if cli.get("task", run.task) != run.task:
-        raise ConfigError(f"--resume continues the {run.task} run in {cli['resume']}; use --task "
-                          f"{run.task} (or leave --task out).")
-    train = _build("the resumed training settings", replace, run.train,
-                   **{k: cli[k] for k in RESUME_TRAIN_OVERRIDES if k in cli})
-    return replace(run, train=train, resume=cli["resume"], device=cli.get("device", run.device))
-
-
-def _check_tokenizer(tokenizer: Any) -> None:
-    """A tokenizer name, or the path of a saved BPE file (read later, when the run starts)."""
-    if tokenizer in TOKENIZERS:
-        return
-    if not isinstance(tokenizer, str) or not tokenizer:
-        raise ConfigError(f"TOKENIZER (or --tokenizer) must be one of {', '.join(map(repr, TOKENIZERS))} "
-                          f"or the path of a saved BPE tokenizer file, got {tokenizer!r}.")
-    if not Path(tokenizer).is_file():
-        raise ConfigError(
-            f"TOKENIZER (or --tokenizer) is {tokenizer!r}, which is neither a tokenizer name "
-            f"({', '.join(map(repr, TOKENIZERS))}) nor an existing file. Give a name, or the path "
-            f"of a saved BPE tokenizer such as runs/pretrain-quick/tokenizer.bpe."
-            f"{did_you_mean(tokenizer, TOKENIZERS)}")
-
-
-def _mode_from_flags(settings: dict[str, Any]) -> str:
-    quick, custom = settings.get("QUICK_MODE", True), settings.get("CUSTOM_MODE", False)
-    for name, value in (("QUICK_MODE", quick), ("CUSTOM_MODE", custom)):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be True or False, got {value!r}.")
-    if quick and custom:
-        raise ConfigError("QUICK_MODE and CUSTOM_MODE are both True in config_run.py; "
-                          "set QUICK_MODE = False to use custom_params (or CUSTOM_MODE = False).")
-    return "quick" if quick else "custom" if custom else "full"
-
-
-def _build(where: str, factory, *args, **kwargs):
-    """Call a config constructor, naming where the failing values came from."""
-    try:
-        return factory(*args, **kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    except TypeError as err:  # e.g. a value of the wrong kind that slipped past a check
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def settings_from_module(module) -> dict[str, Any]:
-    """The values a config_run.py module defines (imports and private names left out)."""
-    return {name: value for name, value in vars(module).items()
-            if not name.startswith("_") and not isinstance(value, types.ModuleType)}

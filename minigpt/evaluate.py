@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from minigpt.config import ConfigError
 from minigpt.data import cache_dir, create_dataloader, download_file, read_text
+from minigpt.model import GPTModel
 
 
 def perplexity(loss: float) -> float:
@@ -55,15 +56,19 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
                                shuffle=False, drop_last=False, name="the evaluation text")
     was_training = model.training
     model.eval()
+    halting = isinstance(model, GPTModel) and model.cfg.halting  # adaptive depth: count the blocks each token ran
     total_loss, correct, count, depth = 0.0, 0, 0, 0.0
     for inputs, targets in loader:
-        logits = model(inputs.to(device)).float()                       # (B, T, V)
+        if halting:
+            output = model(inputs.to(device), details=True)
+            logits = output.logits.float()                              # (B, T, V)
+            depth += output.depth.sum().item()
+        else:
+            logits = model(inputs.to(device)).float()
         targets = targets.to(device)
         total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == targets).sum())
         count += targets.numel()
-        if getattr(model, "depth", None) is not None:  # adaptive depth: the blocks each token ran
-            depth += model.depth.sum().item()
     model.train(was_training)
     loss = total_loss / count
     windows = len(loader.dataset)
@@ -71,7 +76,7 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
     num_bytes = len(tokenizer.decode(scored).encode("utf-8"))
     result = {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
               "next_token_accuracy": correct / count, "tokens": len(scored), "bytes": num_bytes}
-    if getattr(model, "depth", None) is not None:
+    if halting:
         result["mean_depth"] = depth / count
     return result
 

@@ -354,10 +354,6 @@ def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text, allowed_special="all")).unsqueeze(0)  # (1, T)
 
 
-def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
-
-
 def _prompt_ids(model: torch.nn.Module, tokenizer, prompt: str) -> torch.Tensor:
     if not prompt:
         raise ConfigError("the prompt is empty; give some text to continue (--prompt \"...\").")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,15 @@ def sinusoidal_positions(num_positions: int, emb_dim: int) -> torch.Tensor:
     return table.float()
 
 
+@dataclass
+class ModelOutput:
+    """What a forward pass gives the training loss beside the logits (`model(idx, details=True)`)."""
+
+    logits: torch.Tensor                 # (B, T, vocab_size)
+    aux_loss: torch.Tensor | None = None  # the experts' balancing terms and the ponder cost, for the loss to add
+    depth: torch.Tensor | None = None     # halting: the blocks each token ran, (B, T)
+
+
 class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -53,10 +63,8 @@ class GPTModel(nn.Module):
         # Adaptive depth (chapter 11): a halting unit after every block but the last, where all stop.
         self.halt_units = nn.ModuleList(HaltingUnit(cfg.emb_dim) for _ in range(cfg.n_layers - 1)) \
             if cfg.halting else None
-        self.depth: torch.Tensor | None = None  # halting: blocks each token of the last forward ran, (B, T)
         self.final_norm = make_norm(cfg)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        self.aux_loss: torch.Tensor | None = None  # a mixture of experts' balancing terms, set by forward
         if cfg.tie_weights:
             # GPT-2 reuses the token embedding as the output head: one (vocab, emb) matrix
             # both reads tokens in and scores them out, saving vocab_size * emb_dim weights.
@@ -91,8 +99,11 @@ class GPTModel(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T).
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None,
+                details: bool = False) -> torch.Tensor | ModelOutput:
+        """Logits (B, T, vocab_size) for token ids (B, T); with `details`, a `ModelOutput` that
+        also holds what the training loss adds (a mixture of experts' balancing terms, the
+        halting units' ponder cost) and the blocks each token ran.
 
         With a `cache` (generation, chapter 6), `in_idx` holds only the tokens that follow
         the cached ones: they take positions cache.length, cache.length + 1, ... and their
@@ -124,12 +135,11 @@ class GPTModel(nn.Module):
             aux.append(sum(block.ff.aux_loss for block in self.trf_blocks))
         if adaptive is not None:  # the states weighted by their halting probabilities, and the ponder cost
             x = adaptive.output
-            self.depth = adaptive.depth
             aux.append(self.cfg.ponder_coef * adaptive.ponder_cost.mean())
-        if aux:
-            self.aux_loss = sum(aux)
-        x = self.final_norm(x)
-        return self.out_head(x)                             # (B, T, vocab_size)
+        logits = self.out_head(self.final_norm(x))          # (B, T, vocab_size)
+        if not details:
+            return logits
+        return ModelOutput(logits, sum(aux) if aux else None, adaptive.depth if adaptive is not None else None)
 
     def new_kv_cache(self, batch_size: int, max_tokens: int | None = None) -> KVCache:
         """An empty cache for `batch_size` sequences of up to `max_tokens` (default: the context)."""

@@ -25,36 +25,19 @@ from a model's logits and the IGNORE_INDEX-masked targets that
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import os
 import random
-import time
-from dataclasses import dataclass, field, replace
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from minigpt.config import ConfigError, RunConfig
-from minigpt.data import (CHAT_TOKENS, IGNORE_INDEX, InstructionDataset, PreferenceDataset, encode_prompt,
-                          format_prompt, instruction_collate, load_instruction_data, load_preference_data,
-                          preference_collate, require_end_of_text, split_dataset)
-from minigpt.finetune import (SFT_SPLIT, fingerprint, grow_vocabulary, make_loader, replace_head,
-                              starting_point)
+from minigpt.config import DPO_LOSSES, ConfigError
+from minigpt.data import CHAT_TOKENS, IGNORE_INDEX, InstructionDataset, instruction_collate
+from minigpt.finetune import replace_head
 from minigpt.generation import generate
-from minigpt.model import GPTModel
-from minigpt.plot import plot_panels
-from minigpt.tokenizer import END_OF_TEXT, BPETokenizer, get_tokenizer, tokenizer_from_spec
-from minigpt.train import (BEST_NAME, CHECKPOINT_NAME, StopRequest, calc_loss_batch, choose_run_dir,
-                           learning_rate_at, load_checkpoint, load_model, pick_device, print_rows, save_checkpoint,
-                           save_weights)
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
+from minigpt.tokenizer import END_OF_TEXT, BPETokenizer
+from minigpt.train import StepSetup, calc_loss_batch
 
 
 # ---------------------------------------------------------------------------------------
@@ -111,8 +94,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     At the first step the policy is the reference, h = 0, and the sigmoid loss is ln 2.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ConfigError(f"dpo loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}.")
+    if loss_type not in DPO_LOSSES:
+        raise ConfigError(f"dpo loss_type must be one of {', '.join(DPO_LOSSES)}, got {loss_type!r}.")
     if not beta > 0:
         raise ConfigError(f"dpo beta must be positive, got {beta}.")
     if not 0.0 <= label_smoothing < 0.5:
@@ -433,6 +416,16 @@ class RLSettings:
     minibatch_size: int = 16    # rows per update
     grad_clip: float | None = 1.0
     max_new_tokens: int = 8
+    group_size: int = 8         # GRPO: answers sampled per prompt, each judged against its group
+
+
+@dataclass
+class RLModels:
+    """The models a round of PPO or GRPO reads and trains."""
+
+    policy: torch.nn.Module     # samples the answers and is trained
+    reference: torch.nn.Module  # frozen: the KL leash ties the policy to it
+    critic: torch.nn.Module | None = None  # PPO: the value model (GRPO has none)
 
 
 def _minibatches(rows: int, size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
@@ -441,12 +434,11 @@ def _minibatches(rows: int, size: int, generator: torch.Generator | None) -> lis
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.Tensor],
-          grad_clip: float | None) -> None:
+          settings: RLSettings, setup: StepSetup) -> None:
+    """One update: the gradient of `loss` (scaled in fp16 by a chapter-9 setup), clipped, applied."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+    setup.backward(loss)
+    setup.update(optimizer, params, settings.grad_clip)
 
 
 def _policy_terms(policy: torch.nn.Module, rollout: Rollout, rows: torch.Tensor, old_logps: torch.Tensor,
@@ -471,18 +463,20 @@ def _round_summary(logged: dict[str, float], updates: int, scores: torch.Tensor,
     return numbers
 
 
-def ppo_update(policy: torch.nn.Module, critic: torch.nn.Module, reference: torch.nn.Module,
-               optimizer: torch.optim.Optimizer, prompts: list[list[int]], tokenizer,
+def ppo_update(models: RLModels, optimizer: torch.optim.Optimizer, prompts: list[list[int]], tokenizer,
                reward_fn: Callable[[Rollout], torch.Tensor], settings: RLSettings,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+               generator: torch.Generator | None = None, setup: StepSetup | None = None) -> dict[str, float]:
     """One PPO round: sample an answer per prompt, score it, and take `settings.epochs` passes of
     clipped updates over the samples. Returns what to log.
 
     The reward of each answer token is -beta * KL(policy || reference) at that token, plus the
     answer's score at its last token; GAE turns these into advantages with the critic's values
     as the baseline, and the critic learns to predict the returns. Dropout stays off so the
-    ratio compares the policy with itself.
+    ratio compares the policy with itself. `setup` computes the updates (chapter 9: fp16's
+    gradient scaler); by default plainly, on the policy's device.
     """
+    policy, critic, reference = models.policy, models.critic, models.reference
+    setup = setup or StepSetup(next(policy.parameters()).device)
     policy.eval(), critic.eval(), reference.eval()
     rollout = sample_responses(policy, prompts, tokenizer, 1, settings.max_new_tokens, generator)
     inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
@@ -512,7 +506,7 @@ def ppo_update(policy: torch.nn.Module, critic: torch.nn.Module, reference: torc
             values = critic(inputs[rows]).squeeze(-1).float()
             value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
             loss = policy_loss - settings.entropy_coef * entropy + settings.value_coef * value_loss
-            _step(optimizer, loss, params, settings.grad_clip)
+            _step(optimizer, loss, params, settings, setup)
             for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
                                ("clip_fraction", clip_fraction), ("entropy", entropy)):
                 logged[key] += value.item()
@@ -533,13 +527,14 @@ def group_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -
     return ((groups - mean) / (std + eps)).view(-1)
 
 
-def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                prompts: list[list[int]], tokenizer, reward_fn: Callable[[Rollout], torch.Tensor],
-                settings: RLSettings, group_size: int = 8,
-                generator: torch.Generator | None = None) -> dict[str, float]:
-    """One GRPO round: `group_size` answers per prompt, each answer's advantage its reward against
-    its group's, every token of an answer sharing it; PPO's clipped ratio, and beta times the
+def grpo_update(models: RLModels, optimizer: torch.optim.Optimizer, prompts: list[list[int]], tokenizer,
+                reward_fn: Callable[[Rollout], torch.Tensor], settings: RLSettings,
+                generator: torch.Generator | None = None, setup: StepSetup | None = None) -> dict[str, float]:
+    """One GRPO round: `settings.group_size` answers per prompt, each answer's advantage its reward
+    against its group's, every token of an answer sharing it; PPO's clipped ratio, and beta times the
     k3 estimate of KL(policy || reference) added to the loss (beta 0: no leash, the KL only logged)."""
+    policy, reference, group_size = models.policy, models.reference, settings.group_size
+    setup = setup or StepSetup(next(policy.parameters()).device)
     policy.eval(), reference.eval()
     rollout = sample_responses(policy, prompts, tokenizer, group_size, settings.max_new_tokens, generator)
     inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
@@ -558,7 +553,7 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
             loss = policy_loss - settings.entropy_coef * entropy
             if settings.beta > 0:
                 loss = loss + settings.beta * masked_mean(kl_k3(logps, ref_logps[rows]), mask[rows])
-            _step(optimizer, loss, params, settings.grad_clip)
+            _step(optimizer, loss, params, settings, setup)
             for key, value in (("policy_loss", policy_loss), ("clip_fraction", clip_fraction), ("entropy", entropy)):
                 logged[key] += value.item()
             updates += 1
@@ -566,530 +561,3 @@ def grpo_update(policy: torch.nn.Module, reference: torch.nn.Module, optimizer: 
     solved = scores.view(-1, group_size)
     numbers["informative_groups"] = ((solved.max(1).values - solved.min(1).values) > 0).float().mean().item()
     return numbers
-
-
-# ---------------------------------------------------------------------------------------
-# The pipeline behind `python main.py --task reward | dpo | ppo | grpo`
-# ---------------------------------------------------------------------------------------
-
-HELD_OUT_SHARE = 0.2  # ppo/grpo: the last fifth of the task's records measures the policy, never trains it
-MEASURED_PROMPTS = 100  # ppo/grpo: greedy answers to at most this many held-out (and training) prompts are scored
-
-
-@dataclass
-class AlignState:
-    """Where an alignment run stands: a resumed run continues from here exactly."""
-
-    step: int = 0          # optimizer steps (reward, dpo) or rounds of sampling (ppo, grpo) done
-    history: list[dict[str, float]] = field(default_factory=list)  # what each step logged
-    evals: list[dict[str, float]] = field(default_factory=list)    # held-out numbers, with their step
-    elapsed_s: float = 0.0
-    best: float | None = None  # the best held-out score so far (the method's `best_score`), kept as best.pt
-
-
-@dataclass
-class AlignData:
-    """What a task trains and measures on."""
-
-    description: str
-    fingerprint: str
-    train: Any                    # reward/dpo: a PreferenceDataset; ppo/grpo: records
-    val: Any
-    test: Any
-
-
-def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Module, Any, dict[str, Any], Path]:
-    """Align as `run` says (task reward, dpo, ppo or grpo), writing the run directory; returns
-    (model, tokenizer, metrics, run directory). One process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("alignment runs in one process (torchrun is for pretraining); start it with "
-                          "python main.py --task reward | dpo | ppo | grpo.")
-    if run.train.micro_batch_size is not None:
-        raise ConfigError(f"{run.task} trains on whole batches (its batch_size, or minibatch_size for ppo and grpo); "
-                          "micro_batch_size and --batch-size auto are for pretrain, classify and sft. Lower "
-                          "--batch-size instead.")
-    checkpoint = load_checkpoint(run.resume) if run.resume else None
-    start_file = Path(run.checkpoint or "")
-    if checkpoint is None and run.checkpoint and not (start_file.is_file() or (start_file / CHECKPOINT_NAME).is_file()):
-        raise ConfigError(f"{run.task} starts from the run in {run.checkpoint}, which does not exist yet: train it "
-                          f"first (e.g. python main.py --task sft --mode {run.mode} --out {run.checkpoint}), or "
-                          "start elsewhere with --checkpoint DIR, --pretrained NAME or INIT = 'scratch'.")
-    device = pick_device(run.device)
-    torch.manual_seed(run.seed)
-    run_dir = choose_run_dir(run)
-    task, acfg = run.task, run.align
-    checked = task == "grpo" or (task == "ppo" and acfg.reward_model is None)  # rewards a program checks
-    reward_model = None
-    if task == "ppo" and not checked:  # answers are written in the template the reward model learned to score
-        reward_model, reward_tokenizer, style = _load_reward_model(acfg.reward_model, device)
-        acfg = replace(acfg, prompt_style=style)
-        run = replace(run, align=acfg)
-
-    if checkpoint is not None:
-        start, tokenizer, origin = None, tokenizer_from_spec(checkpoint["tokenizer_spec"]), "its checkpoint"
-    else:
-        _check_template(run.checkpoint, acfg.prompt_style)
-        start, tokenizer, origin = starting_point(run, device)
-    if tokenizer is None:  # new weights
-        tokenizer = byte_tokenizer() if checked else get_tokenizer(run.tokenizer)
-    require_end_of_text(tokenizer, "alignment")
-    if acfg.prompt_style == "chat":
-        tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
-    data = _task_data(run, tokenizer, checked)
-    if checkpoint is not None and checkpoint["data_sha256"] != data.fingerprint:
-        raise ConfigError(f"the data differs from what the run in {run_dir} started with; resume with the "
-                          "same --data, or start a new run.")
-
-    # The models: the one that trains, and the frozen reference the KL leash ties it to.
-    if start is not None:
-        model = GPTModel(replace(start.cfg, drop_rate=0.0)).to(device)
-        model.load_state_dict(start.state_dict())
-        run = replace(run, model_name=run.pretrained or run.checkpoint)
-        grow_vocabulary(model, tokenizer.vocab_size)
-    else:
-        model = GPTModel(replace(run.model, vocab_size=tokenizer.vocab_size, drop_rate=0.0)).to(device)
-    if task == "reward":
-        add_reward_head(model)
-    run = replace(run, model=model.cfg)
-    cfg = run.train
-    if cfg.max_length > model.cfg.context_length:
-        raise ConfigError(f"max_length ({cfg.max_length}) is longer than the model's context_length "
-                          f"({model.cfg.context_length}); lower max_length to at most {model.cfg.context_length}.")
-    generator = torch.Generator().manual_seed(run.seed)  # sampling, minibatch order, warm-up batches
-    warm_up = checked and start is None and checkpoint is None and acfg.sft_steps > 0
-    reference = critic = None
-    if task != "reward":
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-    if task == "ppo":  # the value model: a copy of the policy with a scalar head, its values starting at 0
-        critic = add_reward_head(copy.deepcopy(model))
-    if reward_model is not None and reward_tokenizer.spec() != tokenizer.spec():
-        raise ConfigError(f"the reward model in {acfg.reward_model} reads a different vocabulary "
-                          f"({reward_tokenizer.name}, {reward_tokenizer.vocab_size:,} tokens) from the policy's "
-                          f"({tokenizer.name}, {tokenizer.vocab_size:,} tokens); train the reward model from the "
-                          "same starting run or tokenizer as the policy.")
-    trained = [model] + ([critic] if critic is not None else [])
-    optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2))
-    state = AlignState()
-    before: dict[str, Any] = {}
-    warmup_losses: list[float] = []
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        for other, key in ((reference, "reference"), (critic, "critic")):
-            if other is not None:
-                other.load_state_dict(checkpoint[key])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = AlignState(**checkpoint["state"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        generator.set_state(checkpoint["generator"])
-        before, warmup_losses = checkpoint["before"], checkpoint["warmup_losses"]
-
-    method = _make_method(task, run, model, reference, critic, reward_model, optimizer, tokenizer, data,
-                          generator, device)
-    total = method.total_steps
-    if state.step >= total:
-        raise ConfigError(f"the run in {run_dir} already finished; start a new run (--out) to train further.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print_rows(f"minigpt | {task} | {run.mode} mode", [
-        ("device", f"{device}, torch {torch.__version__}"),
-        ("starting from", origin + (f"; then {acfg.sft_steps} supervised steps on the task's training answers "
-                                    f"(batch {cfg.batch_size}, lr 1e-3), so that it knows the answer format"
-                                    if warm_up else "")),
-        ("model", f"{model.cfg.n_layers} layers, {model.cfg.n_heads} heads, emb_dim {model.cfg.emb_dim}, "
-                  f"context {model.cfg.context_length}; {model.num_parameters():,} parameters"
-                  + ("; head: one reward per position" if task == "reward" else "")),
-        ("tokenizer", f"{tokenizer.name}, {tokenizer.vocab_size:,} tokens"
-                      + (" (one per byte, and the special tokens)" if getattr(tokenizer, "merges", None) == {} else "")),
-        ("data", data.description),
-        ("method", method.description),
-        ("seed", str(run.seed)),
-        ("run directory", str(run_dir) + (f" (resuming at step {state.step})" if state.step else "")),
-    ])
-    if warm_up:
-        warmup_losses = supervised_warmup(model, data.train, tokenizer, acfg.prompt_style, acfg.sft_steps,
-                                          cfg.batch_size, 1e-3, generator)
-        reference.load_state_dict(model.state_dict())  # the leash ties the policy to the warmed-up model
-        if critic is not None:  # and the value model starts from its backbone too (its own head stays)
-            critic.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("out_head.")},
-                                   strict=False)
-        print(f"supervised warm-up: answer loss {warmup_losses[0]:.3f} -> {warmup_losses[-1]:.3f}", flush=True)
-    if not before:
-        before = method.measure()
-        print("before: " + method.describe(before), flush=True)
-
-    extra_keys = {"tokenizer_spec": tokenizer.spec(), "data_sha256": data.fingerprint}
-
-    def save() -> None:
-        extra = {**extra_keys, "before": before, "warmup_losses": warmup_losses, "generator": generator.get_state(),
-                 "reference": reference.state_dict() if reference is not None else None,
-                 "critic": critic.state_dict() if critic is not None else None}
-        save_checkpoint(run_dir / CHECKPOINT_NAME, model, optimizer, state, run, extra,
-                        {"torch": torch.get_rng_state()})
-
-    start_time = time.perf_counter() - state.elapsed_s
-    with (stop or StopRequest()) as stop:
-        bar = tqdm(total=total, initial=state.step, desc=task, unit="step" if task in ("reward", "dpo") else "round",
-                   leave=False, dynamic_ncols=True)
-        while state.step < total and not stop.requested:
-            numbers = method.step(state.step)
-            for key in ("loss", "reward"):
-                if key in numbers and not math.isfinite(numbers[key]):
-                    raise ConfigError(f"the {key} became {numbers[key]} at step {state.step + 1}; training "
-                                      f"diverged. Start a new run with a lower learning_rate (now {cfg.learning_rate}).")
-            state.step += 1
-            state.history.append({"step": state.step, **numbers})
-            bar.update(1)
-            bar.set_postfix({key: f"{numbers[key]:.3f}" for key in method.shown if key in numbers})
-            if state.step % cfg.eval_freq == 0 and state.step < total:
-                state.evals.append({"step": state.step, **method.evaluate()})
-                tqdm.write(f"step {state.step:>5}: " + "  ".join(
-                    f"{key} {value:.3f}" for key, value in state.evals[-1].items() if key != "step"))
-                score = method.best_score(state.evals[-1])
-                if state.best is None or score > state.best:  # the best held-out weights so far
-                    state.best = score
-                    save_weights(run_dir / BEST_NAME, model, run, extra_keys)
-            state.elapsed_s = time.perf_counter() - start_time
-        bar.close()
-    completed = state.step >= total
-    save()
-    metrics: dict[str, Any] = {"completed": completed, "task": task, "steps": state.step, "elapsed_s": state.elapsed_s,
-                               "num_parameters": model.num_parameters(), "device": str(device),
-                               "before": before, "warmup_losses": warmup_losses,
-                               "history": state.history, "evals": state.evals}
-    if completed:
-        metrics["after"] = method.measure()
-        print("after:  " + method.describe(metrics["after"]), flush=True)
-    config = {**run.to_dict(), **extra_keys, "torch_version": torch.__version__}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    files = [CHECKPOINT_NAME, "config.json", "metrics.json"] + ([BEST_NAME] if state.best is not None else [])
-    if state.history:
-        method.plot(state, before, metrics.get("after"), run_dir / f"{task}_curves.png",
-                    f"{task}, {run.mode} mode")
-        files.append(f"{task}_curves.png")
-    status = "finished" if completed else f"stopped early (resume with --resume {run_dir})"
-    print(f"\n{task} {status} in {state.elapsed_s:.1f} s, {state.step} {'steps' if task in ('reward', 'dpo') else 'rounds'}")
-    if completed:
-        print(f"  before  {method.describe(before)}\n  after   {method.describe(metrics['after'])}")
-    print(f"  wrote   {run_dir}/: {', '.join(files)}")
-    return model, tokenizer, metrics, run_dir
-
-
-def _check_template(run_dir: str | None, style: str) -> None:
-    """An instruction-tuned starting run answers in its own template: the answers scored here must too."""
-    folder = Path(run_dir or "")
-    config = (folder.parent if folder.is_file() else folder) / "config.json"  # a run, or its best.pt
-    if not run_dir or not config.is_file():
-        return
-    saved = json.loads(config.read_text())
-    settings = saved.get("finetune") if saved.get("task") == "sft" else saved.get("align")
-    if settings and settings.get("prompt_style", style) != style:
-        raise ConfigError(f"{run_dir} was trained with the {settings['prompt_style']!r} template and this run would "
-                          f"write answers in {style!r}; add --prompt-style {settings['prompt_style']}.")
-
-
-def _task_data(run: RunConfig, tokenizer, checked: bool) -> AlignData:
-    """Preference pairs (reward, dpo), instruction prompts (ppo with a reward model), or records whose
-    answers a program checks (grpo, and ppo without a reward model): the arithmetic task by default."""
-    style, limit = run.align.prompt_style, run.train.max_length
-    if run.task in ("reward", "dpo"):
-        records = load_preference_data(run.data)
-        train, val, test = split_dataset(records, *SFT_SPLIT)
-        if not val or not test:
-            raise ConfigError(f"{len(records)} preference records are too few for an 85/5/10 split with a "
-                              "validation and a test pair; give at least 20.")
-        splits = [PreferenceDataset(split, tokenizer, style) for split in (train, val, test)]
-        dropped = 0
-        for split in splits:  # a prompt that fills the whole window leaves no answer to compare
-            kept = [example for example in split.examples if example[2] < limit]
-            dropped, split.examples = dropped + len(split.examples) - len(kept), kept
-        if not all(len(split) for split in splits):
-            raise ConfigError(f"no preference pair in some split has a prompt shorter than max_length ({limit}); "
-                              "raise max_length.")
-        name = Path(run.data).name if run.data else "instruction-data-with-preference.json"
-        return AlignData(f"{name}: {len(records):,} preference pairs; train / validation / test "
-                         f"{len(splits[0]):,} / {len(splits[1]):,} / {len(splits[2]):,}"
-                         + (f" ({dropped} dropped: prompt of {limit}+ tokens)" if dropped else "")
-                         + f"; {style} template; prompt + answer cut to {limit} tokens", fingerprint(records), *splits)
-    if not checked:  # the reward model's own prompts, split as it was, so held-out prompts stay unseen
-        records = load_preference_data(run.data)
-        train, val, test = split_dataset(records, *SFT_SPLIT)
-        name = Path(run.data).name if run.data else "instruction-data-with-preference.json"
-        return AlignData(f"{name}: {len(train):,} training prompts, {len(test):,} held out; {style} template; "
-                         f"reward: the reward model in {run.align.reward_model}", fingerprint(records),
-                         train, val, test)
-    if run.data is None:
-        records = arithmetic_records(run.align.max_operand)
-        name = f"sums a + b with 0 <= a, b <= {run.align.max_operand}"
-    else:
-        records, name = load_instruction_data(run.data), Path(run.data).name
-    held_out = max(1, round(HELD_OUT_SHARE * len(records)))
-    if len(records) - held_out < run.align.prompts_per_iteration:
-        raise ConfigError(f"{name} gives {len(records)} records: too few to hold out {held_out} and sample "
-                          f"{run.align.prompts_per_iteration} prompts per round; give more records or lower "
-                          "prompts_per_iteration.")
-    train, test = records[:-held_out], records[-held_out:]
-    return AlignData(f"{name}: {len(train):,} training problems, {len(test):,} held out; {style} template; "
-                     "reward 1 for an answer equal to the reference, else 0", fingerprint(records),
-                     train, test, test)
-
-
-def _load_reward_model(path: str, device: torch.device) -> tuple[torch.nn.Module, Any, str]:
-    """A reward run's model (frozen), its tokenizer, and the template its answers were written in."""
-    if not (Path(path) / CHECKPOINT_NAME).is_file():
-        raise ConfigError(f"reward_model is {path!r}, which holds no run; train one first with python main.py "
-                          "--task reward (same tokenizer as the policy), or leave reward_model unset to reward "
-                          "exact answers to the task's records.")
-    model, rm_tokenizer, saved = load_model(path, device)
-    if saved["task"] != "reward":
-        raise ConfigError(f"{path} holds a {saved['task']} run, not a reward model; give a --task reward run.")
-    return model.requires_grad_(False).eval(), rm_tokenizer, saved["align"]["prompt_style"]
-
-
-def _preference_loader(dataset, run: RunConfig, tokenizer, train: bool):
-    collate = partial(preference_collate, eos_id=tokenizer.eos_id, allowed_max_length=run.train.max_length)
-    return make_loader(dataset, collate, run.train.batch_size, run.train.batch_size, train, run.seed,
-                       "the training pairs" if train else "the held-out pairs")
-
-
-class _PairMethod:
-    """Reward-model and DPO training: optimizer steps over batches of preference pairs, epoch by
-    epoch in a seeded order (so a resumed run sees the batches it would have seen)."""
-
-    def __init__(self, run: RunConfig, model, optimizer, tokenizer, data: AlignData, device) -> None:
-        self.run, self.model, self.optimizer, self.device = run, model, optimizer, device
-        self.train_loader = _preference_loader(data.train, run, tokenizer, True)
-        self.val_loader = _preference_loader(data.val, run, tokenizer, False)
-        self.test_loader = _preference_loader(data.test, run, tokenizer, False)
-        self.steps_per_epoch = self.train_loader.sampler.steps_per_epoch
-        self.total_steps = min(self.steps_per_epoch * run.train.num_epochs, run.train.max_steps or math.inf)
-        self._batches, self._epoch = None, None
-
-    def next_batch(self, step: int) -> dict[str, torch.Tensor]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        if self._epoch != epoch or self._batches is None:
-            self.train_loader.sampler.set_epoch(epoch, start=within * self.run.train.batch_size)
-            self._batches, self._epoch = iter(self.train_loader), epoch
-        return {key: value.to(self.device) for key, value in next(self._batches).items()}
-
-    def update(self, loss: torch.Tensor, step: int) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, self.run.train, self.total_steps)
-        _step(self.optimizer, loss, [p for g in self.optimizer.param_groups for p in g["params"]],
-              self.run.train.grad_clip)
-
-    def batches(self, loader, limit: int | None = None):
-        for i, batch in enumerate(loader):
-            if limit is not None and i >= limit:
-                return
-            yield {key: value.to(self.device) for key, value in batch.items()}
-
-
-class _RewardMethod(_PairMethod):
-    shown = ("loss", "accuracy")
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.description = (f"Bradley-Terry loss -log sigma(r_chosen - r_rejected); {self.total_steps:,} steps of "
-                            f"{self.run.train.batch_size} pairs, AdamW lr {self.run.train.learning_rate:g}")
-
-    def step(self, step: int) -> dict[str, float]:
-        self.model.train()
-        batch = self.next_batch(step)
-        chosen = reward_scores(self.model, batch["chosen_inputs"], batch["chosen_targets"])
-        rejected = reward_scores(self.model, batch["rejected_inputs"], batch["rejected_targets"])
-        loss = bradley_terry_loss(chosen, rejected)
-        self.update(loss, step)
-        return {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item(),
-                "margin": (chosen - rejected).mean().item()}
-
-    def evaluate(self) -> dict[str, float]:
-        return {"val_accuracy": preference_accuracy(self.model, self.batches(self.val_loader))}
-
-    def best_score(self, numbers: dict[str, float]) -> float:
-        return numbers["val_accuracy"]
-
-    def measure(self) -> dict[str, float]:
-        return {"val_accuracy": preference_accuracy(self.model, self.batches(self.val_loader)),
-                "test_accuracy": preference_accuracy(self.model, self.batches(self.test_loader))}
-
-    def describe(self, numbers: dict[str, float]) -> str:
-        return (f"held-out preference accuracy: validation {100 * numbers['val_accuracy']:.1f}%, "
-                f"test {100 * numbers['test_accuracy']:.1f}% (ties count half)")
-
-    def plot(self, state: AlignState, before, after, path: Path, title: str) -> None:
-        steps = [h["step"] for h in state.history]
-        evals = [(0, before["val_accuracy"])] + [(e["step"], e["val_accuracy"]) for e in state.evals]
-        if after:
-            evals.append((state.step, after["val_accuracy"]))
-        plot_panels([
-            ("Bradley-Terry loss (train batches)", {"loss": (steps, [h["loss"] for h in state.history])}),
-            ("reward margin r_chosen - r_rejected", {"train batches": (steps, [h["margin"] for h in state.history])}),
-            ("preference accuracy", {"train batches": (steps, [h["accuracy"] for h in state.history]),
-                                     "validation": ([e[0] for e in evals], [e[1] for e in evals])}),
-        ], path, title)
-
-
-class _DPOMethod(_PairMethod):
-    shown = ("loss", "margin")
-
-    def __init__(self, run, model, reference, optimizer, tokenizer, data, device) -> None:
-        super().__init__(run, model, optimizer, tokenizer, data, device)
-        self.reference = reference
-        a = run.align
-        self.description = (f"DPO ({a.dpo_loss}, beta {a.beta:g}"
-                            + (f", label smoothing {a.label_smoothing:g}" if a.label_smoothing else "")
-                            + f") against a frozen copy of the starting model; {self.total_steps:,} steps of "
-                            f"{run.train.batch_size} pairs, AdamW lr {run.train.learning_rate:g}")
-
-    def step(self, step: int) -> dict[str, float]:
-        self.model.train()
-        a = self.run.align
-        loss, numbers = dpo_batch_loss(self.model, self.reference, self.next_batch(step), a.beta, a.dpo_loss,
-                                       a.label_smoothing)
-        self.update(loss, step)
-        return numbers
-
-    def evaluate(self) -> dict[str, float]:
-        numbers = evaluate_dpo(self.model, self.reference, self.batches(self.val_loader), self.run.align.beta)
-        return {"val_loss": numbers["loss"], "val_margin": numbers["margin"], "val_accuracy": numbers["accuracy"]}
-
-    def best_score(self, numbers: dict[str, float]) -> float:
-        return -numbers["val_loss"]  # the held-out DPO loss, lower is better
-
-    def measure(self) -> dict[str, float]:
-        numbers = {}
-        for split, loader in (("val", self.val_loader), ("test", self.test_loader)):
-            for key, value in evaluate_dpo(self.model, self.reference, self.batches(loader),
-                                           self.run.align.beta).items():
-                numbers[f"{split}_{key}"] = value
-        return numbers
-
-    def describe(self, numbers: dict[str, float]) -> str:
-        return (f"test pairs: implicit reward margin {numbers['test_margin']:+.3f} "
-                f"(chosen {numbers['test_chosen_reward']:+.3f}, rejected {numbers['test_rejected_reward']:+.3f}), "
-                f"ranked right {100 * numbers['test_accuracy']:.1f}%, DPO loss {numbers['test_loss']:.4f}")
-
-    def plot(self, state: AlignState, before, after, path: Path, title: str) -> None:
-        steps = [h["step"] for h in state.history]
-        evals = [(0, before["val_margin"], before["val_accuracy"])]
-        evals += [(e["step"], e["val_margin"], e["val_accuracy"]) for e in state.evals]
-        if after:
-            evals.append((state.step, after["val_margin"], after["val_accuracy"]))
-        at = [e[0] for e in evals]
-        plot_panels([
-            ("DPO loss (train batches)", {"loss": (steps, [h["loss"] for h in state.history])}),
-            ("implicit rewards (train batches)", {"chosen": (steps, [h["chosen_reward"] for h in state.history]),
-                                                  "rejected": (steps, [h["rejected_reward"] for h in state.history])}),
-            ("margin chosen - rejected", {"train batches": (steps, [h["margin"] for h in state.history]),
-                                          "validation": (at, [e[1] for e in evals])}),
-            ("pairs ranked right", {"train batches": (steps, [h["accuracy"] for h in state.history]),
-                                    "validation": (at, [e[2] for e in evals])}),
-        ], path, title)
-
-
-class _RLMethod:
-    """PPO or GRPO: rounds of sampling answers to training prompts and updating on them."""
-
-    shown = ("reward", "kl")
-
-    def __init__(self, run: RunConfig, model, reference, critic, reward_model, optimizer, tokenizer,
-                 data: AlignData, generator, device) -> None:
-        a, cfg = run.align, run.train
-        self.run, self.model, self.reference, self.critic, self.optimizer = run, model, reference, critic, optimizer
-        self.tokenizer, self.generator, self.reward_model = tokenizer, generator, reward_model
-        self.total_steps = a.iterations
-        room = model.cfg.context_length - a.max_new_tokens  # a prompt must leave room for a whole answer
-        self.dropped = 0
-        self.train_prompts, self.train_records = self.fitting(data.train, tokenizer, room)
-        self.test_prompts, self.test_records = self.fitting(data.test, tokenizer, room)
-        if len(self.train_prompts) < a.prompts_per_iteration or not self.test_prompts:
-            raise ConfigError(f"too few prompts fit the model's context of {model.cfg.context_length} tokens with "
-                              f"room for {a.max_new_tokens} answer tokens; lower max_new_tokens or start from a model "
-                              "with a longer context.")
-        # Measured: the first MEASURED_PROMPTS of each (answering one prompt at a time costs a generation each)
-        self.measured = {"held_out": (self.test_prompts[:MEASURED_PROMPTS], self.test_records[:MEASURED_PROMPTS]),
-                         "train": (self.train_prompts[:MEASURED_PROMPTS], self.train_records[:MEASURED_PROMPTS])}
-        self.settings = RLSettings(beta=a.beta, kl_estimator=a.kl_estimator, clip=a.clip, value_clip=a.value_clip,
-                                   value_coef=a.value_coef, entropy_coef=a.entropy_coef, gamma=a.gamma, lam=a.lam,
-                                   epochs=a.update_epochs, minibatch_size=a.minibatch_size, grad_clip=cfg.grad_clip,
-                                   max_new_tokens=a.max_new_tokens)
-        samples = a.prompts_per_iteration * (a.group_size if run.task == "grpo" else 1)
-        reward = "a reward model" if reward_model is not None else "exact match"
-        self.description = (
-            f"{run.task.upper()}: {a.iterations} rounds of {a.prompts_per_iteration} prompts"
-            + (f" x {a.group_size} answers" if run.task == "grpo" else "")
-            + f" ({samples} samples at temperature 1, at most {a.max_new_tokens} tokens), {a.update_epochs} pass(es) "
-            f"in minibatches of {a.minibatch_size}; reward: {reward}; "
-            + (f"KL penalty beta {a.beta:g} ({a.kl_estimator}) in the reward, value head, GAE gamma {a.gamma:g} "
-               f"lambda {a.lam:g}" if run.task == "ppo" else f"beta {a.beta:g} x KL (k3) in the loss")
-            + f"; clip {a.clip:g}; AdamW lr {cfg.learning_rate:g}"
-            + (f"; {self.dropped} prompt(s) too long for the context left out" if self.dropped else ""))
-
-    def fitting(self, records: list[dict[str, str]], tokenizer, room: int) -> tuple[list[list[int]], list[dict]]:
-        """The encoded prompts of `records` that are at most `room` tokens long, and their records."""
-        style = self.run.align.prompt_style
-        encoded = [(encode_prompt(format_prompt(r, style), tokenizer, style), r) for r in records]
-        kept = [(ids, r) for ids, r in encoded if len(ids) <= room]
-        self.dropped += len(encoded) - len(kept)
-        return [ids for ids, _ in kept], [r for _, r in kept]
-
-    def rewards_for(self, records: list[dict[str, str]]) -> Callable[[Rollout], torch.Tensor]:
-        if self.reward_model is not None:
-            return lambda rollout: reward_scores(self.reward_model, rollout.inputs, rollout.targets).float()
-        return lambda rollout: exact_match_rewards(rollout, [r["output"] for r in records])
-
-    def step(self, step: int) -> dict[str, float]:
-        a = self.run.align
-        rows = torch.randperm(len(self.train_prompts), generator=self.generator)[:a.prompts_per_iteration].tolist()
-        prompts = [self.train_prompts[i] for i in rows]
-        reward_fn = self.rewards_for([self.train_records[i] for i in rows])
-        if self.run.task == "grpo":
-            return grpo_update(self.model, self.reference, self.optimizer, prompts, self.tokenizer, reward_fn,
-                               self.settings, a.group_size, self.generator)
-        return ppo_update(self.model, self.critic, self.reference, self.optimizer, prompts, self.tokenizer,
-                          reward_fn, self.settings, self.generator)
-
-    @torch.no_grad()
-    def greedy_reward(self, prompts, records) -> float:
-        """Mean reward of the policy's greedy answers: exact-match accuracy, or the reward model's score."""
-        rollout = sample_responses(self.model, prompts, self.tokenizer, 1, self.run.align.max_new_tokens, greedy=True)
-        return self.rewards_for(records)(rollout).mean().item()
-
-    def measure(self) -> dict[str, float]:
-        return {split: self.greedy_reward(*self.measured[split]) for split in ("held_out", "train")}
-
-    evaluate = measure
-
-    def best_score(self, numbers: dict[str, float]) -> float:
-        return numbers["held_out"]  # greedy accuracy, or the reward model's mean score
-
-    def describe(self, numbers: dict[str, float]) -> str:
-        held_out, train = (len(self.measured[split][0]) for split in ("held_out", "train"))
-        if self.reward_model is not None:
-            return (f"mean reward of greedy answers: {held_out} held-out prompts {numbers['held_out']:+.3f}, "
-                    f"{train} training prompts {numbers['train']:+.3f}")
-        return (f"exact-match accuracy (greedy): {held_out} held-out problems {100 * numbers['held_out']:.1f}%, "
-                f"{train} training problems {100 * numbers['train']:.1f}%")
-
-    def plot(self, state: AlignState, before, after, path: Path, title: str) -> None:
-        steps = [h["step"] for h in state.history]
-        evals = [{"step": 0, **before}] + state.evals + ([{"step": state.step, **after}] if after else [])
-        at = [e["step"] for e in evals]
-        measured = "accuracy" if self.reward_model is None else "mean reward"
-        plot_panels([
-            ("reward of sampled answers", {"reward": (steps, [h["reward"] for h in state.history])}),
-            ("KL(policy || reference) per answer", {"k1": (steps, [h["kl"] for h in state.history])}),
-            (f"greedy {measured}", {"training prompts": (at, [e["train"] for e in evals]),
-                                    "held-out prompts": (at, [e["held_out"] for e in evals])}),
-            ("entropy and clipped share", {"entropy": (steps, [h["entropy"] for h in state.history]),
-                                           "clip fraction": (steps, [h["clip_fraction"] for h in state.history])}),
-        ], path, title, xlabel="round")
-
-
-def _make_method(task, run, model, reference, critic, reward_model, optimizer, tokenizer, data, generator, device):
-    if task == "reward":
-        return _RewardMethod(run, model, optimizer, tokenizer, data, device)
-    if task == "dpo":
-        return _DPOMethod(run, model, reference, optimizer, tokenizer, data, device)
-    return _RLMethod(run, model, reference, critic, reward_model, optimizer, tokenizer, data, generator, device)

@@ -6,7 +6,7 @@ A local web server (Flask) over the same package: the page sends a *graph* of no
          -> final norm -> output head -> training goal
 
 and every number it shows comes back from here, computed with `GPTConfig`, `GPTModel` and
-`minigpt.memory`; training is `minigpt.train.pretrain`, the code `python main.py` runs, in a
+`minigpt.memory`; training is `minigpt.task_pretrain.pretrain`, the code `python main.py` runs, in a
 background thread whose log lines stream to the page as server-sent events; chat is
 `minigpt.generation.stream_text`. The page itself (`minigpt/studio/`) is plain HTML, CSS and
 JavaScript. The graph format and the HTTP API are described in the handbook's appendix.
@@ -27,14 +27,16 @@ from typing import Any, Iterator
 
 import torch
 
-from minigpt.config import (MODEL_PRESETS, ConfigError, GPTConfig, model_config, resolve_resume_config,
-                            resolve_run_config)
+from minigpt.config import (FFNS, LR_SCHEDULES, MODEL_PRESETS, NORMS, POSITION_EMBEDDINGS, ConfigError, GPTConfig,
+                            model_config)
 from minigpt.data import NAMED_CORPORA, corpus_path, read_text
 from minigpt.generation import stream_text
 from minigpt.memory import MIB, estimate_training_memory
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer, get_tokenizer
-from minigpt.train import CHECKPOINT_NAME, StopRequest, load_model, pretrain
+from minigpt.runs import CHECKPOINT_NAME, StopRequest, load_model
+from minigpt.settings import resolve_resume_config, resolve_run_config
+from minigpt.task_pretrain import pretrain
 
 STATIC = Path(__file__).with_name("studio")   # index.html, studio.css, studio.js
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -63,7 +65,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                         "params": [_param("emb_dim", "int", 128, "width (emb_dim)", min=8, max=4096)]},
     "positional_encoding": {"label": "Positional encoding", "help": "how a token knows where it is (chapters 4, 10)",
                             "params": [_param("kind", "choice", "learned", "positions",
-                                              choices=["learned", "sinusoidal", "rope"]),
+                                              choices=list(POSITION_EMBEDDINGS)),
                                        _param("rope_base", "float", 10000.0, "RoPE base", min=2.0,
                                               when={"kind": "rope"})]},
     "transformer_block": {
@@ -72,8 +74,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                    _param("n_heads", "int", 4, "attention heads", min=1, max=128),
                    _param("n_kv_heads", "int", None, "key/value heads (empty: one per head)", min=1, max=128,
                           optional=True),
-                   _param("norm", "choice", "layernorm", "norm", choices=["layernorm", "rmsnorm"]),
-                   _param("ffn", "choice", "gelu", "feed-forward", choices=["gelu", "swiglu", "moe"]),
+                   _param("norm", "choice", "layernorm", "norm", choices=list(NORMS)),
+                   _param("ffn", "choice", "gelu", "feed-forward", choices=list(FFNS)),
                    _param("ffn_hidden", "int", None, "hidden width (empty: the default)", min=1, optional=True),
                    _param("n_experts", "int", 4, "experts", min=2, max=64, when={"ffn": "moe"}),
                    _param("moe_top_k", "int", 2, "experts per token", min=1, max=64, when={"ffn": "moe"}),
@@ -98,7 +100,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                    _param("num_epochs", "int", 1, "epochs", min=1, max=10000),
                    _param("max_steps", "int", None, "stop after steps (empty: all epochs)", min=1, optional=True),
                    _param("eval_freq", "int", 5, "evaluate every (steps)", min=1),
-                   _param("lr_schedule", "choice", "constant", "schedule", choices=["constant", "cosine"]),
+                   _param("lr_schedule", "choice", "constant", "schedule", choices=list(LR_SCHEDULES)),
                    _param("warmup_steps", "int", 0, "warm-up steps", min=0),
                    _param("grad_clip", "float", None, "gradient clip (empty: off)", min=0.0, optional=True)]},
 }

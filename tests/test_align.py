@@ -9,9 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from minigpt.config import AlignConfig, ConfigError, resolve_resume_config, resolve_run_config
-from minigpt.rlhf import align
-from minigpt.train import StopRequest, load_model
+from minigpt.config import AlignConfig, ConfigError
+from minigpt.settings import resolve_resume_config, resolve_run_config
+from minigpt.task_align import align
+from minigpt.runs import StopRequest, load_model
 
 pytestmark = pytest.mark.xdist_group("align")  # the runs share a module fixture
 
@@ -147,5 +148,5 @@ def test_alignment_settings_resolve_and_bad_ones_say_what_to_change(tmp_path, re
         align(resolve_run_config({}, {"task": "dpo", "checkpoint": str(sft), "out": str(tmp_path / "z")}))
     _, reward_dir = reward_run
     with pytest.raises(ConfigError, match="holds a reward model"):
-        from main import load_for_generation
+        from minigpt.runs import load_for_generation
         load_for_generation(resolve_run_config({}, {"task": "generate", "checkpoint": str(reward_dir)}))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from minigpt.config import (MODEL_PRESETS, ConfigError, GPTConfig, TrainConfig, model_config,
-                            resolve_resume_config, resolve_run_config)
+from minigpt.config import MODEL_PRESETS, ConfigError, GPTConfig, TrainConfig, model_config
+from minigpt.settings import resolve_resume_config, resolve_run_config
 
 
 def resolve(**settings):
@@ -141,7 +141,8 @@ def test_the_readme_documents_every_setting_and_flag():
     from dataclasses import fields
 
     from conftest import ROOT
-    from minigpt.config import MODEL_OVERRIDE_KEYS, AlignConfig, FinetuneConfig
+    from minigpt.config import AlignConfig, FinetuneConfig
+    from minigpt.settings import MODEL_OVERRIDE_KEYS
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for name in [field.name for field in fields(TrainConfig) + fields(FinetuneConfig) + fields(AlignConfig)] + MODEL_OVERRIDE_KEYS:

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import main
-from minigpt.config import GPTConfig, resolve_run_config
+from minigpt.config import GPTConfig
+from minigpt.settings import resolve_run_config
 from minigpt.evaluate import evaluate_multiple_choice, evaluate_text
 from minigpt.generation import Ensemble, beam_search, generate, generate_text, stream_text
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer
-from minigpt.train import pretrain
+from minigpt.task_pretrain import pretrain
 
 TEXT = "abcabcabdabcaabbccabcabcabdcbaabcabcabcbbacabcabca"
 

@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from minigpt.config import ConfigError, FinetuneConfig, GPTConfig, resolve_resume_config, resolve_run_config
+from minigpt.config import ConfigError, FinetuneConfig, GPTConfig
+from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.data import (balance_classes, classification_collate, format_prompt,
                           instruction_collate, read_labeled_texts, split_dataset)
 from minigpt.evaluate import rouge_l
 from minigpt.finetune import (add_classification_head, choose_trainable, classification_report, classify,
-                              finetune, grow_vocabulary)
+                              grow_vocabulary)
+from minigpt.task_finetune import finetune
 from minigpt.lora import LoRALinear
 from minigpt.model import GPTModel, save_hf_gpt2
 from minigpt.tokenizer import get_tokenizer
-from minigpt.train import StopRequest, load_model
+from minigpt.runs import StopRequest, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests run in parallel (pytest.ini); these share module-scoped runs, so they stay on one worker.

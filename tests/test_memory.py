@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from minigpt import memory
-from minigpt.config import ConfigError, TrainConfig, model_config, resolve_run_config
+from minigpt.config import ConfigError, TrainConfig, model_config
+from minigpt.settings import resolve_run_config
 from minigpt.memory import (MIB, Trial, activation_bytes_per_token, can_measure_peak, check_fits,
                             estimate_training_memory, find_micro_batch_size, measure_peak, saved_tensor_bytes,
                             step_trial)
 from minigpt.model import GPTModel
-from minigpt.train import (Distributed, StepSetup, calc_loss_batch, fit_micro_batch, make_optimizer,
-                           precision_reason, pretrain, resolve_precision, train_step)
+from minigpt.scale import Distributed, fit_micro_batch, precision_reason, resolve_precision
+from minigpt.task_pretrain import pretrain
+from minigpt.train import StepSetup, calc_loss_batch, make_optimizer, train_step
 
 CPU = torch.device("cpu")
 linux_only = pytest.mark.skipif(not can_measure_peak(CPU), reason="peak memory is measured on Linux only")
@@ -177,8 +179,8 @@ def test_batch_size_auto_picks_a_size_that_fits_a_simulated_cap_and_whose_double
     assert "auto: micro-batch 8 of 32 (4 accumulation steps)" in note and "16 no" in note
     # The chosen size trains: four micro-batches of 8 make one step of the batch of 32.
     optimizer = make_optimizer(model, settled)
-    loss = train_step(model, optimizer, [random_batch(micro) for _ in range(32 // micro)], StepSetup(CPU))
-    assert math.isfinite(loss.item())
+    result = train_step(model, optimizer, [random_batch(micro) for _ in range(32 // micro)], StepSetup(CPU))
+    assert math.isfinite(result.loss.item())
 
 
 def test_the_search_treats_running_out_of_memory_as_too_big():
@@ -253,7 +255,7 @@ def test_batch_size_auto_on_the_command_line(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size must be a whole number, None or 'auto'"):
         TrainConfig(micro_batch_size="max")
     with pytest.raises(ConfigError, match="for pretrain, classify and sft"):
-        from minigpt.rlhf import align
+        from minigpt.task_align import align
         align(resolve_run_config(dict(QUICK_MODE=True, TASK="dpo"), {"micro_batch_size": "auto",
                                                                       "out": str(tmp_path / "dpo")}))
 

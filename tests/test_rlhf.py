@@ -268,7 +268,7 @@ def test_ppo_on_a_rule_based_reward_raises_the_mean_reward_with_the_kl_bounded()
     """Reward: the share of answer bytes that are lowercase letters (about 10% for a new model)."""
     import copy
 
-    from minigpt.rlhf import RLSettings, add_reward_head, byte_tokenizer, ppo_update
+    from minigpt.rlhf import RLModels, RLSettings, add_reward_head, byte_tokenizer, ppo_update
 
     torch.set_num_threads(1)
     tokenizer = byte_tokenizer()
@@ -283,8 +283,8 @@ def test_ppo_on_a_rule_based_reward_raises_the_mean_reward_with_the_kl_bounded()
 
     settings = RLSettings(beta=0.05, epochs=2, minibatch_size=32, max_new_tokens=4)
     generator = torch.Generator().manual_seed(0)
-    logs = [ppo_update(policy, critic, reference, optimizer, prompts, tokenizer, lowercase_share, settings, generator)
-            for _ in range(25)]
+    models = RLModels(policy, reference, critic)
+    logs = [ppo_update(models, optimizer, prompts, tokenizer, lowercase_share, settings, generator) for _ in range(25)]
     first, last = [sum(log["reward"] for log in part) / 5 for part in (logs[:5], logs[-5:])]
     assert first < 0.2 and last > first + 0.3, (first, last)
     assert all(log["kl"] < 6.0 for log in logs), [round(log["kl"], 2) for log in logs]
@@ -298,7 +298,7 @@ def test_grpo_raises_the_accuracy_of_a_task_whose_answers_are_checked():
     import copy
 
     from minigpt.data import encode_prompt, format_prompt
-    from minigpt.rlhf import (RLSettings, arithmetic_records, byte_tokenizer, exact_match_accuracy,
+    from minigpt.rlhf import (RLModels, RLSettings, arithmetic_records, byte_tokenizer, exact_match_accuracy,
                               exact_match_rewards, grpo_update, sample_responses, supervised_warmup)
 
     torch.set_num_threads(1)
@@ -319,11 +319,10 @@ def test_grpo_raises_the_accuracy_of_a_task_whose_answers_are_checked():
     greedy_before, sampled_before = accuracy()
     reference = copy.deepcopy(policy).requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=2e-3, weight_decay=0.0)
-    settings = RLSettings(beta=0.01, epochs=1, minibatch_size=100, max_new_tokens=3)
+    settings = RLSettings(beta=0.01, epochs=1, minibatch_size=100, max_new_tokens=3, group_size=8)
     check = lambda rollout: exact_match_rewards(rollout, answers)  # noqa: E731  (every prompt, every round)
     for _ in range(30):
-        grpo_update(policy, reference, optimizer, prompts, tokenizer, check, settings, group_size=8,
-                    generator=generator)
+        grpo_update(RLModels(policy, reference), optimizer, prompts, tokenizer, check, settings, generator)
     greedy_after, sampled_after = accuracy()
     assert greedy_after > greedy_before, (greedy_before, greedy_after)
     assert sampled_after >= sampled_before + 0.1, (sampled_before, sampled_after)

@@ -13,13 +13,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import ROOT
-from minigpt.config import ConfigError, GPTConfig, TrainConfig, resolve_resume_config, resolve_run_config
+from minigpt.config import ConfigError, GPTConfig, TrainConfig
+from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.data import (GPTDataset, SeededSampler, TokenFile, corpus_files, create_dataloader, iter_text_pieces,
                           read_token_files, token_folder, write_token_files)
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from minigpt.train import (StepSetup, autocast, compile_model, learning_rate_at, load_checkpoint,
-                           pretrain, resolve_precision, train_step)
+from minigpt.runs import load_checkpoint
+from minigpt.scale import autocast, compile_model, resolve_precision
+from minigpt.task_pretrain import pretrain
+from minigpt.train import StepSetup, learning_rate_at, train_step
 
 # A character-level run small enough to launch several times: no dropout unless a test adds it.
 SMALL = dict(
@@ -60,9 +63,9 @@ def test_four_micro_batches_make_the_same_step_as_one_batch_of_four_times_the_si
     whole, parts = tiny_model(), tiny_model()
     setup = StepSetup(torch.device("cpu"))
     loss_whole = train_step(whole, torch.optim.SGD(whole.parameters(), lr=0.5), [(inputs, targets)], setup,
-                            grad_clip=1.0)
+                            grad_clip=1.0).loss
     micro = [(inputs[i:i + 2], targets[i:i + 2]) for i in range(0, 8, 2)]
-    loss_parts = train_step(parts, torch.optim.SGD(parts.parameters(), lr=0.5), micro, setup, grad_clip=1.0)
+    loss_parts = train_step(parts, torch.optim.SGD(parts.parameters(), lr=0.5), micro, setup, grad_clip=1.0).loss
     assert loss_parts.item() == pytest.approx(loss_whole.item(), abs=1e-6)
     for (name, a), b in zip(whole.named_parameters(), parts.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=0), name
@@ -129,8 +132,8 @@ def test_batch_must_split_evenly_between_processes_and_micro_batches():
 RUN_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from minigpt.config import resolve_resume_config, resolve_run_config
-from minigpt.train import pretrain
+from minigpt.settings import resolve_resume_config, resolve_run_config
+from minigpt.task_pretrain import pretrain
 settings, cli = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 if "resume" in cli:
     saved = json.loads(open(cli["resume"] + "/config.json").read())

@@ -233,7 +233,7 @@ def test_no_judge_is_reported_not_raised(dead_url, capsys):
 
 def test_a_fine_tuning_run_attaches_judge_scores_to_its_answers(fake_judge, dead_url, capsys):
     from minigpt.config import FinetuneConfig
-    from minigpt.finetune import score_responses
+    from minigpt.task_finetune import score_responses
 
     answered = [{"instruction": "Name a primary color.", "input": "", "output": "Red.", "model_response": "Red"},
                 {"instruction": "Add 2 and 3.", "input": "", "output": "5", "model_response": "six"}]

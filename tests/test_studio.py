@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import main
-from minigpt.config import (MODEL_PRESETS, GPTConfig, model_config, resolve_resume_config, resolve_run_config,
-                            settings_from_module)
+from minigpt.config import MODEL_PRESETS, GPTConfig, model_config
+from minigpt.settings import resolve_resume_config, resolve_run_config, settings_from_module
 from minigpt.model import GPTModel
 from minigpt.studio import MAX_UPLOAD_BYTES, create_app, presets
-from minigpt.train import pretrain
+from minigpt.task_pretrain import pretrain
 
 pytestmark = pytest.mark.xdist_group("studio")
 

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt.config import ConfigError, TrainConfig, resolve_resume_config, resolve_run_config
+from minigpt.config import ConfigError, TrainConfig
+from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.model import GPTModel
 from minigpt.tokenizer import BPETokenizer
-from minigpt.train import (calc_loss_batch, choose_run_dir, learning_rate_at, load_checkpoint,
-                           load_model, pretrain)
+from minigpt.runs import choose_run_dir, load_checkpoint, load_model
+from minigpt.task_pretrain import pretrain
+from minigpt.train import calc_loss_batch, learning_rate_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,7 +142,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path, text_file):
     _, _, straight, _ = pretrain(tiny_run(tmp_path, "straight", text_file))
 
     script = ("import json, sys; sys.path.insert(0, sys.argv[1]);"
-              "from minigpt.config import resolve_run_config; from minigpt.train import pretrain;"
+              "from minigpt.settings import resolve_run_config; from minigpt.task_pretrain import pretrain;"
               "pretrain(resolve_run_config(json.loads(sys.argv[2]), json.loads(sys.argv[3])))")
     run_dir = tmp_path / "interrupted"
     cli = {"out": str(run_dir), "data": str(text_file)}

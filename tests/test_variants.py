@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from minigpt.blocks import AdaptiveDepth
-from minigpt.config import ConfigError, GPTConfig, resolve_run_config
+from minigpt.config import ConfigError, GPTConfig
+from minigpt.settings import resolve_run_config
 from minigpt.generation import generate
 from minigpt.model import GPTModel
-from minigpt.train import pretrain, train_model
+from minigpt.task_pretrain import pretrain, train_model
 
 BASE = GPTConfig(vocab_size=61, context_length=16, emb_dim=32, n_heads=4, n_layers=3, drop_rate=0.0)
 
@@ -98,15 +99,13 @@ def logit(p):
 
 def test_ponder_cost_and_halting_weights_on_hand_built_cases():
     # h = 0.3 then 0.5: 0.8 < 0.99, so every token runs all 3 blocks; the last gets R = 0.2.
-    model = halting_model([logit(0.3), logit(0.5)])
-    model(ids())
-    assert torch.allclose(model.depth, torch.full((2, 12), 3.0))
-    assert model.aux_loss.item() == pytest.approx(0.01 * (3 + 0.2), abs=1e-6)
+    output = halting_model([logit(0.3), logit(0.5)])(ids(), details=True)
+    assert torch.allclose(output.depth, torch.full((2, 12), 3.0))
+    assert output.aux_loss.item() == pytest.approx(0.01 * (3 + 0.2), abs=1e-6)
     # h = 0.3 then 0.75: 1.05 >= 0.99, so every token stops after block 2 with R = 0.7.
-    model = halting_model([logit(0.3), logit(0.75)])
-    model(ids())
-    assert torch.allclose(model.depth, torch.full((2, 12), 2.0))
-    assert model.aux_loss.item() == pytest.approx(0.01 * (2 + 0.7), abs=1e-6)
+    output = halting_model([logit(0.3), logit(0.75)])(ids(), details=True)
+    assert torch.allclose(output.depth, torch.full((2, 12), 2.0))
+    assert output.aux_loss.item() == pytest.approx(0.01 * (2 + 0.7), abs=1e-6)
 
 
 def input_dependent_halting_model():
@@ -138,7 +137,7 @@ def test_a_unit_that_always_halts_after_the_first_block_is_the_one_block_model()
                                                                                   "trf_blocks.2"))}
     one_block.load_state_dict(state)
     assert torch.equal(model(ids()), one_block(ids()))
-    assert torch.equal(model.depth, torch.ones(2, 12))
+    assert torch.equal(model(ids(), details=True).depth, torch.ones(2, 12))
 
 
 def test_halting_decodes_the_same_with_and_without_the_kv_cache():
@@ -161,7 +160,8 @@ def test_the_variant_presets_train_in_quick_mode(preset, tmp_path, verdict_text)
     model, _, metrics, _ = pretrain(run)
     assert metrics["val_losses"][-1] < metrics["val_losses"][0] - 1.0, metrics["val_losses"]
     if model.cfg.halting:
-        assert model.depth is not None and 1 <= model.depth.mean() <= model.cfg.n_layers
+        depth = model(torch.randint(model.cfg.vocab_size, (1, 16)), details=True).depth
+        assert 1 <= depth.mean() <= model.cfg.n_layers
 
 
 def test_train_model_trains_on_a_bilingual_text_and_round_trips_the_chinese(tmp_path):

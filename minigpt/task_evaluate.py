@@ -1,0 +1,49 @@
+"""The evaluate pipeline behind `python main.py --task evaluate`: a model's loss, perplexity, bits
+per byte and next-token accuracy on a text, and multiple-choice accuracy (HellaSwag style),
+written to evaluation.json and evaluation.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from minigpt.config import RunConfig
+from minigpt.data import corpus_path, read_text
+from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown, write_report
+from minigpt.generation import Ensemble
+from minigpt.runs import load_for_generation
+
+
+def run_evaluate(run: RunConfig) -> None:
+    """Loss, perplexity, bits per byte and next-token accuracy on a text, and multiple-choice accuracy
+    (HellaSwag style) if asked; the report goes to evaluation.json and evaluation.md."""
+    model, tokenizer, source, _ = load_for_generation(run)  # the models generate reads, ensembles included
+    device = next(model.parameters()).device
+    path = corpus_path(run.data)
+    print(f"minigpt | evaluate | {source} | text {path}", file=sys.stderr)
+    text = read_text(path)
+    items = load_multiple_choice(run.choices)[:run.limit] if run.choices else None
+    max_length = min(model.cfg.context_length, 1024)  # an ensemble's members all read the same windows
+
+    def scores(scored) -> dict:
+        result = {"text": {"file": str(path), **evaluate_text(scored, tokenizer, text, max_length, batch_size=4,
+                                                               device=device)}}
+        if items is not None:
+            result["multiple_choice"] = {"file": run.choices, **evaluate_multiple_choice(scored, tokenizer, items,
+                                                                                         device)}
+        return result
+
+    report = {"model": source, **scores(model)}
+    if isinstance(model, Ensemble):  # each member beside the ensemble
+        report["weights"] = model.weights
+        report["members"] = [{"model": checkpoint, **scores(member)}
+                             for checkpoint, member in zip([run.checkpoint, *run.ensemble], model.models)]
+    if run.out:
+        out = Path(run.out)
+    elif run.ensemble:  # its own directory, not one member's
+        out = Path("runs") / "-".join(["evaluate-ensemble"] + [Path(c).name for c in [run.checkpoint, *run.ensemble]])
+    else:
+        out = Path(run.checkpoint) if run.checkpoint else Path("runs") / f"evaluate-{Path(run.pretrained).name}"
+    paths = write_report(report, out)
+    print(report_markdown(report))
+    print(f"wrote {paths[0]} and {paths[1]}")

@@ -1,0 +1,416 @@
+"""The pretraining pipeline, what `python main.py` runs: settings -> start point (new weights, or
+a checkpoint to resume) -> data (a text tokenized in memory, or token files on disk for a large
+corpus) -> model -> `make_optimizer` -> `train_loop` -> the final evaluation -> the run's files.
+
+Started by `torchrun --nproc_per_node=N`, it is one of N data-parallel processes: each trains on
+its share of every batch, and only rank 0 prints and writes files. `train_model` is the same
+pipeline for a script or a notebook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
+                            check_max_length, did_you_mean, model_config)
+from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample, create_dataloader,
+                          is_large_corpus, read_text, read_token_files, split_text, token_folder, write_token_files)
+from minigpt.generation import generate_text, text_to_token_ids
+from minigpt.model import GPTModel
+from minigpt.plot import plot_losses
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, StopRequest, choose_run_dir, device_row,
+                          load_checkpoint, make_metrics, optimizer_row, pick_device, print_rows, print_summary,
+                          restore_training, rng_states, run_dir_row, save_checkpoint, save_weights, speed_row,
+                          write_config, write_json)
+from minigpt.scale import (Distributed, ScaledSetup, fit_micro_batch, micro_batch_size, resolve_precision,
+                           scaled_setup, start_distributed)
+from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
+from minigpt.train import Loaders, LoopEvents, TrainState, evaluate_model, make_optimizer, planned_steps, train_loop
+
+# A BPE trained for a large corpus learns from its first this many characters.
+BPE_SAMPLE_CHARS = 10_000_000
+# The final evaluation of a token-file corpus reads this many batches (of batch_size windows) of each split.
+FINAL_EVAL_BATCHES = 200
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """The training data, tokenized: ids in memory for a small text, token files for a large one."""
+
+    tokenizer: Any
+    train_ids: list[int] | TokenFile
+    val_ids: list[int] | TokenFile
+    fingerprint: str        # identifies the data, so a resumed run can check it is the same
+    description: str        # the header's "data" line
+    tokenizer_note: str     # the header's "tokenizer" line
+    on_disk: bool           # token files (random windows by default) rather than a list
+
+
+def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed) -> Corpus:
+    """Read and tokenize `run.data`, building the tokenizer first unless a resumed run brings its own."""
+    path = corpus_path(run.data)
+    if is_large_corpus(path):
+        return _prepare_token_files(run, path, checkpoint, world)
+    text = read_text(path)
+    fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    train_text, val_text = split_text(text, train_ratio=0.9)
+    started = time.perf_counter()
+    if checkpoint is not None:
+        tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
+    else:
+        # A trained BPE learns from the training split only, so validation text stays unseen;
+        # a character vocabulary needs every character of both splits to encode them.
+        tokenizer = _build_tokenizer(run, train_text if run.tokenizer == "train" else text)
+    note = describe_tokenizer(tokenizer, run, time.perf_counter() - started, resumed=checkpoint is not None)
+    # "<|endoftext|>" written in the corpus separates documents: encode it as its token.
+    train_ids = tokenizer.encode(train_text, allowed_special="all")
+    val_ids = tokenizer.encode(val_text, allowed_special="all")
+    description = (f"{path.name}: {len(text):,} characters, {len(train_ids) + len(val_ids):,} tokens "
+                   f"({tokenizer.name}); train {len(train_ids):,} / validation {len(val_ids):,} tokens")
+    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=False)
+
+
+def _prepare_token_files(run: RunConfig, path: Path, checkpoint: dict[str, Any] | None,
+                         world: Distributed) -> Corpus:
+    """Tokenize a large corpus once into token files (rank 0 writes, the others wait), or reuse them."""
+    files = corpus_files(path)
+    request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
+    folder = token_folder(files, f"{request}-{run.bpe_vocab_size}" if request == "train" else request)
+    started = time.perf_counter()
+    reused = read_token_files(folder) is not None
+    if world.is_main and not reused:
+        if checkpoint is not None:
+            tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
+        elif run.tokenizer == "char":
+            tokenizer = _build_tokenizer(run, corpus_characters(files))
+        else:
+            tokenizer = _build_tokenizer(run, corpus_sample(files, BPE_SAMPLE_CHARS))
+        write_token_files(files, tokenizer, folder)
+    if world.active:
+        dist.barrier()
+    train_ids, val_ids, meta = read_token_files(folder)
+    tokenizer = tokenizer_from_spec(meta["tokenizer_spec"])
+    seconds = time.perf_counter() - started
+    note = describe_tokenizer(tokenizer, run, 0.0, resumed=checkpoint is not None)
+    if run.tokenizer == "train" and checkpoint is None:
+        note += f" (learned from the corpus's first {BPE_SAMPLE_CHARS:,} characters)"
+    listing = [(str(f.resolve()), f.stat().st_size) for f in files]
+    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    how = f"reused from {folder}" if reused else f"written to {folder} in {seconds:.1f} s"
+    description = (f"{path.name}: {len(files):,} file(s), {meta['bytes'] / 2**20:,.1f} MiB, "
+                   f"{meta['train_tokens'] + meta['val_tokens']:,} tokens ({tokenizer.name}); train "
+                   f"{meta['train_tokens']:,} / validation {meta['val_tokens']:,} tokens; token files {how}")
+    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=True)
+
+
+def _build_tokenizer(run: RunConfig, text: str):
+    try:
+        return get_tokenizer(run.tokenizer, text=text, vocab_size=run.bpe_vocab_size)
+    except ConfigError as err:
+        if run.tokenizer != "train":
+            raise
+        raise ConfigError(f"training a BPE of BPE_VOCAB_SIZE (or --vocab-size) = {run.bpe_vocab_size} "
+                          f"tokens on the training split: {err}") from None
+
+
+def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool) -> str:
+    """One line for the header: which tokenizer, its size, and where it came from."""
+    size = f"{tokenizer.vocab_size:,} tokens"
+    if resumed:
+        return f"{tokenizer.name}, {size} (the run's own, from its checkpoint)"
+    if tokenizer.name == "gpt2":
+        return f"gpt2 (GPT-2's BPE through tiktoken), {size}"
+    if tokenizer.name == "char":
+        return f"char (the text's distinct characters), {size}"
+    if tokenizer.source == "gpt2":
+        return f"bpe (minigpt's BPE with GPT-2's vocabulary), {size}"
+    where = "trained on the training split" if run.tokenizer == "train" else f"loaded from {run.tokenizer}"
+    return (f"bpe {where} in {seconds:.2f} s: {size} ({len(tokenizer.merges):,} merges), "
+            f"saved as {TOKENIZER_NAME}")
+
+
+def make_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int) -> tuple[Loaders, bool]:
+    """Shuffled training batches (this process's share, in micro-batches) and the evaluation windows of
+    both splits; and whether training reads random windows (token files) instead of sliding ones."""
+    random_windows = cfg.sampling == "random" or (cfg.sampling == "auto" and corpus.on_disk)
+    shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=seed)
+    micro = micro_batch_size(cfg, world)
+    per_batch = cfg.batch_size // micro  # evaluations read eval_iter batches of batch_size windows, in micro-batches
+    evaluation = dict(batch_size=micro, shuffle=False, drop_last=False, **shape)
+    loaders = Loaders(
+        train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
+                                rank=world.rank, world_size=world.world_size, random_windows=random_windows,
+                                shuffle=True, drop_last=True, name="the training split (90%)", **shape),
+        train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
+        val=create_dataloader(corpus.val_ids, name="the validation split (10%)", **evaluation),
+        accumulation=cfg.batch_size // (micro * world.world_size), eval_batches=cfg.eval_iter * per_batch)
+    return loaders, random_windows
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------
+
+def pretrain(run: RunConfig, stop: StopRequest | None = None,
+             on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+    """Train a GPT as `run` says, writing the run directory; returns (model, tokenizer, metrics, dir).
+
+    `stop` lets a caller ask the run to stop and save (the studio's Stop button; Ctrl-C does it
+    too); `on_event(event)` receives the start, each log line and each sample as a dict.
+    """
+    checkpoint = load_checkpoint(run.resume) if run.resume else None
+    world, device = start_distributed(pick_device(run.device))
+    try:
+        return _pretrain(run, checkpoint, world, device, _Hooks(stop or StopRequest(), on_event))
+    finally:
+        if world.active:
+            dist.destroy_process_group()
+
+
+@dataclass
+class _Hooks:
+    stop: StopRequest
+    on_event: Callable[[dict[str, Any]], None] | None
+
+
+def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed, device: torch.device,
+              hooks: _Hooks) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+    run_dir = choose_run_dir(run)
+    torch.manual_seed(run.seed)
+    corpus = prepare_corpus(run, checkpoint, world)
+    if checkpoint is not None and checkpoint["data_sha256"] != corpus.fingerprint:
+        raise ConfigError(f"the training text differs from the one the run in {run_dir} started "
+                          "with; resume with the same --data, or start a new run.")
+    tokenizer = corpus.tokenizer
+    run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
+    _check_start_context(run.train.start_context, tokenizer)
+    model = GPTModel(run.model).to(device)
+    optimizer = make_optimizer(model, run.train)
+
+    def random_windows_of(size: int) -> tuple[torch.Tensor, torch.Tensor]:  # a micro-batch's shape, for the memory trials
+        ids = torch.randint(tokenizer.vocab_size, (size, run.train.max_length), device=device)
+        return ids, ids
+
+    cfg, memory_note = fit_micro_batch(model, run.train, world, device, resolve_precision(run.train.precision, device),
+                                       random_windows_of, run.train.max_length)
+    run = replace(run, train=cfg)
+    loaders, random_windows = make_loaders(corpus, cfg, world, run.seed)
+    # A token file may hold billions of tokens: the final evaluation then reads a fixed sample.
+    final_eval_batches = max(cfg.eval_iter, FINAL_EVAL_BATCHES) * (cfg.batch_size // micro_batch_size(cfg, world)) \
+        if corpus.on_disk else None
+    total_steps = planned_steps(cfg, loaders.train.sampler.steps_per_epoch)
+    setup, compile_note = scaled_setup(model, cfg, device, world)
+    state = _restore_or_seed(checkpoint, model, optimizer, setup, run, run_dir, total_steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(tokenizer, BPETokenizer) and tokenizer.source != "gpt2":
+            tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
+        header = _Header(corpus, loaders, total_steps, random_windows, final_eval_batches, memory_note,
+                         compile_note, optimizer.defaults.get("fused", False))
+        print_header(run, model, setup, state, run_dir, header)
+        if hooks.on_event is not None:
+            hooks.on_event({"type": "start", "run_dir": str(run_dir), "total_steps": total_steps,
+                            "steps_per_epoch": loaders.train.sampler.steps_per_epoch, "step": state.global_step,
+                            "parameters": model.num_parameters(), "memory": memory_note})
+    files = _RunFiles(run_dir, run, model, optimizer, state, setup, corpus, compile_note)
+    with hooks.stop as stop:
+        events = LoopEvents(should_stop=lambda: stop.requested, epoch_end=lambda: files.save(completed=False),
+                            best=files.save_best, epoch_note=_sample_note(model, tokenizer, cfg.start_context),
+                            on_event=hooks.on_event if world.is_main else None)
+        completed = train_loop(model, optimizer, loaders, cfg, state, setup, events, run.log_every)
+    final = None
+    if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
+        with setup.autocast():
+            final = evaluate_model(model, loaders.train_eval, loaders.val, device, final_eval_batches)
+    metrics = files.save(completed, final)
+    if world.is_main:
+        print_summary(metrics, run_dir, completed)
+    return model, tokenizer, metrics, run_dir
+
+
+def _check_start_context(start_context: str, tokenizer) -> None:
+    """The per-epoch sample must not fail after an epoch of training: check its prompt now."""
+    try:
+        text_to_token_ids(start_context, tokenizer)
+    except ConfigError as err:
+        raise ConfigError(f"start_context {start_context!r} cannot be encoded: {err} "
+                          "Or set custom_params['start_context'] to text from the corpus.") from None
+
+
+def _restore_or_seed(checkpoint: dict[str, Any] | None, model: GPTModel, optimizer: torch.optim.Optimizer,
+                     setup: ScaledSetup, run: RunConfig, run_dir: Path, total_steps: int) -> TrainState:
+    """A resumed run's state (weights, moments, random state); a new run's, with each process its own seed."""
+    if checkpoint is None:
+        if setup.world.active:
+            torch.manual_seed(run.seed + setup.world.rank)  # each process its own dropout draws
+        return TrainState()
+    restore_training(checkpoint, model, optimizer, setup)
+    state = TrainState(**checkpoint["state"])
+    if state.epoch >= run.train.num_epochs or state.global_step >= total_steps:
+        raise ConfigError(f"the run in {run_dir} already finished {state.global_step} steps "
+                          f"({state.epoch} epochs); raise --epochs (or --max-steps, if it set "
+                          "one) to train it further.")
+    return state
+
+
+def _sample_note(model: GPTModel, tokenizer, start_context: str) -> Callable[[int], tuple[str, dict[str, Any]]]:
+    """After each epoch: a greedy continuation of `start_context`."""
+    def note(epoch: int) -> tuple[str, dict[str, Any]]:
+        text = generate_text(model, tokenizer, start_context, max_new_tokens=50)
+        return f"sample after epoch {epoch}: {text!r}", {"text": text}
+    return note
+
+
+class _RunFiles:
+    """The run directory's files: checkpoint.pt, best.pt, config.json, metrics.json and the loss plot."""
+
+    def __init__(self, run_dir: Path, run: RunConfig, model: GPTModel, optimizer: torch.optim.Optimizer,
+                 state: TrainState, setup: ScaledSetup, corpus: Corpus, compile_note: str) -> None:
+        self.run_dir, self.run, self.model, self.optimizer = run_dir, run, model, optimizer
+        self.state, self.setup, self.corpus, self.compile_note = state, setup, corpus, compile_note
+        self.extra = {"tokenizer_spec": corpus.tokenizer.spec(), "data_sha256": corpus.fingerprint}
+
+    def save(self, completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
+        rng = rng_states(self.setup.world)  # every process takes part in gathering the random states
+        metrics = make_metrics(self.state, self.model, completed, final, self.run, self.setup, self.compile_note)
+        if self.setup.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.model, self.optimizer, self.state, self.run,
+                            self.extra, rng, self.setup.scaler)
+            write_run_files(self.run_dir, self.run, metrics, self.extra, len(self.corpus.train_ids),
+                            len(self.corpus.val_ids))
+        return metrics
+
+    def save_best(self) -> None:
+        if self.setup.is_main:
+            save_weights(self.run_dir / BEST_NAME, self.model, self.run, self.extra)
+
+
+def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extra: dict[str, Any],
+                    train_tokens: int, val_tokens: int) -> None:
+    """config.json (enough to rebuild and rerun), metrics.json, and the loss plot."""
+    config = {"data_path": str(corpus_path(run.data).resolve()), **extra,
+              "train_tokens": train_tokens, "val_tokens": val_tokens}
+    if "saved" in config["tokenizer_spec"]:  # a BPE's merges: in the checkpoint and tokenizer.bpe
+        config["tokenizer_spec"] = {"name": "bpe", "file": TOKENIZER_NAME}
+    write_config(run_dir, run, config)
+    write_json(run_dir / "metrics.json", metrics)
+    if metrics["batch_losses"]:
+        final = None
+        if metrics["completed"]:
+            final = (metrics["steps"], metrics["final_train_loss"], metrics["final_val_loss"])
+        plot_losses(metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"],
+                    run_dir / "training_losses.png", batch_losses=metrics["batch_losses"],
+                    tokens_per_step=run.train.batch_size * run.train.max_length, final=final,
+                    title=f"{run.task}, {run.mode} mode ({run.model_name})")
+
+
+@dataclass
+class _Header:
+    """What the pretraining header shows beside the run's settings."""
+
+    corpus: Corpus
+    loaders: Loaders
+    total_steps: int
+    random_windows: bool
+    final_eval_batches: int | None
+    memory_note: str
+    compile_note: str
+    fused: bool
+
+
+def print_header(run: RunConfig, model: GPTModel, setup: ScaledSetup, state: TrainState, run_dir: Path,
+                 header: _Header) -> None:
+    """The lines before the first step: device, speed, model, data, batches, schedule, memory, evaluation."""
+    cfg, m = run.train, run.model
+    micro = micro_batch_size(cfg, setup.world)
+    split = "" if header.loaders.accumulation == 1 and not setup.world.active else (
+        f" = {micro} per micro-batch x {header.loaders.accumulation} accumulation step(s) x "
+        f"{setup.world.world_size} process(es)")
+    windows = "random windows" if header.random_windows else f"sliding windows, stride {cfg.stride}"
+    final = header.final_eval_batches
+    print_rows(f"minigpt | {run.task} | {run.mode} mode", [
+        ("device", device_row(setup, cfg)),
+        ("speed", speed_row(setup, cfg, header.compile_note, header.fused)),
+        ("model", f"{run.model_name}: {m.n_layers} layers, {m.n_heads} heads, emb_dim {m.emb_dim}, "
+                  f"context {m.context_length}, vocab {m.vocab_size:,}, dropout {m.drop_rate}, "
+                  f"qkv_bias {m.qkv_bias}, tied head {m.tie_weights}"
+                  f"{'' if m.bias else ', no other biases'}{', exact GELU' if m.activation == 'gelu' else ''}"
+                  f"{'; ' + m.architecture() if m.architecture() else ''}"),
+        ("parameters", f"{model.num_parameters():,} ({model.num_parameters(exclude_output_head=True):,} "
+                       f"without the output head); {model.parameter_memory_bytes() / 2**20:,.1f} MiB in fp32"),
+        ("tokenizer", header.corpus.tokenizer_note),
+        ("data", header.corpus.description),
+        ("batches", f"{cfg.batch_size} x {cfg.max_length} tokens per step{split}; {windows}; "
+                    f"{header.loaders.train.sampler.steps_per_epoch:,} steps per epoch"),
+        ("training", optimizer_row(cfg, header.total_steps)),
+        ("memory", header.memory_note),
+        ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split, at the end on "
+                       f"{'every window' if final is None else f'{final * micro:,} windows'}; "
+                       f"sample from {cfg.start_context!r} each epoch"),
+        ("seed", str(run.seed)),
+        ("run directory", run_dir_row(run_dir, state.global_step)),
+    ])
+
+
+# ---------------------------------------------------------------------------------------
+# From a script or a notebook
+# ---------------------------------------------------------------------------------------
+
+def train_model(texts: list[str] | None = None, data: str | None = None, model: str = "gpt-mini",
+                epochs: int = 1, batch_size: int = 8, learning_rate: float = 4e-4, out: str | None = None,
+                **overrides: Any) -> tuple[GPTModel, Any, dict[str, Any]]:
+    """Pretrain from a script or a notebook: `pretrain`, with the loop, run directory and
+    validation split `python main.py` uses; returns (model, tokenizer, metrics).
+
+    `texts` are strings to train on (joined by blank lines and written to texts.txt beside the
+    run), or `data` names a file or a corpus ("the-verdict", "tinyshakespeare"). `model` is a
+    preset; `overrides` set any GPTConfig field (emb_dim=64, attn_tau=True ...) or TrainConfig
+    field (max_length=32, max_steps=100 ...) by name, and `device`, `seed` (default 123),
+    `tokenizer` ("gpt2", "char", "train": a BPE learned from the text, with bpe_vocab_size=...;
+    or a saved BPE file). Every tokenizer works on bytes or characters, so any language,
+    mixed ones included, round-trips.
+    """
+    if (texts is None) == (data is None):
+        raise ConfigError("give train_model either texts=[...] (strings) or data=\"file.txt\", not both or neither.")
+    if model not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset {model!r}; pick one of {', '.join(MODEL_PRESETS)}."
+                          f"{did_you_mean(model, list(MODEL_PRESETS))}")
+    run_values = {key: overrides.pop(key) for key in ("device", "seed", "tokenizer", "bpe_vocab_size")
+                  if key in overrides}
+    model_fields, train_fields = set(GPTConfig.__dataclass_fields__) - {"vocab_size"}, set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(overrides) - model_fields - train_fields)
+    if unknown:
+        raise ConfigError(f"train_model has no setting {unknown[0]!r}: give a GPTConfig or TrainConfig field."
+                          f"{did_you_mean(unknown[0], sorted(model_fields | train_fields))}")
+    cfg = model_config(model, **{k: v for k, v in overrides.items() if k in model_fields})
+    train = {k: v for k, v in overrides.items() if k in train_fields}
+    train.setdefault("max_length", min(cfg.context_length, 128))
+    train.setdefault("stride", train["max_length"])
+    run = RunConfig(task="pretrain", mode="custom", model_name=model, model=cfg,
+                    train=TrainConfig(num_epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, **train),
+                    data=data, out=out, **{"tokenizer": "gpt2", "bpe_vocab_size": 1024, "seed": 123, **run_values})
+    check_max_length(run.train, cfg, "lower max_length or raise context_length.")
+    run_dir = choose_run_dir(run)
+    if texts is not None:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not "".join(texts).strip():
+            raise ConfigError("texts must be a list of non-empty strings, e.g. texts=[\"first document\", ...].")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "texts.txt"
+        path.write_text("\n\n".join(texts), encoding="utf-8")
+        run = replace(run, data=str(path))
+    model_out, tokenizer_out, metrics, _ = pretrain(replace(run, out=str(run_dir)))
+    return model_out, tokenizer_out, metrics
