@@ -150,3 +150,70 @@ def test_alignment_settings_resolve_and_bad_ones_say_what_to_change(tmp_path, re
     with pytest.raises(ConfigError, match="holds a reward model"):
         from minigpt.runs import load_for_generation
         load_for_generation(resolve_run_config({}, {"task": "generate", "checkpoint": str(reward_dir)}))
+
+
+# ---------------------------------------------------------------------------------------
+# Alignment means by every setting what pretraining means by it
+# ---------------------------------------------------------------------------------------
+
+def small_dpo(tmp_path, preference_file, name, **cli):
+    return resolve_run_config({"LOG_EVERY": cli.pop("log_every", 1000)},
+                              {"task": "dpo", "data": str(preference_file), "out": str(tmp_path / name),
+                               "max_steps": 3, "eval_freq": 2, **SMALL, **cli})
+
+
+def test_alignment_builds_its_optimizer_as_make_optimizer_does(tmp_path, preference_file):
+    """beta1, beta2 and the weight-decay groups (matrices decay, biases and norm gains do not) of the
+    run's settings, as make_optimizer gives every other task: the reference is make_optimizer itself."""
+    from minigpt.train import make_optimizer
+
+    settings = {"QUICK_MODE": False, "CUSTOM_MODE": True, "INIT": "scratch", "MODEL": "gpt-nano",
+                "custom_params": {"beta1": 0.8, "beta2": 0.95, "weight_decay": 0.05, "max_length": 64,
+                                  "batch_size": 8, "model_overrides": {"context_length": 64}}}
+    run = resolve_run_config(settings, {"task": "dpo", "data": str(preference_file), "out": str(tmp_path / "opt"),
+                                        "max_steps": 2, "seed": 3})
+    model, _, _, out = align(run)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    expected = make_optimizer(model, run.train).state_dict()["param_groups"]
+    assert [(g["betas"], g["weight_decay"], len(g["params"])) for g in saved] == \
+        [(g["betas"], g["weight_decay"], len(g["params"])) for g in expected]
+    assert [tuple(g["betas"]) for g in saved] == [(0.8, 0.95)] * 2 and [g["weight_decay"] for g in saved] == [0.05, 0.0]
+    assert len(saved[1]["params"]) == sum(p.dim() < 2 for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_alignment_trains_in_the_precision_it_is_given(tmp_path, preference_file, monkeypatch, precision):
+    """The steps and evaluations run under autocast at the run's precision; fp16 adds a gradient
+    scaler, saved with the checkpoint so that a resumed run continues with its scale."""
+    import minigpt.scale
+
+    entered = []
+    original = minigpt.scale.autocast
+    monkeypatch.setattr(minigpt.scale, "autocast", lambda p, d: entered.append(p) or original(p, d))
+    _, _, metrics, out = align(small_dpo(tmp_path, preference_file, precision, precision=precision))
+    assert metrics["precision"] == precision and entered.count(precision) >= 3  # 3 steps, an evaluation, ...
+    scaler = torch.load(out / "checkpoint.pt", weights_only=True)["scaler"]
+    assert (scaler is not None and scaler["scale"] > 0) == (precision == "fp16")
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in metrics["history"])
+
+
+def test_alignment_prints_a_line_every_log_every_steps(tmp_path, preference_file, capsys):
+    align(small_dpo(tmp_path, preference_file, "every-1", log_every=1))
+    every_step = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "lr" in line]
+    align(small_dpo(tmp_path, preference_file, "every-1000", log_every=1000))
+    rare = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "lr" in line]
+    assert [line.split()[1] for line in every_step] == ["1", "2", "3"] and rare == []
+    assert "loss" in every_step[0] and "margin" in every_step[0]
+
+
+def test_settings_an_alignment_task_cannot_honour_are_refused_before_any_model_exists():
+    with pytest.raises(ConfigError, match="DPO's beta must be positive, got 0.0"):
+        resolve_run_config({}, {"task": "dpo", "beta": 0.0})
+    assert resolve_run_config({}, {"task": "grpo", "beta": 0.0}).align.beta == 0.0  # GRPO: no leash, allowed
+    with pytest.raises(ConfigError, match="drop --compile"):
+        resolve_run_config({}, {"task": "ppo", "compile": True})
+    assert resolve_run_config({}, {"task": "dpo", "compile": True}).train.compile
+    with pytest.raises(ConfigError, match="trains on whole batches"):
+        resolve_run_config({}, {"task": "reward", "micro_batch_size": "auto"})
+    with pytest.raises(ConfigError, match="drop --sampling"):
+        resolve_run_config({}, {"task": "sft", "sampling": "random"})
