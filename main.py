@@ -60,7 +60,99 @@ def whole_number_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
 
 
+def _add_studio_flags(parser: argparse.ArgumentParser) -> None:
+    """The studio's address and browser."""
+    studio = parser.add_argument_group("the studio (--task studio)")
+    studio.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    studio.add_argument("--port", type=int, help="port to listen on (default 5000)")
+    studio.add_argument("--no-browser", dest="open_browser", action="store_false", default=None,
+                        help="do not open the page in a browser")
+
+
+def _add_scale_flags(parser: argparse.ArgumentParser) -> None:
+    """How a step is computed and scheduled (chapter 9)."""
+    scale = parser.add_argument_group("training at scale (chapter 9; defaults: the mode's settings)")
+    scale.add_argument("--micro-batch-size", type=whole_number_or_auto, metavar="N|auto",
+                       help="windows per forward/backward; batch size / N = gradient accumulation steps "
+                            "(auto: the largest that fits)")
+    scale.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on recent CUDA GPUs, fp32 on CPU")
+    scale.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model (ignored where unsupported)")
+    scale.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    scale.add_argument("--warmup-steps", type=int, metavar="N")
+    scale.add_argument("--min-lr", type=float, help="where the cosine schedule ends (default: lr / 10)")
+    scale.add_argument("--grad-clip", type=float, help="clip the gradient norm to this")
+    scale.add_argument("--sampling", choices=SAMPLINGS,
+                       help="sliding: each window once per epoch; random: random windows (auto: random for token files)")
+    scale.add_argument("--eval-freq", type=int, metavar="N", help="evaluate every N steps")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The models a task reads: runs, ensembles, GPT-2; and what generate and evaluate read."""
+    parser.add_argument("--checkpoint", metavar="DIR", action="append",
+                        help="run directory to generate from, export, fine-tune from, or classify with; "
+                             "--task generate / evaluate: repeat it for an ensemble of runs")
+    parser.add_argument("--ensemble-weights", type=float, nargs="+", metavar="W",
+                        help="an ensemble's weights, one per --checkpoint (default: equal)")
+    parser.add_argument("--pretrained", metavar="NAME|DIR",
+                        help="OpenAI's GPT-2 to generate with or fine-tune: gpt2, gpt2-medium, gpt2-large, "
+                             "gpt2-xl, or a Hugging Face GPT-2 folder")
+    parser.add_argument("--prompt", help="text to continue (--task generate); without it, an interactive loop")
+    parser.add_argument("--choices", metavar="hellaswag|FILE",
+                        help="--task evaluate: multiple-choice items, HellaSwag's validation set (downloaded "
+                             "once) or a JSONL of {context, endings, label}")
+    parser.add_argument("--limit", type=int, metavar="N", help="--task evaluate: score the first N items only")
+
+
+def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    """How --task generate decodes."""
+    sampling = parser.add_argument_group("decoding (--task generate; defaults: config_run.generation_params)")
+    sampling.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 60)")
+    sampling.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
+    sampling.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 40)")
+    sampling.add_argument("--top-p", type=float, help="sample among the smallest set holding probability p")
+    sampling.add_argument("--repetition-penalty", type=float, help="> 1 makes repeated tokens less likely")
+    sampling.add_argument("--num-beams", type=int, help="beam search with this many beams (needs --temperature 0)")
+    sampling.add_argument("--length-penalty", type=float, help="beam search: > 0 favours longer texts")
+    sampling.add_argument("--stop", dest="stop_strings", action="append", metavar="TEXT",
+                          help="stop when this text appears (repeatable; \\n is a newline), e.g. --stop '\\n\\n'")
+    sampling.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
+                          help="recompute the whole text at every step (slower; for comparison)")
+
+
+def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:
+    """Fine-tuning (chapter 7)."""
+    tuning = parser.add_argument_group("fine-tuning (--task classify | sft, chapter 7; defaults: the mode's settings)")
+    tuning.add_argument("--trainable", choices=TRAINABLE,
+                        help="what trains: all weights, the last blocks + final norm + head, the head, or LoRA")
+    tuning.add_argument("--last-blocks", type=int, metavar="N", help="with --trainable last_blocks: how many")
+    tuning.add_argument("--lora-rank", type=int, metavar="R", help="rank of the LoRA matrices (default 8)")
+    tuning.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default 16)")
+    tuning.add_argument("--prompt-style", choices=PROMPT_STYLES,
+                        help="sft, reward, dpo, ppo, grpo: the instruction template")
+    tuning.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+                        help="sft: put the loss on the responses only")
+    tuning.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
+                        help="sft: score the test responses with a local Ollama judge when one answers")
+
+
+def _add_align_flags(parser: argparse.ArgumentParser) -> None:
+    """Alignment (chapter 8)."""
+    aligning = parser.add_argument_group("alignment (--task reward | dpo | ppo | grpo, chapter 8; defaults: the "
+                                         "mode's settings)")
+    aligning.add_argument("--beta", type=float, help="dpo: the implicit reward's scale; ppo/grpo: the KL penalty")
+    aligning.add_argument("--dpo-loss", choices=DPO_LOSSES, help="dpo: sigmoid (Bradley-Terry) or ipo")
+    aligning.add_argument("--reward-model", metavar="DIR",
+                          help="ppo: a --task reward run scores the answers (default: exact match with the records)")
+    aligning.add_argument("--iterations", type=int, metavar="N", help="ppo/grpo: rounds of sampling and updating")
+    aligning.add_argument("--group-size", type=int, metavar="G", help="grpo: answers sampled per prompt")
+    aligning.add_argument("--kl-estimator", choices=KL_ESTIMATORS, help="ppo: the per-token KL penalty's estimator")
+    aligning.add_argument("--sft-steps", type=int, metavar="N",
+                          help="ppo/grpo from new weights: supervised warm-up steps on the task first")
+
+
 def parse_args(argv: list[str] | None = None) -> dict:
+    """The flags the user gave (None for the rest), as the names resolve_run_config reads."""
     parser = argparse.ArgumentParser(
         description="Train and sample a GPT written from scratch. Defaults come from config_run.py.")
     parser.add_argument("--task", choices=TASKS,
@@ -87,73 +179,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, help="config_run.SEED")
     parser.add_argument("--graph", metavar="FILE",
                         help="pretrain the model of a studio graph (a JSON file the studio exports)")
-    studio = parser.add_argument_group("the studio (--task studio)")
-    studio.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    studio.add_argument("--port", type=int, help="port to listen on (default 5000)")
-    studio.add_argument("--no-browser", dest="open_browser", action="store_false", default=None,
-                        help="do not open the page in a browser")
-    scale = parser.add_argument_group("training at scale (chapter 9; defaults: the mode's settings)")
-    scale.add_argument("--micro-batch-size", type=whole_number_or_auto, metavar="N|auto",
-                       help="windows per forward/backward; batch size / N = gradient accumulation steps "
-                            "(auto: the largest that fits)")
-    scale.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on recent CUDA GPUs, fp32 on CPU")
-    scale.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the model (ignored where unsupported)")
-    scale.add_argument("--lr-schedule", choices=LR_SCHEDULES)
-    scale.add_argument("--warmup-steps", type=int, metavar="N")
-    scale.add_argument("--min-lr", type=float, help="where the cosine schedule ends (default: lr / 10)")
-    scale.add_argument("--grad-clip", type=float, help="clip the gradient norm to this")
-    scale.add_argument("--sampling", choices=SAMPLINGS,
-                       help="sliding: each window once per epoch; random: random windows (auto: random for token files)")
-    scale.add_argument("--eval-freq", type=int, metavar="N", help="evaluate every N steps")
-    parser.add_argument("--checkpoint", metavar="DIR", action="append",
-                        help="run directory to generate from, export, fine-tune from, or classify with; "
-                             "--task generate / evaluate: repeat it for an ensemble of runs")
-    parser.add_argument("--ensemble-weights", type=float, nargs="+", metavar="W",
-                        help="an ensemble's weights, one per --checkpoint (default: equal)")
-    parser.add_argument("--pretrained", metavar="NAME|DIR",
-                        help="OpenAI's GPT-2 to generate with or fine-tune: gpt2, gpt2-medium, gpt2-large, "
-                             "gpt2-xl, or a Hugging Face GPT-2 folder")
-    parser.add_argument("--prompt", help="text to continue (--task generate); without it, an interactive loop")
-    parser.add_argument("--choices", metavar="hellaswag|FILE",
-                        help="--task evaluate: multiple-choice items, HellaSwag's validation set (downloaded "
-                             "once) or a JSONL of {context, endings, label}")
-    parser.add_argument("--limit", type=int, metavar="N", help="--task evaluate: score the first N items only")
-    sampling = parser.add_argument_group("decoding (--task generate; defaults: config_run.generation_params)")
-    sampling.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 60)")
-    sampling.add_argument("--temperature", type=float, help="0 = greedy (default 0.8)")
-    sampling.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 40)")
-    sampling.add_argument("--top-p", type=float, help="sample among the smallest set holding probability p")
-    sampling.add_argument("--repetition-penalty", type=float, help="> 1 makes repeated tokens less likely")
-    sampling.add_argument("--num-beams", type=int, help="beam search with this many beams (needs --temperature 0)")
-    sampling.add_argument("--length-penalty", type=float, help="beam search: > 0 favours longer texts")
-    sampling.add_argument("--stop", dest="stop_strings", action="append", metavar="TEXT",
-                          help="stop when this text appears (repeatable; \\n is a newline), e.g. --stop '\\n\\n'")
-    sampling.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
-                          help="recompute the whole text at every step (slower; for comparison)")
-    tuning = parser.add_argument_group("fine-tuning (--task classify | sft, chapter 7; defaults: the mode's settings)")
-    tuning.add_argument("--trainable", choices=TRAINABLE,
-                        help="what trains: all weights, the last blocks + final norm + head, the head, or LoRA")
-    tuning.add_argument("--last-blocks", type=int, metavar="N", help="with --trainable last_blocks: how many")
-    tuning.add_argument("--lora-rank", type=int, metavar="R", help="rank of the LoRA matrices (default 8)")
-    tuning.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default 16)")
-    tuning.add_argument("--prompt-style", choices=PROMPT_STYLES,
-                        help="sft, reward, dpo, ppo, grpo: the instruction template")
-    tuning.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
-                        help="sft: put the loss on the responses only")
-    tuning.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None,
-                        help="sft: score the test responses with a local Ollama judge when one answers")
-    aligning = parser.add_argument_group("alignment (--task reward | dpo | ppo | grpo, chapter 8; defaults: the "
-                                         "mode's settings)")
-    aligning.add_argument("--beta", type=float, help="dpo: the implicit reward's scale; ppo/grpo: the KL penalty")
-    aligning.add_argument("--dpo-loss", choices=DPO_LOSSES, help="dpo: sigmoid (Bradley-Terry) or ipo")
-    aligning.add_argument("--reward-model", metavar="DIR",
-                          help="ppo: a --task reward run scores the answers (default: exact match with the records)")
-    aligning.add_argument("--iterations", type=int, metavar="N", help="ppo/grpo: rounds of sampling and updating")
-    aligning.add_argument("--group-size", type=int, metavar="G", help="grpo: answers sampled per prompt")
-    aligning.add_argument("--kl-estimator", choices=KL_ESTIMATORS, help="ppo: the per-token KL penalty's estimator")
-    aligning.add_argument("--sft-steps", type=int, metavar="N",
-                          help="ppo/grpo from new weights: supervised warm-up steps on the task first")
+    for add_flags in (_add_studio_flags, _add_scale_flags, _add_model_flags, _add_decoding_flags,
+                      _add_finetune_flags, _add_align_flags):
+        add_flags(parser)
     cli = {key: value for key, value in vars(parser.parse_args(argv)).items() if value is not None}
     if cli.get("batch_size") == "auto":  # keep the batch per step; measure the micro-batch
         if cli.get("micro_batch_size", "auto") != "auto":
