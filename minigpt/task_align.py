@@ -401,7 +401,7 @@ class _PairMethod:
 
     def __init__(self, job: _Align) -> None:
         self.job, self.run, self.model, self.device = job, job.run, job.model, job.setup.device
-        self.runner = job.setup.runner or job.model  # compiled, if --compile
+        self.runner = job.setup.runner if job.setup.runner is not None else job.model  # compiled, if --compile
         self.train_loader = _preference_loader(job.data.train, job.run, job.tokenizer, True)
         self.val_loader = _preference_loader(job.data.val, job.run, job.tokenizer, False)
         self.test_loader = _preference_loader(job.data.test, job.run, job.tokenizer, False)

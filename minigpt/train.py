@@ -311,7 +311,8 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: list,
           state: TrainState, setup: StepSetup, stop: bool) -> tuple[StepResult, bool]:
     """One training step, counted into `state`; and whether any process was asked to stop."""
     started = time.perf_counter()
-    result = train_step(setup.runner or model, optimizer, batch, setup, cfg.grad_clip)
+    runner = setup.runner if setup.runner is not None else model
+    result = train_step(runner, optimizer, batch, setup, cfg.grad_clip)
     batch_loss, stopping, tokens = setup.agree(result.loss, stop, sum(inputs.numel() for inputs, _ in batch))
     if not math.isfinite(batch_loss):
         raise ConfigError(
