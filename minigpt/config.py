@@ -484,10 +484,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         check_choice("mode", self.mode, MODES)
-        if self.task == "dpo" and not self.align.beta > 0:
-            raise ConfigError(f"DPO's beta must be positive, got {self.align.beta}: it scales the implicit reward "
-                              "beta * (log pi - log pi_ref), so 0 would make every pair look alike. Set --beta "
-                              "(or align_params['beta']) to e.g. 0.1.")
         self._refuse_what_the_task_cannot_honour()
         if (self.task in FINETUNE_TASKS) != (self.finetune is not None):
             raise ConfigError(f"--task {self.task} {'needs' if self.task in FINETUNE_TASKS else 'takes no'} "
@@ -495,6 +491,10 @@ class RunConfig:
         if (self.task in ALIGN_TASKS) != (self.align is not None):
             raise ConfigError(f"--task {self.task} {'needs' if self.task in ALIGN_TASKS else 'takes no'} "
                               "alignment settings (align).")
+        if self.task == "dpo" and not self.align.beta > 0:
+            raise ConfigError(f"DPO's beta must be positive, got {self.align.beta}: it scales the implicit reward "
+                              "beta * (log pi - log pi_ref), so 0 would make every pair look alike. Set --beta "
+                              "(or align_params['beta']) to e.g. 0.1.")
 
     def _refuse_what_the_task_cannot_honour(self) -> None:
         """A training setting means the same in every task; a task it cannot apply to says so."""

@@ -472,16 +472,16 @@ def ppo_update(models: RLModels, optimizer: torch.optim.Optimizer, prompts: list
     The reward of each answer token is -beta * KL(policy || reference) at that token, plus the
     answer's score at its last token; GAE turns these into advantages with the critic's values
     as the baseline, and the critic learns to predict the returns. Dropout stays off so the
-    ratio compares the policy with itself. `setup` computes the updates (chapter 9: fp16's
-    gradient scaler); by default plainly, on the policy's device.
+    ratio compares the policy with itself. `setup` says how the forward passes and updates are
+    computed (chapter 9: autocast, fp16's gradient scaler); by default plainly, in fp32.
     """
     policy, critic, reference = models.policy, models.critic, models.reference
     setup = setup or StepSetup(next(policy.parameters()).device)
     policy.eval(), critic.eval(), reference.eval()
-    rollout = sample_responses(policy, prompts, tokenizer, 1, settings.max_new_tokens, generator)
-    inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
-    scores = reward_fn(rollout).to(inputs.device).float()                        # (B,)
-    with torch.no_grad():
+    with setup.autocast(), torch.no_grad():  # the forward passes in the run's precision (chapter 9)
+        rollout = sample_responses(policy, prompts, tokenizer, 1, settings.max_new_tokens, generator)
+        inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
+        scores = reward_fn(rollout).to(inputs.device).float()                    # (B,)
         old_logps = token_logprobs(policy(inputs), targets)                       # (B, T)
         ref_logps = token_logprobs(reference(inputs), targets)
         old_values = critic(inputs).squeeze(-1).float() * mask                    # (B, T)
@@ -501,11 +501,12 @@ def ppo_update(models: RLModels, optimizer: torch.optim.Optimizer, prompts: list
     updates = 0
     for _ in range(settings.epochs):
         for rows in _minibatches(len(inputs), settings.minibatch_size, generator):
-            _, policy_loss, clip_fraction, entropy = _policy_terms(policy, rollout, rows, old_logps, advantages,
-                                                                   settings.clip)
-            values = critic(inputs[rows]).squeeze(-1).float()
-            value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
-            loss = policy_loss - settings.entropy_coef * entropy + settings.value_coef * value_loss
+            with setup.autocast():
+                _, policy_loss, clip_fraction, entropy = _policy_terms(policy, rollout, rows, old_logps, advantages,
+                                                                       settings.clip)
+                values = critic(inputs[rows]).squeeze(-1).float()
+                value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
+                loss = policy_loss - settings.entropy_coef * entropy + settings.value_coef * value_loss
             _step(optimizer, loss, params, settings, setup)
             for key, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
                                ("clip_fraction", clip_fraction), ("entropy", entropy)):
@@ -536,23 +537,24 @@ def grpo_update(models: RLModels, optimizer: torch.optim.Optimizer, prompts: lis
     policy, reference, group_size = models.policy, models.reference, settings.group_size
     setup = setup or StepSetup(next(policy.parameters()).device)
     policy.eval(), reference.eval()
-    rollout = sample_responses(policy, prompts, tokenizer, group_size, settings.max_new_tokens, generator)
-    inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
-    scores = reward_fn(rollout).to(inputs.device).float()
-    advantages = group_advantages(scores, group_size).unsqueeze(1) * mask                  # (B, T)
-    with torch.no_grad():
+    with setup.autocast(), torch.no_grad():  # the forward passes in the run's precision (chapter 9)
+        rollout = sample_responses(policy, prompts, tokenizer, group_size, settings.max_new_tokens, generator)
+        inputs, targets, mask = rollout.inputs, rollout.targets, rollout.mask
+        scores = reward_fn(rollout).to(inputs.device).float()
         old_logps = token_logprobs(policy(inputs), targets)
         ref_logps = token_logprobs(reference(inputs), targets)
+    advantages = group_advantages(scores, group_size).unsqueeze(1) * mask                  # (B, T)
     params = [p for p in policy.parameters() if p.requires_grad]
     logged = {"policy_loss": 0.0, "clip_fraction": 0.0, "entropy": 0.0}
     updates = 0
     for _ in range(settings.epochs):
         for rows in _minibatches(len(inputs), settings.minibatch_size, generator):
-            logps, policy_loss, clip_fraction, entropy = _policy_terms(policy, rollout, rows, old_logps,
-                                                                       advantages, settings.clip)
-            loss = policy_loss - settings.entropy_coef * entropy
-            if settings.beta > 0:
-                loss = loss + settings.beta * masked_mean(kl_k3(logps, ref_logps[rows]), mask[rows])
+            with setup.autocast():
+                logps, policy_loss, clip_fraction, entropy = _policy_terms(policy, rollout, rows, old_logps,
+                                                                           advantages, settings.clip)
+                loss = policy_loss - settings.entropy_coef * entropy
+                if settings.beta > 0:
+                    loss = loss + settings.beta * masked_mean(kl_k3(logps, ref_logps[rows]), mask[rows])
             _step(optimizer, loss, params, settings, setup)
             for key, value in (("policy_loss", policy_loss), ("clip_fraction", clip_fraction), ("entropy", entropy)):
                 logged[key] += value.item()

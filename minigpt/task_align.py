@@ -595,10 +595,9 @@ class _RLMethod:
         rows = torch.randperm(len(self.train_prompts), generator=self.generator)[:a.prompts_per_iteration].tolist()
         prompts = [self.train_prompts[i] for i in rows]
         reward_fn = self.rewards_for([self.train_records[i] for i in rows])
-        update = grpo_update if self.run.task == "grpo" else ppo_update
-        with self.job.setup.autocast():  # the round's sampling, forward passes and updates
-            return update(self.models, self.job.optimizer, prompts, self.tokenizer, reward_fn, self.settings,
-                          self.generator, self.job.setup)
+        update = grpo_update if self.run.task == "grpo" else ppo_update  # in the run's precision (setup)
+        return update(self.models, self.job.optimizer, prompts, self.tokenizer, reward_fn, self.settings,
+                      self.generator, self.job.setup)
 
     @torch.no_grad()
     def greedy_reward(self, prompts, records) -> float:

@@ -15,7 +15,6 @@ directory (`python main.py`).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.data import IGNORE_INDEX
-from minigpt.model import ModelOutput
+from minigpt.model import GPTModel, ModelOutput
 
 # ---------------------------------------------------------------------------------------
 # Loss and evaluation
@@ -51,15 +50,18 @@ def loss_and_output(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     return loss, output
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's and torch.compile's wrappers (chapter 9)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def forward_with_details(model: torch.nn.Module, input_batch: torch.Tensor) -> ModelOutput:
-    """The forward pass with what the loss adds (`GPTModel(..., details=True)`); a model that does
-    not take `details` (any other module that maps ids to logits) gives its logits alone."""
-    parameters = inspect.signature(model.forward).parameters.values()
-    if any(p.name == "details" or p.kind is p.VAR_KEYWORD for p in parameters):
-        output = model(input_batch, details=True)
-        if isinstance(output, ModelOutput):
-            return output
-        return ModelOutput(output)
+    """The forward pass with what the loss adds: a `GPTModel` (wrapped or not) reports it when asked
+    (`details=True`); any other module that maps ids to logits gives its logits alone."""
+    if isinstance(unwrap(model), GPTModel):
+        return model(input_batch, details=True)  # through the wrapper, so that DDP sees the forward
     return ModelOutput(model(input_batch))
 
 
@@ -202,7 +204,8 @@ class StepResult:
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: list[tuple[torch.Tensor, torch.Tensor]], setup: StepSetup,
                grad_clip: float | None = None) -> StepResult:
-    """One optimizer step over one batch given as micro-batches; returns the batch's mean loss.
+    """One optimizer step over one batch given as micro-batches; returns the batch's mean loss
+    (and, for a model with adaptive depth, the blocks its tokens ran).
 
     Gradient accumulation: the gradients of k micro-batches, each loss divided by k, add up
     to the gradient of their mean, which is the gradient of the whole batch (every
@@ -216,10 +219,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             with setup.autocast():
                 loss, output = loss_and_output(inputs, targets, model, setup.device)
                 loss = loss / len(micro_batches)
+            if output.depth is not None:
+                depths.append(output.depth.detach().mean())
+            del output  # the logits (B, T, V): the backward pass needs only the loss's graph
             setup.backward(loss)
         total += loss.detach()
-        if output.depth is not None:
-            depths.append(output.depth.detach().mean())
     setup.update(optimizer, model.parameters(), grad_clip)
     return StepResult(total, torch.stack(depths).mean() if depths else None)
 
@@ -289,10 +293,11 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaders
                    desc=f"epoch {state.epoch + 1}/{cfg.num_epochs}", unit="step", leave=False, dynamic_ncols=True)
         stopping = False
         while state.step_in_epoch < steps_this_epoch and not stopping:
+            started = time.perf_counter()  # a step's time includes reading its batch
             lr = learning_rate_at(state.global_step, cfg, total_steps)
             set_learning_rate(optimizer, lr)
             batch = [next(micro_batches) for _ in range(loaders.accumulation)]
-            result, stopping = _step(model, optimizer, batch, cfg, state, setup, events.should_stop())
+            result, stopping = _step(model, optimizer, batch, cfg, state, setup, events.should_stop(), started)
             bar.update(1)
             bar.set_postfix(loss=f"{state.batch_losses[-1]:.3f}")
             losses = _evaluate_if_due(model, loaders, cfg, state, setup, events)
@@ -308,9 +313,8 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaders
 
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: list, cfg: TrainConfig,
-          state: TrainState, setup: StepSetup, stop: bool) -> tuple[StepResult, bool]:
-    """One training step, counted into `state`; and whether any process was asked to stop."""
-    started = time.perf_counter()
+          state: TrainState, setup: StepSetup, stop: bool, started: float) -> tuple[StepResult, bool]:
+    """One training step (begun at `started`), counted into `state`; and whether any process was asked to stop."""
     runner = setup.runner if setup.runner is not None else model
     result = train_step(runner, optimizer, batch, setup, cfg.grad_clip)
     batch_loss, stopping, tokens = setup.agree(result.loss, stop, sum(inputs.numel() for inputs, _ in batch))

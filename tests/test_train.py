@@ -131,7 +131,15 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch):
 
 def test_diverging_loss_stops_with_a_clear_message(tmp_path, text_file, monkeypatch):
     original = GPTModel.forward
-    monkeypatch.setattr(GPTModel, "forward", lambda self, idx: original(self, idx) * float("nan"))
+
+    def diverged(self, idx, cache=None, details=False):  # every logit NaN
+        output = original(self, idx, cache, details)
+        if details:
+            output.logits = output.logits * float("nan")
+            return output
+        return output * float("nan")
+
+    monkeypatch.setattr(GPTModel, "forward", diverged)
     with pytest.raises(ConfigError, match="learning_rate"):
         pretrain(tiny_run(tmp_path, "nan", text_file))
 
