@@ -248,10 +248,11 @@ def _loop(job: _Align, method, state: AlignState, should_stop: Callable[[], bool
         state.history.append({"step": state.step, **numbers})
         bar.update(1)
         bar.set_postfix({key: f"{numbers[key]:.3f}" for key in method.shown if key in numbers})
-        if state.step % job.run.log_every == 0:
-            tqdm.write(f"step {state.step:>5}  " + "  ".join(f"{key} {numbers[key]:.3f}" for key in method.shown
-                                                            if key in numbers)
-                       + f"  lr {job.optimizer.param_groups[0]['lr']:.2e}")
+        if state.step % job.run.log_every == 0:  # the means since the last line, as pretraining's "batch loss"
+            recent = state.history[-job.run.log_every:]
+            tqdm.write(f"step {state.step:>5}  " + "  ".join(
+                f"{key} {sum(h[key] for h in recent) / len(recent):.3f}" for key in method.shown if key in numbers)
+                + f"  lr {job.optimizer.param_groups[0]['lr']:.2e}")
         if state.step % cfg.eval_freq == 0 and state.step < total:
             with setup.autocast():
                 state.evals.append({"step": state.step, **method.evaluate()})
