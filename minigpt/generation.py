@@ -264,17 +264,26 @@ def beam_search(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, 
         if all(done):
             break
     model.train(was_training)
-    # Sequences still running at the end compete with the finished ones on the same scale.
+    return _best_of_beams(idx, beams[:, prompt_length:], scores, finished, length_penalty, eos_id)
+
+
+def _best_of_beams(idx: torch.Tensor, continuations: torch.Tensor, scores: torch.Tensor,
+                   finished: list[list[tuple[float, torch.Tensor]]], length_penalty: float,
+                   eos_id: int | None) -> torch.Tensor:
+    """Each row's prompt and its best continuation, padded with `eos_id` (or 0): sequences still
+    running at the end (`continuations` (B*K, n), their `scores` (B, K)) compete with the finished
+    ones on the same length-normalised scale."""
+    batch, num_beams = scores.shape
     best = []
     for row in range(batch):
         candidates = list(finished[row])
         for beam in range(num_beams):
             total = scores[row, beam].item()
             if total > float("-inf"):
-                sequence = beams[row * num_beams + beam, prompt_length:]
+                sequence = continuations[row * num_beams + beam]
                 candidates.append((total / max(len(sequence), 1) ** length_penalty, sequence))
         best.append(max(candidates, key=lambda item: item[0])[1])
-    width = max(len(sequence) for sequence in best)
+    prompt_length, width = idx.shape[1], max(len(sequence) for sequence in best)
     out = torch.full((batch, prompt_length + width), eos_id or 0, dtype=idx.dtype, device=idx.device)
     out[:, :prompt_length] = idx
     for row, sequence in enumerate(best):

@@ -30,7 +30,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "generation.generate_text": _DECODING,
     "generation.stream_text": _DECODING,
     "generation.iter_next_tokens": _DECODING,
-    "generation.beam_search": "beam search's bookkeeping in one place, as chapter 6 reads it (89 lines)",
     "attention.MultiHeadAttention.__init__": "one keyword per attention switch of GPTConfig (chapters 3, 10, 11)",
     "data.create_dataloader": "the book's create_dataloader(txt, batch_size, max_length, stride, shuffle, drop_last, "
                               "num_workers) and chapter 9's micro-batches, ranks and random windows, all by keyword",
