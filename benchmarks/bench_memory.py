@@ -8,7 +8,7 @@ above the tensors' bytes and moves by several percent between runs). The table c
 with `minigpt.memory.estimate_training_memory`, computed before anything runs: the ratio is
 the figure to read. A fresh process per row keeps one row's freed memory out of the next.
 
-Then `--batch-size auto` is timed: how long `minigpt.train.fit_micro_batch` takes to find the
+Then `--batch-size auto` is timed: how long `minigpt.scale.fit_micro_batch` takes to find the
 largest micro-batch under a cap, against the time of one training step at that size.
 
     python benchmarks/bench_memory.py                   # CPU, 1 thread (about a minute)
