@@ -263,8 +263,8 @@ def scaled_setup(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
     if world.active:
         runner = torch.nn.parallel.DistributedDataParallel(
             runner, device_ids=[device.index] if device.type == "cuda" else None)
-    flops = model.flops_per_token(cfg.max_length) if hasattr(model, "flops_per_token") else 0.0
-    setup = ScaledSetup(device, runner, precision, scaler, world, peak_tflops(device, cfg), flops)
+    setup = ScaledSetup(device, runner, precision, scaler, world, peak_tflops(device, cfg),
+                        model.flops_per_token(cfg.max_length))
     return setup, compile_note
 
 

@@ -67,8 +67,10 @@ _FINETUNE_MODES: dict[str, dict[str, dict[str, Any]]] = {
 # DPO on the 1,100 preference records, PPO and GRPO on sums of small numbers after a short SFT
 # (a task whose answers a program checks). Full: the book's path, GPT-2 weights and the
 # instruction-tuned run of `--task sft --mode full` (runs/sft-full), which DPO and PPO refine.
-_QUICK_RL_TRAIN = dict(num_epochs=1, batch_size=16, learning_rate=5e-4, weight_decay=0.0, eval_freq=10,
-                       eval_iter=5, max_length=64, grad_clip=1.0)
+_QUICK_RL = dict(  # ppo and grpo in quick mode: the same small model, warm-up and training settings
+    model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
+    train=dict(num_epochs=1, batch_size=16, learning_rate=5e-4, weight_decay=0.0, eval_freq=10, eval_iter=5,
+               max_length=64, grad_clip=1.0))
 _ALIGN_MODES: dict[str, dict[str, dict[str, Any]]] = {
     "reward": {
         "quick": dict(
@@ -96,8 +98,7 @@ _ALIGN_MODES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ppo": {
         "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
-            train=_QUICK_RL_TRAIN,
+            **_QUICK_RL,
             align=dict(prompt_style="chat", beta=0.02, prompts_per_iteration=64, update_epochs=2,
                        minibatch_size=64, max_new_tokens=4)),
         "full": dict(
@@ -109,8 +110,7 @@ _ALIGN_MODES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "grpo": {
         "quick": dict(
-            model="gpt-mini", model_overrides=dict(context_length=64, drop_rate=0.0), pretrained=None,
-            train=_QUICK_RL_TRAIN,
+            **_QUICK_RL,
             align=dict(prompt_style="chat", beta=0.02, prompts_per_iteration=16, group_size=8,
                        minibatch_size=64, max_new_tokens=4)),
         "full": dict(

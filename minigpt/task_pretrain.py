@@ -26,10 +26,10 @@ from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_pat
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, StopRequest, choose_run_dir, device_row,
-                          load_checkpoint, make_metrics, optimizer_row, pick_device, print_rows, print_summary,
-                          restore_training, rng_states, run_dir_row, save_checkpoint, save_weights, speed_row,
-                          write_config, write_json)
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, StopRequest, check_same_data, choose_run_dir,
+                          device_row, load_checkpoint, make_metrics, optimizer_row, pick_device, print_rows,
+                          print_summary, restore_training, rng_states, run_dir_row, save_checkpoint, save_weights,
+                          speed_row, write_config, write_json)
 from minigpt.scale import (Distributed, ScaledSetup, fit_micro_batch, micro_batch_size, resolve_precision,
                            scaled_setup, start_distributed)
 from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
@@ -173,26 +173,19 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None,
     checkpoint = load_checkpoint(run.resume) if run.resume else None
     world, device = start_distributed(pick_device(run.device))
     try:
-        return _pretrain(run, checkpoint, world, device, _Hooks(stop or StopRequest(), on_event))
+        return _pretrain(run, checkpoint, world, device, stop or StopRequest(), on_event)
     finally:
         if world.active:
             dist.destroy_process_group()
 
 
-@dataclass
-class _Hooks:
-    stop: StopRequest
-    on_event: Callable[[dict[str, Any]], None] | None
-
-
 def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed, device: torch.device,
-              hooks: _Hooks) -> tuple[GPTModel, Any, dict[str, Any], Path]:
+              stop: StopRequest, on_event: Callable[[dict[str, Any]], None] | None
+              ) -> tuple[GPTModel, Any, dict[str, Any], Path]:
     run_dir = choose_run_dir(run)
     torch.manual_seed(run.seed)
     corpus = prepare_corpus(run, checkpoint, world)
-    if checkpoint is not None and checkpoint["data_sha256"] != corpus.fingerprint:
-        raise ConfigError(f"the training text differs from the one the run in {run_dir} started "
-                          "with; resume with the same --data, or start a new run.")
+    check_same_data(checkpoint, corpus.fingerprint, run_dir)
     tokenizer = corpus.tokenizer
     run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
     _check_start_context(run.train.start_context, tokenizer)
@@ -222,15 +215,15 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         header = _Header(corpus, loaders, total_steps, random_windows, final_eval_batches, memory_note,
                          compile_note, optimizer.defaults.get("fused", False))
         print_header(run, model, setup, state, run_dir, header)
-        if hooks.on_event is not None:
-            hooks.on_event({"type": "start", "run_dir": str(run_dir), "total_steps": total_steps,
+        if on_event is not None:
+            on_event({"type": "start", "run_dir": str(run_dir), "total_steps": total_steps,
                             "steps_per_epoch": loaders.train.sampler.steps_per_epoch, "step": state.global_step,
                             "parameters": model.num_parameters(), "memory": memory_note})
     files = _RunFiles(run_dir, run, model, optimizer, state, setup, corpus, compile_note)
-    with hooks.stop as stop:
+    with stop:
         events = LoopEvents(should_stop=lambda: stop.requested, epoch_end=lambda: files.save(completed=False),
                             best=files.save_best, epoch_note=_sample_note(model, tokenizer, cfg.start_context),
-                            on_event=hooks.on_event if world.is_main else None)
+                            on_event=on_event if world.is_main else None)
         completed = train_loop(model, optimizer, loaders, cfg, state, setup, events, run.log_every)
     final = None
     if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
