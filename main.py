@@ -37,6 +37,7 @@ from pathlib import Path
 import config_run
 from minigpt.config import (DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
                             SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE, ConfigError)
+from minigpt.runs import EXIT_ERROR, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, resume_settings
 from minigpt.settings import resolve_resume_config, resolve_run_config, settings_from_module
 from minigpt.task_align import align
 from minigpt.task_evaluate import run_evaluate
@@ -228,11 +229,13 @@ def graph_settings(cli: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run what the settings and flags say; the exit code says how it ended (README, "Exit codes"):
+    0 finished, 2 refused or failed with a message, 3 stopped and resumable, 130 interrupted at once."""
     cli = parse_args(argv)
     try:
         if cli.get("task", getattr(config_run, "TASK", None)) == "studio":
             run_studio(cli)
-            return 0
+            return EXIT_FINISHED
         studio_flags = [f"--{name.replace('_', '-')}" for name in ("host", "port", "open_browser") if name in cli]
         if studio_flags:
             raise ConfigError(f"{', '.join(studio_flags).replace('--open-browser', '--no-browser')} "
@@ -240,18 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         if "graph" in cli:
             run = resolve_run_config(graph_settings(cli), cli)
         elif "resume" in cli:
-            config_path = Path(cli["resume"]) / "config.json"
-            if not config_path.is_file():
-                raise ConfigError(f"no run to resume in {cli['resume']} (it has no config.json); "
-                                  "point --resume at a run directory such as runs/pretrain-quick.")
-            run = resolve_resume_config(json.loads(config_path.read_text()), cli)
+            run = resolve_resume_config(resume_settings(cli["resume"]), cli)
         else:
             run = resolve_run_config(settings_from_module(config_run), cli)
-        PIPELINES[run.task](run)
+        outcome = PIPELINES[run.task](run)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_ERROR
+    except Stopped:  # a stop before the first step or during the last measurements: the line above says what is kept
+        return EXIT_STOPPED
+    except KeyboardInterrupt:  # Ctrl-C twice, or outside a run: no traceback
+        print("interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    stopped = isinstance(outcome, tuple) and not outcome[2]["completed"]  # a training task's metrics
+    return EXIT_STOPPED if stopped else EXIT_FINISHED
 
 
 if __name__ == "__main__":

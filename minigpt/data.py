@@ -394,10 +394,11 @@ class GPTDataset(Dataset):
         self.max_length = max_length
         num_tokens = len(self.token_ids)
         if num_tokens < max_length + 1:
-            raise ConfigError(
-                f"{name} has {num_tokens} tokens, but one training window needs max_length + 1 "
-                f"= {max_length + 1}: lower max_length (custom_params['max_length'], now "
-                f"{max_length}) to at most {max(num_tokens - 1, 1)}, or use a longer text (--data).")
+            change = (f"lower max_length (custom_params['max_length'], now {max_length}) to at most "
+                      f"{num_tokens - 1}, or use a longer text (--data)" if num_tokens - 1 >= 2 else
+                      "use a longer text (--data): the shortest window, max_length 2, needs 3 tokens")
+            raise ConfigError(f"{name} has {num_tokens} tokens, but one training window needs max_length + 1 "
+                              f"= {max_length + 1}: {change}.")
         # A window starts every `stride` tokens, as long as its target fits in the stream.
         self.starts = range(0, num_tokens - max_length, stride)
 

@@ -29,8 +29,12 @@ from minigpt.model import GPTModel
 
 
 def perplexity(loss: float) -> float:
-    """e^loss: the number of equally likely tokens the model is as unsure as."""
-    return math.exp(loss)
+    """e^loss: the number of equally likely tokens the model is as unsure as; inf once e^loss
+    overflows a float (a loss above about 709, as an untrained or diverging model can have)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def bits_per_byte(loss: float, num_tokens: int, num_bytes: int) -> float:

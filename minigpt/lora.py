@@ -16,7 +16,6 @@ unmerging takes it out again (to train on, or to swap in another adapter).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -212,14 +211,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | Path, settings: dict[str, Any]) -> Path:
     """Write the adapters (kilobytes, not the whole model) plus the settings that made them.
 
-    Written to a temporary file and renamed, so an interruption never leaves a broken file.
+    A run writes it through `runs.write_atomically`, so that an interruption never leaves part of one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    adapter = {"format": ADAPTER_FORMAT, "settings": settings, "state": lora_state_dict(model)}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(adapter, tmp)
-    os.replace(tmp, path)
+    torch.save({"format": ADAPTER_FORMAT, "settings": settings, "state": lora_state_dict(model)}, path)
     return path
 
 

@@ -217,13 +217,17 @@ def free_memory_bytes(device: torch.device) -> tuple[int | None, str]:
     return None, "not known on this system"
 
 
-def check_fits(estimate: MemoryEstimate, device: torch.device, batch_size: int) -> int | None:
+def check_fits(estimate: MemoryEstimate, device: torch.device, batch_size: int,
+               weights_allocated: bool = True) -> int | None:
     """Raise a ConfigError with the estimate and what to change if training cannot fit on `device`;
     else return the free memory (None where it is not known).
 
-    The weights are already on the device when this runs, so they are not asked for again.
+    Once the weights are on the device (`weights_allocated`), they are not asked for again; before
+    (a model built on the meta device, to refuse it before allocating it), they are.
     """
     free, what = free_memory_bytes(device)
+    if free is not None and not weights_allocated:
+        free += estimate.weights  # as if they were already held, as below
     if free is None or estimate.total - estimate.weights <= free:
         return free
     rows = estimate.rows()

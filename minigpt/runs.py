@@ -1,7 +1,7 @@
-"""What every run needs, whatever its task: a device, a run directory of its own, Ctrl-C that
-saves, checkpoints that resume exactly (weights, optimizer, random state), the models a run
-starts from (`load_model`, `starting_point`), its metrics and files, and what the console shows
-before and after.
+"""What every run needs, whatever its task: a device, a run directory of its own (claimed with
+a lock, never shared), Ctrl-C that saves, checkpoints that resume exactly (weights, optimizer,
+random state), files written whole or not at all, the models a run starts from (`load_model`,
+`starting_point`), its metrics, and what the console shows before and after.
 
 The task pipelines (`minigpt.task_*`) are built from these pieces; the chapter modules below
 know nothing of runs.
@@ -9,34 +9,47 @@ know nothing of runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import re
+import secrets
+import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from minigpt.config import ALIGN_TASKS, PRETRAINED_NAMES, ConfigError, RunConfig, TrainConfig
+from minigpt.evaluate import perplexity
 from minigpt.finetune import build_model, merge_and_unload
 from minigpt.generation import Ensemble
 from minigpt.model import GPTModel
 from minigpt.rlhf import add_reward_head
 from minigpt.scale import Distributed, ScaledSetup, accumulation_steps, peak_memory_mib, precision_reason
+from minigpt.settings import RESUME_TRAIN_OVERRIDES
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
-from minigpt.train import TrainState
+from minigpt.train import Diverged, TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"  # the weights at the lowest validation loss of the periodic evaluations
 TOKENIZER_NAME = "tokenizer.bpe"
+LOCK_NAME = "run.lock"  # held by the process that trains in the folder; names it (pid, host, command)
 CHECKPOINT_FORMAT = "minigpt-checkpoint-v1"
+# The files that mean a folder holds a run: a new run never writes into such a folder.
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "config.json", "metrics.json")
+# How main.py ends (README, "Exit codes"): a run stopped by Ctrl-C / SIGTERM / the studio is resumable.
+EXIT_FINISHED, EXIT_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 # ---------------------------------------------------------------------------------------
@@ -60,22 +73,227 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def _folder_of(path: Path) -> Path:
+    return path.parent if path.is_file() else path
+
+
 def choose_run_dir(run: RunConfig) -> Path:
-    """Where this run writes. A new run never overwrites an earlier one."""
+    """Where this run would write: the run it resumes, --out, or the first of runs/<task>-<mode>,
+    -2, -3 ... that holds no earlier run. `claim_run_dir` makes it this run's own."""
     if run.resume:
-        path = Path(run.resume)
-        return path.parent if path.is_file() else path
+        return _folder_of(Path(run.resume))
     if run.out:
         out = Path(run.out)
-        if (out / CHECKPOINT_NAME).exists():
-            raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, "
-                              "or choose another --out directory.")
+        _refuse_earlier_run(out)
         return out
     base = Path("runs") / f"{run.task}-{run.mode}"
     out, n = base, 2
-    while (out / CHECKPOINT_NAME).exists():  # keep earlier default runs: -2, -3, ...
+    while _earlier_run_files(out) or _held_by_another(out):  # keep earlier default runs: -2, -3, ...
         out, n = base.with_name(f"{base.name}-{n}"), n + 1
     return out
+
+
+def _earlier_run_files(folder: Path) -> list[str]:
+    return [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def _refuse_earlier_run(folder: Path) -> None:
+    """A new run writes only into a folder that holds no run: it would mix its files with another's."""
+    found = _earlier_run_files(folder)
+    if CHECKPOINT_NAME in found:
+        raise ConfigError(f"{folder} already holds a run; continue it with --resume {folder}, "
+                          "or choose another --out directory.")
+    if found:
+        raise ConfigError(f"{folder} holds files of an earlier run ({', '.join(found)}) but no {CHECKPOINT_NAME}: "
+                          "that run ended before its first checkpoint (it diverged, failed or was killed), so it "
+                          "cannot be resumed. Choose another --out directory, or delete that folder to reuse "
+                          "the name.")
+
+
+def _held_by_another(folder: Path) -> bool:
+    holder = _RunLock.try_acquire(folder / LOCK_NAME) if (folder / LOCK_NAME).exists() else None
+    if holder is None:
+        return (folder / LOCK_NAME).exists()
+    holder.release()
+    return False
+
+
+class _RunLock:
+    """An exclusive lock on a folder's run.lock, held while a run trains there.
+
+    The operating system's lock (flock on Linux and macOS, msvcrt's on Windows) belongs to the
+    open file, so it ends with the process however the process ends: a run killed with SIGKILL
+    leaves a run.lock that the next run takes over. The file names its holder for the message
+    another run shows.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def try_acquire(cls, path: Path) -> "_RunLock | None":
+        """The lock, or None if another process (or another run of this one) holds it."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock_file(fd)
+            except OSError:
+                os.close(fd)
+                return None
+            try:  # a holder that finished may have deleted the file as we opened it: lock the one on disk
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return cls(path, fd)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def write_owner(self) -> None:
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"}
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, (json.dumps(owner) + "\n").encode())
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # before unlocking: a run waiting on this file retries on the new one
+        os.close(self.fd)
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _lock_file(fd: int) -> None:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+else:
+    import fcntl
+
+    def _lock_file(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def describe_holder(folder: Path) -> str:
+    """Who holds a folder's run.lock, from what the holder wrote in it."""
+    try:
+        owner = json.loads((folder / LOCK_NAME).read_text())
+        return (f"{owner['command']!r} (pid {owner['pid']} on {owner['host']}, started {owner['started']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+class _Taken(Exception):
+    """Another run holds the folder, or wrote a run into it first."""
+
+
+class RunDirectory:
+    """A run's folder, claimed for this run alone: `with RunDirectory(run) as run_dir:` (a Path).
+
+    The folder is `choose_run_dir`'s, held by a lock (`_RunLock`) from before the first file is
+    written until the run ends, however it ends. Two runs started together on the default folders
+    take runs/<task>-<mode> and -2; on the same --out, or resuming the same run, the second is
+    refused with the first one's pid and command. A claim nested in one thread (`train_model`
+    writing its texts, then `pretrain`) shares the outer one's lock. With several processes
+    (torchrun) only the first claims (`lock=True`); the others only read the name. On leaving, a
+    folder this run created and left empty is removed; after a stop or a divergence a line says
+    what the folder still holds.
+    """
+
+    _held = threading.local()  # the folders this thread holds
+
+    def __init__(self, run: RunConfig, lock: bool = True) -> None:
+        self.run, self.lock = run, lock
+        self.path = Path()
+        self._lock: _RunLock | None = None
+        self._created = self._owner = False
+
+    def __enter__(self) -> Path:
+        held = self._held.__dict__.setdefault("folders", set())
+        while True:
+            named = self.run.resume or self.run.out  # checked under the lock: "in use" comes first
+            self.path = _folder_of(Path(named)) if named and self.lock else choose_run_dir(self.run)
+            if os.path.abspath(self.path) in held or not self.lock:  # an outer claim holds it, or rank > 0
+                return self.path
+            try:
+                self._acquire()
+            except _Taken:
+                if self.run.resume or self.run.out:
+                    raise ConfigError(f"{self.path} is in use by another run, {describe_holder(self.path)}; two "
+                                      "runs never share a folder: wait for it to end (or stop it with Ctrl-C), or "
+                                      "choose another --out directory.") from None
+                continue  # a default folder another run took first: the next one
+            held.add(os.path.abspath(self.path))
+            self._owner = True
+            return self.path
+
+    def _acquire(self) -> None:
+        self._created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = _RunLock.try_acquire(self.path / LOCK_NAME)
+        except OSError as err:
+            self._remove_if_empty()
+            raise write_error(self.path / LOCK_NAME, err) from None
+        if self._lock is None:
+            raise _Taken()
+        try:
+            if not self.run.resume:  # checked again under the lock: another run may have written here meanwhile
+                if _earlier_run_files(self.path) and not self.run.out:
+                    raise _Taken()
+                _refuse_earlier_run(self.path)
+            self._lock.write_owner()
+            for stale in self.path.glob(".*.tmp*"):  # left by a writer killed mid-write (SIGKILL, power cut)
+                if _TEMPORARY.match(stale.name):
+                    stale.unlink()
+        except BaseException:
+            self._release()
+            raise
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if not self._owner:
+            return
+        self._held.folders.discard(os.path.abspath(self.path))
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C or SIGTERM outside the steps, or twice
+            tqdm.write(what_is_kept(self.path, stopped=True))
+        elif isinstance(error, Diverged):  # main.py prints the message: say there what survives
+            error.args = (f"{error} {what_is_kept(self.path, stopped=False)}",)
+        self._release()
+        self._owner = False
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._remove_if_empty()
+
+    def _remove_if_empty(self) -> None:
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only if empty: a run stopped before writing anything leaves nothing
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` got to its end last time, final measurements included (its
+    metrics.json says so); a run stopped during them resumes to take them."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("completed") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def what_is_kept(run_dir: Path, stopped: bool) -> str:
+    """After a run ends early: the checkpoint it can resume from, or that there is none."""
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        return f"nothing to resume in {run_dir}: the run ended before its first checkpoint."
+    when = time.strftime("%H:%M:%S", time.localtime(checkpoint.stat().st_mtime))
+    return f"{checkpoint} (written at {when}) is intact" + (
+        f": python main.py --resume {run_dir} continues from it." if stopped else
+        " and loadable (--task generate --checkpoint); a resumed run keeps its learning rate, so retrain with a "
+        "lower one.")
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop request (Ctrl-C, SIGTERM) outside the training steps: during setup, the final
+    evaluation, or the test answers. The pipeline saves what it has and ends."""
 
 
 def refuse_several_processes(task: str) -> None:
@@ -86,35 +304,57 @@ def refuse_several_processes(task: str) -> None:
 
 
 class StopRequest:
-    """Ctrl-C (or SIGTERM) during training asks the loop to finish its step, save and stop.
+    """Ctrl-C (or SIGTERM) asks the run to stop at its next safe point, save and end.
 
-    A second Ctrl-C interrupts at once, as usual. SIGTERM is what `torchrun` and job
-    schedulers send before they kill a process, so it saves too. Outside the main thread
-    (where Python cannot install signal handlers) this does nothing.
+    Inside `deferred()` (the training steps, writing a checkpoint) the request waits for the
+    step or the write to finish; elsewhere (setup, the final evaluation) it raises `Stopped` at
+    once, and the pipeline saves what it has. A second Ctrl-C interrupts at once, as usual.
+    SIGTERM is what `torchrun` and job schedulers send before they kill a process, so it saves
+    too. Outside the main thread (where Python cannot install signal handlers, e.g. the studio,
+    which sets `requested` itself) only `requested` is read.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.what = "stop"  # what asked: Ctrl-C, SIGTERM
         self._previous: dict[int, Any] = {}
+        self._waiting_for: list[str] = []  # the deferred sections now running, innermost last
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
         signal.signal(signum, self._previous[signum])  # a second signal behaves as usual
-        what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        tqdm.write(f"\n{what}: stopping after this step and saving a resumable checkpoint "
-                   f"({what} again quits at once).")
+        self.what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        if not self._waiting_for:
+            raise Stopped(self.what)
+        tqdm.write(f"\n{self.what}: stopping {self._waiting_for[-1]} and saving a resumable checkpoint "
+                   f"({self.what} again quits at once).")
+
+    @contextlib.contextmanager
+    def deferred(self, until: str) -> Iterator[None]:
+        """A section a stop request lets finish (`until` says when it stops: "after this step")."""
+        self._waiting_for.append(until)
+        try:
+            yield
+        finally:
+            self._waiting_for.pop()
+
+    def check(self) -> None:
+        """Raise `Stopped` if a stop was asked for while a deferred section ran."""
+        if self.requested:
+            raise Stopped(self.what)
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self._previous:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig, previous in self._previous.items():
-                signal.signal(sig, previous)
+                if signal.getsignal(sig) == self._handle:
+                    signal.signal(sig, previous)
         self._previous = {}
 
 
@@ -156,10 +396,62 @@ def save_weights(path: str | Path, model: torch.nn.Module, run: RunConfig, extra
 
 
 def _save_atomically(checkpoint: dict[str, Any], path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as file:  # through Python's file, so that a full disk is an OSError with its errno
+            torch.save(checkpoint, file)
+    return write_atomically(path, save)
+
+
+# ---------------------------------------------------------------------------------------
+# Files written whole or not at all
+# ---------------------------------------------------------------------------------------
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` writes the file's content to a temporary file beside `path`, which then
+    replaces `path` in one step: readers see the old file or the new one, never part of one.
+
+    The temporary name is unique to this write (two writers never share one), keeps the
+    extension (plots choose their format by it), and the file is removed if writing fails or is
+    interrupted. A full disk, a quota or a folder that cannot be written becomes one `WriteError`
+    that names the path and the free space; the file written before stays as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")  # see _TEMPORARY
+    try:  # created here, so that it has the permissions (umask) every other file gets
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:
+        raise write_error(path, err) from None
+    try:
+        write(tmp)
+        with open(tmp, "r+b") as file:  # on disk before it takes the name: a power cut keeps old or new
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = err if isinstance(err, OSError) else err.__context__  # torch.save wraps the OSError
+        if isinstance(err, (OSError, RuntimeError)) and isinstance(cause, OSError):
+            raise write_error(path, cause) from None
+        raise
     return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp(\.\w+)?$")  # write_atomically's names
+
+
+class WriteError(ConfigError):
+    """A run's file could not be written (a full disk, a quota, permissions); what was there stays."""
+
+
+def write_error(path: Path, err: OSError) -> WriteError:
+    """The message for a file that could not be written: why, how much room is left, what is kept."""
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free on the disk that holds {folder}"
+    except OSError:
+        free = f"the free space of {folder} is unknown"
+    return WriteError(f"could not write {path}: {err.strerror or err} ({free}). Make room or fix the folder's "
+                      f"permissions, or choose another --out. {what_is_kept(path.parent, stopped=True)}")
 
 
 def rng_states(world: Distributed) -> dict[str, Any]:
@@ -198,8 +490,11 @@ def restore_training(checkpoint: dict[str, Any], model: torch.nn.Module, optimiz
         setup.scaler.load_state_dict(checkpoint["scaler"])
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file, or the one inside a run directory, safely (tensors and plain data only)."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file, or the one inside a run directory, safely (tensors and plain data only).
+
+    `mmap=True` maps the tensors instead of reading them: cheap, for a look at the settings.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -207,15 +502,68 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"no checkpoint at {path}; point --resume / --checkpoint at a run "
                           "directory that holds checkpoint.pt (e.g. runs/pretrain-quick).")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
-        raise ConfigError(f"could not read the checkpoint {path}: it is corrupt or not a minigpt "
-                          f"checkpoint ({type(err).__name__}: {err}). Use another run directory, "
-                          "or delete it and train again.") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in str(err):  # pickled Python objects: not ours, and not safe to run
+            reason = "it holds Python objects besides tensors and plain data, which minigpt never unpickles"
+        raise ConfigError(f"could not read {path}: it is corrupt or not a minigpt checkpoint ({reason}). "
+                          "Use another run directory, or delete it and train again.") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a minigpt checkpoint (format "
                           f"{checkpoint.get('format') if isinstance(checkpoint, dict) else '?'!r}).")
     return checkpoint
+
+
+def resume_settings(resume: str | Path) -> dict[str, Any]:
+    """The saved settings a run resumes with: checkpoint.pt's own (they built its weights), checked
+    against config.json beside it. A config.json that cannot be read (cut short by a full disk) is
+    passed over with a note; one that describes another run is refused with what differs."""
+    path = Path(resume)
+    run_dir = path.parent if path.is_file() else path
+    if not (run_dir / CHECKPOINT_NAME).is_file() and not path.is_file():
+        what = "only files of a run that ended before its first checkpoint" if _earlier_run_files(run_dir) else \
+            "no checkpoint.pt" if run_dir.is_dir() else "nothing: the folder does not exist"
+        raise ConfigError(f"no run to resume in {resume}: it holds {what}. Point --resume at a run directory "
+                          "with a checkpoint.pt, such as runs/pretrain-quick.")
+    saved = load_checkpoint(path, mmap=True)["run"]
+    config = run_dir / "config.json"
+    try:
+        written = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        tqdm.write(f"note: {config} is missing; resuming with the settings stored in {CHECKPOINT_NAME}.")
+        return saved
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        tqdm.write(f"note: {config} cannot be read ({type(err).__name__}: {err}); resuming with the settings "
+                   f"stored in {CHECKPOINT_NAME}, and the run writes config.json anew.")
+        return saved
+    differences = _differences(saved, written)
+    if differences:
+        shown = "; ".join(f"{key}: {a!r} in {CHECKPOINT_NAME}, {b!r} in config.json" for key, a, b in differences[:4])
+        raise ConfigError(f"{CHECKPOINT_NAME} and config.json in {run_dir} describe different runs ({shown}"
+                          f"{f'; {len(differences) - 4} more' if len(differences) > 4 else ''}). Put back this "
+                          f"run's own {CHECKPOINT_NAME}, or delete config.json to resume with the checkpoint's "
+                          "settings (change them with flags such as --epochs, not in the file).")
+    return {**written, **saved}
+
+
+# What a resumed run may change (flags on --resume), so the two files may disagree on after a
+# resumed run was killed between writing its checkpoint and its config.json.
+_MAY_CHANGE = {"resume", "device", *(f"train.{key}" for key in RESUME_TRAIN_OVERRIDES)}
+
+
+def _differences(saved: dict[str, Any], written: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's, config.json's) for each setting of `saved` the two files disagree on."""
+    found = []
+    for key, value in saved.items():
+        other = written.get(key)
+        if prefix + key in _MAY_CHANGE:
+            continue
+        if isinstance(value, dict) and isinstance(other, dict):
+            found += _differences(value, other, f"{prefix}{key}.")
+        elif value != other and not (isinstance(value, (list, tuple)) and list(value) == other):
+            found.append((prefix + key, value, other))
+    return found
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,11 +658,13 @@ def load_ensemble(run):
     return ensemble, tokenizer, f"ensemble of {len(loaded)}: {members}", style
 
 
-def check_same_data(checkpoint: dict[str, Any] | None, fingerprint: str, run_dir: Path) -> None:
-    """A resumed run must train on the data it started with."""
+def check_same_data(checkpoint: dict[str, Any] | None, fingerprint: str, run_dir: Path, data: str | None) -> None:
+    """A resumed run must train on the data it started with (a resumed run reads the same path)."""
     if checkpoint is not None and checkpoint["data_sha256"] != fingerprint:
-        raise ConfigError(f"the data differs from what the run in {run_dir} started with; resume with the "
-                          "same --data, or start a new run.")
+        where = f"{data} has" if data else "the default data have"
+        raise ConfigError(f"the data differs from what the run in {run_dir} started with: {where} changed since "
+                          "(its SHA-256 is another). Put the original back to resume, or train on the new data "
+                          "in a new run (without --resume).")
 
 
 def fingerprint(items: Any) -> str:
@@ -343,7 +693,7 @@ def make_metrics(state: TrainState, model: GPTModel, completed: bool, final: tup
         "final_train_loss": final_train,
         "final_val_loss": final_val,
         "best_val_loss": min(val_points) if val_points else None,
-        "perplexity": math.exp(final_val) if final_val is not None else None,
+        "perplexity": perplexity(final_val) if final_val is not None else None,
         "tokens_per_sec": tokens_per_sec,
         "tflops_per_device": tflops,
         "mfu": tflops / setup.peak_tflops if tflops and setup.peak_tflops else None,
@@ -370,8 +720,21 @@ def make_metrics(state: TrainState, model: GPTModel, completed: bool, final: tup
     }
 
 
-def write_json(path: Path, values: dict[str, Any]) -> None:
-    path.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Path, values: Any) -> None:
+    """A JSON file, written atomically; numbers that overflowed (inf, nan) are written as the strings
+    "inf", "-inf" and "nan", which every JSON reader accepts."""
+    text = json.dumps(_finite(values), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def write_config(run_dir: Path, run: RunConfig, extra: dict[str, Any]) -> None:

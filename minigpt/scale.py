@@ -24,9 +24,10 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import ConfigError, GPTConfig, TrainConfig
 from minigpt.memory import (MIB, Trial, can_measure_peak, check_fits, estimate_training_memory,
                             find_micro_batch_size, free_memory_bytes, process_memory_bytes, step_trial)
+from minigpt.model import GPTModel
 from minigpt.train import StepSetup, calc_loss_batch
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +323,21 @@ def fit_micro_batch(model: torch.nn.Module, cfg: TrainConfig, world: Distributed
     note = (f"auto: micro-batch {micro} of {per_process} ({per_process // micro} accumulation step"
             f"{'s' if per_process // micro > 1 else ''}), {how}{cap}: {shown}")
     return replace(cfg, micro_batch_size=micro), note
+
+
+def check_before_building(model_cfg: GPTConfig, cfg: TrainConfig, world: Distributed, device: torch.device,
+                          precision: str, num_tokens: int) -> None:
+    """Refuse a model that cannot train on `device` before any of its weights is allocated.
+
+    The estimate reads the shapes of the model built on the meta device (no memory), for the
+    micro-batch the run asks for (one sequence under "auto", which measures the rest later).
+    """
+    with torch.device("meta"):
+        shapes = GPTModel(model_cfg)
+    micro = 1 if cfg.micro_batch_size == "auto" else micro_batch_size(cfg, world)
+    estimate = estimate_training_memory(shapes, micro, num_tokens, precision, device_type=device.type,
+                                        accumulating=micro < cfg.batch_size // world.world_size)
+    check_fits(estimate, device, cfg.batch_size, weights_allocated=False)
 
 
 def _check_estimate(model: torch.nn.Module, cfg: TrainConfig, world: Distributed, device: torch.device,

@@ -34,7 +34,7 @@ from minigpt.generation import stream_text
 from minigpt.memory import MIB, estimate_training_memory
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer, get_tokenizer
-from minigpt.runs import CHECKPOINT_NAME, StopRequest, load_model
+from minigpt.runs import CHECKPOINT_NAME, StopRequest, load_model, resume_settings
 from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.task_pretrain import pretrain
 
@@ -431,8 +431,7 @@ class Studio:
                 raise RuntimeError(f"run {busy.run_id} is still training; stop it first (one run at a time)")
             if not (path / CHECKPOINT_NAME).is_file():
                 raise LookupError(f"run {run_id} has no checkpoint to resume yet")
-            saved = json.loads((path / "config.json").read_text())
-            run = resolve_resume_config(saved, {"resume": str(path)})
+            run = resolve_resume_config(resume_settings(path), {"resume": str(path)})
             studio_run = self.runs.get(run_id) or StudioRun(run_id)
             self.runs[run_id] = studio_run
         studio_run.launch(run)

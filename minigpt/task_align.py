@@ -32,13 +32,13 @@ from minigpt.plot import plot_panels
 from minigpt.rlhf import (RLModels, RLSettings, Rollout, add_reward_head, arithmetic_records, bradley_terry_loss,
                           byte_tokenizer, dpo_batch_loss, evaluate_dpo, exact_match_rewards, grpo_update,
                           ppo_update, preference_accuracy, reward_scores, sample_responses, supervised_warmup)
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, StopRequest, check_same_data, choose_run_dir, device_row,
-                          fingerprint, load_checkpoint, load_model, optimizer_row, pick_device, print_rows,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, Stopped, check_same_data, device_row,
+                          finished, fingerprint, load_checkpoint, load_model, optimizer_row, pick_device, print_rows,
                           refuse_several_processes, restore_training, rng_states, run_dir_row, save_checkpoint,
-                          save_weights, speed_row, starting_point, write_config, write_json)
+                          save_weights, speed_row, starting_point, write_atomically, write_config, write_json)
 from minigpt.scale import ScaledSetup, scaled_setup
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
-from minigpt.train import learning_rate_at, make_optimizer, set_learning_rate
+from minigpt.train import Diverged, learning_rate_at, make_optimizer, set_learning_rate
 
 HELD_OUT_SHARE = 0.2  # ppo/grpo: the last fifth of the task's records measures the policy, never trains it
 MEASURED_PROMPTS = 100  # ppo/grpo: greedy answers to at most this many held-out (and training) prompts are scored
@@ -92,14 +92,21 @@ class _Align:
 # ---------------------------------------------------------------------------------------
 
 def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Module, Any, dict[str, Any], Path]:
-    """Align as `run` says (task reward, dpo, ppo or grpo), writing the run directory; returns
-    (model, tokenizer, metrics, run directory). One process."""
+    """Align as `run` says (task reward, dpo, ppo or grpo), writing the run directory (this run's alone
+    while it trains); returns (model, tokenizer, metrics, run directory). One process. A stopped run
+    returns with metrics["completed"] False and resumes with --resume."""
     refuse_several_processes(run.task)
-    checkpoint = load_checkpoint(run.resume) if run.resume else None
+    with RunDirectory(run) as run_dir, (stop or StopRequest()) as stop:
+        checkpoint = load_checkpoint(run.resume) if run.resume else None
+        return _align(run, checkpoint, run_dir, stop)
+
+
+def _align(run: RunConfig, checkpoint: dict[str, Any] | None, run_dir: Path,
+           stop: StopRequest) -> tuple[torch.nn.Module, Any, dict[str, Any], Path]:
     _check_start_exists(run, checkpoint)
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
-    job = _start(run, checkpoint, device)
+    job = _start(run, checkpoint, device, run_dir)
     state, before, warmup_losses = AlignState(), {}, []
     if checkpoint is not None:
         restore_training(checkpoint, job.model, job.optimizer, job.setup)
@@ -110,9 +117,8 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
         job.generator.set_state(checkpoint["generator"])
         before, warmup_losses = checkpoint["before"], checkpoint["warmup_losses"]
     method = make_method(job)
-    if state.step >= method.total_steps:
-        raise ConfigError(f"the run in {job.run_dir} already finished; start a new run (--out) to train further.")
-    job.run_dir.mkdir(parents=True, exist_ok=True)
+    if state.step >= method.total_steps and finished(run_dir):
+        raise ConfigError(f"the run in {run_dir} already finished; start a new run (--out) to train further.")
     _print_header(job, method, state)
     if job.warm_up:
         warmup_losses = _warm_up(job)
@@ -126,24 +132,36 @@ def align(run: RunConfig, stop: StopRequest | None = None) -> tuple[torch.nn.Mod
         saved = {**extra, "before": before, "warmup_losses": warmup_losses, "generator": job.generator.get_state(),
                  "reference": job.reference.state_dict() if job.reference is not None else None,
                  "critic": job.critic.state_dict() if job.critic is not None else None}
-        save_checkpoint(job.run_dir / CHECKPOINT_NAME, job.model, job.optimizer, state, job.run, saved,
+        save_checkpoint(run_dir / CHECKPOINT_NAME, job.model, job.optimizer, state, job.run, saved,
                         rng_states(job.setup.world), job.setup.scaler)
 
-    with (stop or StopRequest()) as stop:
-        _loop(job, method, state, lambda: stop.requested, lambda: save_weights(job.run_dir / BEST_NAME, job.model,
+    with stop.deferred("after this step"):
+        _loop(job, method, state, lambda: stop.requested, lambda: save_weights(run_dir / BEST_NAME, job.model,
                                                                                job.run, extra))
-    completed = state.step >= method.total_steps
-    save()
-    metrics: dict[str, Any] = {"completed": completed, "task": run.task, "steps": state.step,
+        save()  # the last step's, before the measurements after training
+    metrics: dict[str, Any] = {"completed": False, "task": run.task, "steps": state.step,
                                "elapsed_s": state.elapsed_s, "num_parameters": job.model.num_parameters(),
                                "device": str(device), "precision": job.setup.precision, "before": before,
                                "warmup_losses": warmup_losses, "history": state.history, "evals": state.evals}
-    if completed:
+    if state.step >= method.total_steps:
+        _measure_after(job, method, metrics, stop)
+    with stop.deferred("once the run's files are written"):
+        _write_files(job, method, state, metrics, extra)
+    return job.model, job.tokenizer, metrics, run_dir
+
+
+def _measure_after(job: _Align, method, metrics: dict[str, Any], stop: StopRequest) -> None:
+    """The held-out numbers after training into `metrics` (then "completed"), unless a stop request ends them."""
+    try:
+        stop.check()
         with job.setup.autocast():
-            metrics["after"] = method.measure()
-        print("after:  " + method.describe(metrics["after"]), flush=True)
-    _write_files(job, method, state, metrics, extra)
-    return job.model, job.tokenizer, metrics, job.run_dir
+            after = method.measure()
+    except Stopped:
+        tqdm.write(f"\n{stop.what}: the measurements after training stopped; {CHECKPOINT_NAME} holds every step, "
+                   "and --resume takes them.")
+        return
+    metrics.update(completed=True, after=after)
+    print("after:  " + method.describe(after), flush=True)
 
 
 def _check_start_exists(run: RunConfig, checkpoint: dict[str, Any] | None) -> None:
@@ -159,9 +177,8 @@ def _checked_rewards(run: RunConfig) -> bool:
     return run.task == "grpo" or (run.task == "ppo" and run.align.reward_model is None)
 
 
-def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.device) -> _Align:
+def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.device, run_dir: Path) -> _Align:
     """The start point, tokenizer, data, models, optimizer and step setup of the run."""
-    run_dir = choose_run_dir(run)
     checked = _checked_rewards(run)
     reward_model = reward_tokenizer = None
     if run.task == "ppo" and not checked:  # answers are written in the template the reward model learned to score
@@ -178,7 +195,7 @@ def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.devi
     if run.align.prompt_style == "chat":
         tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
     data = _task_data(run, tokenizer, checked)
-    check_same_data(checkpoint, data.fingerprint, run_dir)
+    check_same_data(checkpoint, data.fingerprint, run_dir, run.data)
     if reward_model is not None and reward_tokenizer.spec() != tokenizer.spec():
         raise ConfigError(f"the reward model in {run.align.reward_model} reads a different vocabulary "
                           f"({reward_tokenizer.name}, {reward_tokenizer.vocab_size:,} tokens) from the policy's "
@@ -242,7 +259,7 @@ def _loop(job: _Align, method, state: AlignState, should_stop: Callable[[], bool
         numbers = method.step(state.step)
         for key in ("loss", "reward"):
             if key in numbers and not math.isfinite(numbers[key]):
-                raise ConfigError(f"the {key} became {numbers[key]} at step {state.step + 1}; training "
+                raise Diverged(f"the {key} became {numbers[key]} at step {state.step + 1}; training "
                                   f"diverged. Start a new run with a lower learning_rate (now {cfg.learning_rate}).")
         state.step += 1
         state.history.append({"step": state.step, **numbers})
@@ -298,8 +315,8 @@ def _write_files(job: _Align, method, state: AlignState, metrics: dict[str, Any]
     write_json(run_dir / "metrics.json", metrics)
     files = [CHECKPOINT_NAME, "config.json", "metrics.json"] + ([BEST_NAME] if state.best is not None else [])
     if state.history:
-        method.plot(state, metrics["before"], metrics.get("after"), run_dir / f"{run.task}_curves.png",
-                    f"{run.task}, {run.mode} mode")
+        write_atomically(run_dir / f"{run.task}_curves.png", lambda path: method.plot(
+            state, metrics["before"], metrics.get("after"), path, f"{run.task}, {run.mode} mode"))
         files.append(f"{run.task}_curves.png")
     status = "finished" if metrics["completed"] else f"stopped early (resume with --resume {run_dir})"
     unit = "steps" if run.task in ("reward", "dpo") else "rounds"

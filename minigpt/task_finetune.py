@@ -7,7 +7,6 @@ after (accuracy and a confusion matrix; or the test instructions answered and sc
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, replace
 from functools import partial
@@ -30,11 +29,12 @@ from minigpt.finetune import (CLASSIFY_SPLIT, SFT_SPLIT, add_classification_head
 from minigpt.lora import save_adapter
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, StopRequest, check_same_data, choose_run_dir, device_row,
-                          fingerprint, load_checkpoint, load_model, make_metrics, optimizer_row, pick_device, print_rows,
-                          print_summary, refuse_several_processes, restore_training, rng_states, run_dir_row,
-                          save_checkpoint, save_weights, speed_row, starting_point, typed_lines, write_config,
-                          write_json)
+from minigpt.evaluate import perplexity
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, Stopped, check_same_data, device_row,
+                          finished, fingerprint, load_checkpoint, load_model, make_metrics, optimizer_row, pick_device,
+                          print_rows, print_summary, refuse_several_processes, restore_training, rng_states,
+                          run_dir_row, save_checkpoint, save_weights, speed_row, starting_point, typed_lines,
+                          write_atomically, write_config, write_json)
 from minigpt.scale import Distributed, ScaledSetup, fit_micro_batch, micro_batch_size, resolve_precision, scaled_setup
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
 from minigpt.train import Loaders, LoopEvents, TrainState, calc_loss_loader, make_optimizer, planned_steps, train_loop
@@ -190,17 +190,24 @@ class _Run:
 
 
 def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
-    """Fine-tune as `run` says (task classify or sft), writing the run directory; returns
-    (model, tokenizer, metrics, run directory). One process: torchrun is for pretraining."""
+    """Fine-tune as `run` says (task classify or sft), writing the run directory (this run's alone
+    while it trains); returns (model, tokenizer, metrics, run directory). One process: torchrun is
+    for pretraining. A stopped run returns with metrics["completed"] False and resumes with --resume."""
     refuse_several_processes(run.task)
-    checkpoint = load_checkpoint(run.resume) if run.resume else None
+    with RunDirectory(run) as run_dir, (stop or StopRequest()) as stop:
+        checkpoint = load_checkpoint(run.resume) if run.resume else None
+        return _finetune(run, checkpoint, run_dir, stop)
+
+
+def _finetune(run: RunConfig, checkpoint: dict[str, Any] | None, run_dir: Path,
+              stop: StopRequest) -> tuple[GPTModel, Any, dict[str, Any], Path]:
     device = pick_device(run.device)
     torch.manual_seed(run.seed)
-    job = _start(run, checkpoint, device)
+    job = _start(run, checkpoint, device, run_dir)
     run, model, cfg = job.run, job.model, job.run.train
     optimizer = make_optimizer(model, cfg)  # frozen weights get no gradient, so AdamW keeps no state for them
     cfg, memory_note = _fit(job, cfg)
-    run = replace(run, train=cfg)
+    run = job.run = replace(run, train=cfg)
     loaders, test_loader = _loaders(job.data, cfg, run.seed)
     total_steps = planned_steps(cfg, loaders.train.sampler.steps_per_epoch)
     setup, compile_note = scaled_setup(model, cfg, device)
@@ -208,10 +215,9 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
     if checkpoint is not None:
         restore_training(checkpoint, model, optimizer, setup)
         state, before = TrainState(**checkpoint["state"]), checkpoint.get("before", {})
-        if state.epoch >= cfg.num_epochs or state.global_step >= total_steps:
-            raise ConfigError(f"the run in {job.run_dir} already finished; raise --epochs to train it further.")
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    _print_header(replace(job, run=run), setup, state, loaders, total_steps, [compile_note, memory_note],
+        if (state.epoch >= cfg.num_epochs or state.global_step >= total_steps) and finished(run_dir):
+            raise ConfigError(f"the run in {run_dir} already finished; raise --epochs to train it further.")
+    _print_header(job, setup, state, loaders, total_steps, [compile_note, memory_note],
                   optimizer.defaults.get("fused", False))
     if not before:  # where fine-tuning starts: the numbers it should move
         before = measure(model, loaders, test_loader, setup, job.data.labels)
@@ -220,27 +226,27 @@ def finetune(run: RunConfig, stop: StopRequest | None = None) -> tuple[GPTModel,
              "labels": job.data.labels, "before": before}
 
     def save() -> None:
-        save_checkpoint(job.run_dir / CHECKPOINT_NAME, model, optimizer, state, run, extra,
+        save_checkpoint(run_dir / CHECKPOINT_NAME, model, optimizer, state, run, extra,
                         rng_states(_ONE_PROCESS), setup.scaler)
 
-    with (stop or StopRequest()) as stop:
-        events = LoopEvents(should_stop=lambda: stop.requested, epoch_end=save,
-                            best=lambda: save_weights(job.run_dir / BEST_NAME, model, run, extra),
-                            epoch_note=_epoch_note(replace(job, run=run), loaders, setup))
+    events = LoopEvents(should_stop=lambda: stop.requested, epoch_end=save,
+                        best=lambda: save_weights(run_dir / BEST_NAME, model, run, extra),
+                        epoch_note=_epoch_note(job, loaders, setup))
+    with stop.deferred("after this step"):
         completed = train_loop(model, optimizer, loaders, cfg, state, setup, events, run.log_every)
-    save()
-    metrics = make_metrics(state, model, completed, None, run, setup, compile_note)
-    files = _finish(replace(job, run=run), metrics, completed, loaders, test_loader, setup, before)
-    _write_files(job.run_dir, run, metrics, extra)
-    print_summary(metrics, job.run_dir, completed, files)
-    if completed:
+        save()  # the last step's, before the measurements after training (minutes for sft's answers)
+    metrics = {**make_metrics(state, model, False, None, run, setup, compile_note), "before": before}
+    answered = _measure_after(job, metrics, loaders, test_loader, setup, stop) if completed else None
+    with stop.deferred("once the run's files are written"):
+        files = _write_files(job, metrics, extra, answered)
+    print_summary(metrics, run_dir, metrics["completed"], files)
+    if metrics["completed"]:
         _print_task_summary(metrics, run.task)
-    return model, job.tokenizer, metrics, job.run_dir
+    return model, job.tokenizer, metrics, run_dir
 
 
-def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.device) -> _Run:
+def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.device, run_dir: Path) -> _Run:
     """The start point, the tokenizer, the data and the model, built as the task and settings say."""
-    run_dir = choose_run_dir(run)
     labels = checkpoint.get("labels") if checkpoint else None
     if checkpoint is not None:
         base, tokenizer, origin = None, tokenizer_from_spec(checkpoint["tokenizer_spec"]), "its checkpoint"
@@ -252,7 +258,7 @@ def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.devi
         tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
     data = (prepare_classification(run, tokenizer, labels) if run.task == "classify"
             else prepare_instructions(run, tokenizer))
-    check_same_data(checkpoint, data.fingerprint, run_dir)
+    check_same_data(checkpoint, data.fingerprint, run_dir, run.data)
     if base is not None:  # the starting weights decide the architecture; the mode, the dropout
         model = GPTModel(replace(base.cfg, drop_rate=run.model.drop_rate)).to(device)
         model.load_state_dict(base.state_dict())
@@ -354,47 +360,59 @@ def _epoch_note(job: _Run, loaders: Loaders, setup: ScaledSetup) -> Callable[[in
     return note
 
 
-def _finish(job: _Run, metrics: dict[str, Any], completed: bool, loaders: Loaders, test_loader: DataLoader,
-            setup: ScaledSetup, before: dict[str, Any]) -> list[str]:
-    """After a completed run: every split measured, the test instructions answered; the files to list."""
+def _measure_after(job: _Run, metrics: dict[str, Any], loaders: Loaders, test_loader: DataLoader,
+                   setup: ScaledSetup, stop: StopRequest) -> list[dict[str, Any]] | None:
+    """After training: every split measured and, for sft, the test instructions answered and scored,
+    into `metrics` (then "completed"); the answers. A stop request leaves `metrics` as it was."""
     run, model = job.run, job.model
-    files = [CHECKPOINT_NAME, "config.json", "metrics.json", "training_losses.png"]
-    if completed:
+    try:
+        stop.check()
         after = measure(model, loaders, test_loader, setup, job.data.labels, with_train=True)
         print("after fine-tuning:  " + _describe(after), flush=True)
-        metrics.update(final_train_loss=after["train_loss"], final_val_loss=after["val_loss"],
-                       best_val_loss=min(metrics["val_losses"] + [after["val_loss"]]),
-                       # perplexity reads a language model's loss; a classifier's loss is over classes
-                       perplexity=math.exp(after["val_loss"]) if run.task == "sft" else None)
-        metrics.update(before=before, after=after)
-        if run.task == "sft":
-            answered = answer_test_set(model, job.tokenizer, job.data.test_records, run.finetune)
-            metrics["test_scores"] = score_responses(answered, run.finetune)
-            write_json(job.run_dir / RESPONSES_NAME, answered)  # a list, written as JSON like the rest
-            files.append(RESPONSES_NAME)
+        answered = answer_test_set(model, job.tokenizer, job.data.test_records, run.finetune) \
+            if run.task == "sft" else None
+    except Stopped:
+        tqdm.write(f"\n{stop.what}: the measurements after training stopped; {CHECKPOINT_NAME} holds every "
+                   "training step, and --resume takes them.")
+        return None
+    metrics.update(completed=True, final_train_loss=after["train_loss"], final_val_loss=after["val_loss"],
+                   best_val_loss=min(metrics["val_losses"] + [after["val_loss"]]), after=after,
+                   # perplexity reads a language model's loss; a classifier's loss is over classes
+                   perplexity=perplexity(after["val_loss"]) if run.task == "sft" else None)
+    if answered is not None:
+        metrics["test_scores"] = score_responses(answered, run.finetune)
+    return answered
+
+
+def _write_files(job: _Run, metrics: dict[str, Any], extra: dict[str, Any],
+                 answered: list[dict[str, Any]] | None) -> list[str]:
+    """The adapter (LoRA), the test answers (sft), config.json, metrics.json and the plots; their names."""
+    run, run_dir = job.run, job.run_dir
+    files = [CHECKPOINT_NAME, "config.json", "metrics.json"]
     if run.finetune.trainable == "lora":
-        save_adapter(model, job.run_dir / ADAPTER_NAME, {"rank": run.finetune.lora_rank,
-                                                         "alpha": run.finetune.lora_alpha,
-                                                         "targets": list(run.finetune.lora_targets)})
+        settings = {"rank": run.finetune.lora_rank, "alpha": run.finetune.lora_alpha,
+                    "targets": list(run.finetune.lora_targets)}
+        write_atomically(run_dir / ADAPTER_NAME, lambda path: save_adapter(job.model, path, settings))
         files.append(ADAPTER_NAME)
-    if run.task == "classify" and metrics["samples"]:
-        files.append("accuracy.png")
-    return files
-
-
-def _write_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extra: dict[str, Any]) -> None:
+    if answered is not None:
+        write_json(run_dir / RESPONSES_NAME, answered)  # a list, written as JSON like the rest
+        files.append(RESPONSES_NAME)
     write_config(run_dir, run, {"labels": extra["labels"], "tokenizer_spec": extra["tokenizer_spec"],
                                 "data_sha256": extra["data_sha256"]})
     write_json(run_dir / "metrics.json", metrics)
     if metrics["batch_losses"]:
         final = (metrics["steps"], metrics["final_train_loss"], metrics["final_val_loss"]) if "after" in metrics else None
-        plot_losses(metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"],
-                    run_dir / "training_losses.png", batch_losses=metrics["batch_losses"], final=final,
-                    title=f"{run.task}, {run.mode} mode: loss")
+        write_atomically(run_dir / "training_losses.png", lambda path: plot_losses(
+            metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"], path,
+            batch_losses=metrics["batch_losses"], final=final, title=f"{run.task}, {run.mode} mode: loss"))
+        files.append("training_losses.png")
     if run.task == "classify" and metrics["samples"]:
         points = [(0, metrics["before"]["val_report"]["accuracy"], None)] if metrics.get("before") else []
         points += [(s["step"], s["val_accuracy"], s["train_accuracy"]) for s in metrics["samples"]]
-        plot_accuracy(points, run_dir / "accuracy.png", title=f"classify, {run.mode} mode: accuracy")
+        write_atomically(run_dir / "accuracy.png", lambda path: plot_accuracy(
+            points, path, title=f"classify, {run.mode} mode: accuracy"))
+        files.append("accuracy.png")
+    return files
 
 
 def _print_task_summary(metrics: dict[str, Any], task: str) -> None:
@@ -414,7 +432,13 @@ def _print_task_summary(metrics: dict[str, Any], task: str) -> None:
 
 def run_classify(run: RunConfig) -> None:
     """Fine-tune a classifier; or, given a classifier's run directory, classify texts with it."""
-    if not (run.checkpoint and load_checkpoint(run.checkpoint)["run"]["task"] == "classify"):
+    task = load_checkpoint(run.checkpoint, mmap=True)["run"]["task"] if run.checkpoint else None
+    if task != "classify":
+        if run.prompt is not None:
+            source = f"{run.checkpoint} holds a {task} run, not a classifier" if run.checkpoint else "no --checkpoint"
+            raise ConfigError(f"--prompt classifies a text with a trained classifier, and {source}. Give a "
+                              "--task classify run directory with --checkpoint, or drop --prompt to fine-tune a "
+                              "classifier first.")
         finetune(run)
         return
     model, tokenizer, saved = load_model(run.checkpoint, pick_device(run.device))
@@ -429,4 +453,7 @@ def run_classify(run: RunConfig) -> None:
     print(f"Type a text and press Enter: the classifier in {run.checkpoint} names its class. "
           "An empty line or Ctrl-D quits.", file=sys.stderr)
     for text in typed_lines():
-        show(text)
+        try:
+            show(text)
+        except ConfigError as err:  # a text this tokenizer cannot read: say why, and keep listening
+            print(f"error: {err}", file=sys.stderr, flush=True)

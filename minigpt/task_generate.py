@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from minigpt.config import GENERATION_DEFAULTS, RunConfig
+from minigpt.config import GENERATION_DEFAULTS, ConfigError, RunConfig
 from minigpt.data import format_prompt
 from minigpt.generation import generate_text, stream_text
 from minigpt.model import GPTModel
@@ -74,3 +74,5 @@ def run_generate(run: RunConfig) -> None:
             answer(prompt)
         except KeyboardInterrupt:
             print(" [stopped]", flush=True)
+        except ConfigError as err:  # e.g. a character the model's vocabulary lacks: say why, keep listening
+            print(f"error: {err}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
@@ -26,12 +27,12 @@ from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_pat
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, StopRequest, check_same_data, choose_run_dir,
-                          device_row, load_checkpoint, make_metrics, optimizer_row, pick_device, print_rows,
-                          print_summary, restore_training, rng_states, run_dir_row, save_checkpoint, save_weights,
-                          speed_row, write_config, write_json)
-from minigpt.scale import (Distributed, ScaledSetup, fit_micro_batch, micro_batch_size, resolve_precision,
-                           scaled_setup, start_distributed)
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest, Stopped,
+                          check_same_data, device_row, finished, load_checkpoint, make_metrics, optimizer_row,
+                          pick_device, print_rows, print_summary, restore_training, rng_states, run_dir_row,
+                          save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json)
+from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
+                           resolve_precision, scaled_setup, start_distributed)
 from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
 from minigpt.train import Loaders, LoopEvents, TrainState, evaluate_model, make_optimizer, planned_steps, train_loop
 
@@ -167,28 +168,32 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None,
              on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[GPTModel, Any, dict[str, Any], Path]:
     """Train a GPT as `run` says, writing the run directory; returns (model, tokenizer, metrics, dir).
 
-    `stop` lets a caller ask the run to stop and save (the studio's Stop button; Ctrl-C does it
-    too); `on_event(event)` receives the start, each log line and each sample as a dict.
+    The directory is this run's alone while it trains (`RunDirectory`). `stop` lets a caller ask
+    the run to stop and save (the studio's Stop button; Ctrl-C and SIGTERM do it too); a stopped
+    run returns with metrics["completed"] False and resumes with --resume. `on_event(event)`
+    receives the start, each log line and each sample as a dict.
     """
-    checkpoint = load_checkpoint(run.resume) if run.resume else None
     world, device = start_distributed(pick_device(run.device))
     try:
-        return _pretrain(run, checkpoint, world, device, stop or StopRequest(), on_event)
+        with RunDirectory(run, lock=world.is_main) as run_dir, (stop or StopRequest()) as stop:
+            checkpoint = load_checkpoint(run.resume) if run.resume else None
+            return _pretrain(run, checkpoint, world, device, stop, on_event, run_dir)
     finally:
         if world.active:
             dist.destroy_process_group()
 
 
 def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed, device: torch.device,
-              stop: StopRequest, on_event: Callable[[dict[str, Any]], None] | None
+              stop: StopRequest, on_event: Callable[[dict[str, Any]], None] | None, run_dir: Path
               ) -> tuple[GPTModel, Any, dict[str, Any], Path]:
-    run_dir = choose_run_dir(run)
     torch.manual_seed(run.seed)
     corpus = prepare_corpus(run, checkpoint, world)
-    check_same_data(checkpoint, corpus.fingerprint, run_dir)
+    check_same_data(checkpoint, corpus.fingerprint, run_dir, run.data)
     tokenizer = corpus.tokenizer
     run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
     _check_start_context(run.train.start_context, tokenizer)
+    precision = resolve_precision(run.train.precision, device)
+    check_before_building(run.model, run.train, world, device, precision, run.train.max_length)
     model = GPTModel(run.model).to(device)
     optimizer = make_optimizer(model, run.train)
 
@@ -196,8 +201,8 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         ids = torch.randint(tokenizer.vocab_size, (size, run.train.max_length), device=device)
         return ids, ids
 
-    cfg, memory_note = fit_micro_batch(model, run.train, world, device, resolve_precision(run.train.precision, device),
-                                       random_windows_of, run.train.max_length)
+    cfg, memory_note = fit_micro_batch(model, run.train, world, device, precision, random_windows_of,
+                                       run.train.max_length)
     run = replace(run, train=cfg)
     loaders, random_windows = make_loaders(corpus, cfg, world, run.seed)
     # A token file may hold billions of tokens: the final evaluation then reads a fixed sample.
@@ -209,30 +214,44 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(tokenizer, BPETokenizer) and tokenizer.source != "gpt2":
-            tokenizer.save(run_dir / TOKENIZER_NAME)  # readable, and reusable: TOKENIZER = "<run>/tokenizer.bpe"
+            write_atomically(run_dir / TOKENIZER_NAME, tokenizer.save)  # reusable: TOKENIZER = "<run>/tokenizer.bpe"
         header = _Header(corpus, loaders, total_steps, random_windows, final_eval_batches, memory_note,
                          compile_note, optimizer.defaults.get("fused", False))
         print_header(run, model, setup, state, run_dir, header)
         if on_event is not None:
             on_event({"type": "start", "run_dir": str(run_dir), "total_steps": total_steps,
-                            "steps_per_epoch": loaders.train.sampler.steps_per_epoch, "step": state.global_step,
-                            "parameters": model.num_parameters(), "memory": memory_note})
+                      "steps_per_epoch": loaders.train.sampler.steps_per_epoch, "step": state.global_step,
+                      "parameters": model.num_parameters(), "memory": memory_note})
     files = _RunFiles(run_dir, run, model, optimizer, state, setup, corpus, compile_note)
-    with stop:
-        events = LoopEvents(should_stop=lambda: stop.requested, epoch_end=lambda: files.save(completed=False),
-                            best=files.save_best, epoch_note=_sample_note(model, tokenizer, cfg.start_context),
-                            on_event=on_event if world.is_main else None)
+    events = LoopEvents(should_stop=lambda: stop.requested, epoch_end=files.save, best=files.save_best,
+                        epoch_note=_sample_note(model, tokenizer, cfg.start_context),
+                        on_event=on_event if world.is_main else None)
+    with stop.deferred("after this step"):
         completed = train_loop(model, optimizer, loaders, cfg, state, setup, events, run.log_every)
+        files.save_checkpoint()  # the last step's, before the final evaluation (minutes on a large text)
     final = None
     if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
-        with setup.autocast():
-            final = evaluate_model(model, loaders.train_eval, loaders.val, device, final_eval_batches)
-    metrics = files.save(completed, final)
+        final = _final_evaluation(model, loaders, setup, stop, final_eval_batches)
+    with stop.deferred("once the run's files are written"):
+        metrics = files.write(completed and final is not None, final)
     if world.is_main:
-        print_summary(metrics, run_dir, completed)
+        print_summary(metrics, run_dir, metrics["completed"])
     return model, tokenizer, metrics, run_dir
+
+
+def _final_evaluation(model: GPTModel, loaders: Loaders, setup: ScaledSetup, stop: StopRequest,
+                      batches: int | None) -> tuple[float, float] | None:
+    """The train and validation losses of the trained model; None if a stop request cut them short."""
+    try:
+        stop.check()
+        with setup.autocast():
+            return evaluate_model(model, loaders.train_eval, loaders.val, setup.device, batches)
+    except Stopped:
+        if setup.is_main:
+            tqdm.write(f"\n{stop.what}: final evaluation stopped; {CHECKPOINT_NAME} holds every training step, and "
+                       "--resume runs the evaluation.")
+        return None
 
 
 def _check_start_context(start_context: str, tokenizer) -> None:
@@ -253,7 +272,7 @@ def _restore_or_seed(checkpoint: dict[str, Any] | None, model: GPTModel, optimiz
         return TrainState()
     restore_training(checkpoint, model, optimizer, setup)
     state = TrainState(**checkpoint["state"])
-    if state.epoch >= run.train.num_epochs or state.global_step >= total_steps:
+    if (state.epoch >= run.train.num_epochs or state.global_step >= total_steps) and finished(run_dir):
         raise ConfigError(f"the run in {run_dir} already finished {state.global_step} steps "
                           f"({state.epoch} epochs); raise --epochs (or --max-steps, if it set "
                           "one) to train it further.")
@@ -277,12 +296,20 @@ class _RunFiles:
         self.state, self.setup, self.corpus, self.compile_note = state, setup, corpus, compile_note
         self.extra = {"tokenizer_spec": corpus.tokenizer.spec(), "data_sha256": corpus.fingerprint}
 
-    def save(self, completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
+    def save(self) -> None:
+        """A resumable checkpoint and the files that describe it (at an epoch's end)."""
+        self.save_checkpoint()
+        self.write(completed=False)
+
+    def save_checkpoint(self) -> None:
         rng = rng_states(self.setup.world)  # every process takes part in gathering the random states
-        metrics = make_metrics(self.state, self.model, completed, final, self.run, self.setup, self.compile_note)
         if self.setup.is_main:
             save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.model, self.optimizer, self.state, self.run,
                             self.extra, rng, self.setup.scaler)
+
+    def write(self, completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
+        metrics = make_metrics(self.state, self.model, completed, final, self.run, self.setup, self.compile_note)
+        if self.setup.is_main:
             write_run_files(self.run_dir, self.run, metrics, self.extra, len(self.corpus.train_ids),
                             len(self.corpus.val_ids))
         return metrics
@@ -305,10 +332,10 @@ def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extr
         final = None
         if metrics["completed"]:
             final = (metrics["steps"], metrics["final_train_loss"], metrics["final_val_loss"])
-        plot_losses(metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"],
-                    run_dir / "training_losses.png", batch_losses=metrics["batch_losses"],
-                    tokens_per_step=run.train.batch_size * run.train.max_length, final=final,
-                    title=f"{run.task}, {run.mode} mode ({run.model_name})")
+        write_atomically(run_dir / "training_losses.png", lambda path: plot_losses(
+            metrics["eval_steps"], metrics["train_losses"], metrics["val_losses"], path,
+            batch_losses=metrics["batch_losses"], tokens_per_step=run.train.batch_size * run.train.max_length,
+            final=final, title=f"{run.task}, {run.mode} mode ({run.model_name})"))
 
 
 @dataclass
@@ -397,13 +424,13 @@ def train_model(texts: list[str] | None = None, data: str | None = None, model: 
                     train=TrainConfig(num_epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, **train),
                     data=data, out=out, **{"tokenizer": "gpt2", "bpe_vocab_size": 1024, "seed": 123, **run_values})
     check_max_length(run.train, cfg, "lower max_length or raise context_length.")
-    run_dir = choose_run_dir(run)
-    if texts is not None:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not "".join(texts).strip():
-            raise ConfigError("texts must be a list of non-empty strings, e.g. texts=[\"first document\", ...].")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "texts.txt"
-        path.write_text("\n\n".join(texts), encoding="utf-8")
-        run = replace(run, data=str(path))
-    model_out, tokenizer_out, metrics, _ = pretrain(replace(run, out=str(run_dir)))
+    if texts is not None and (isinstance(texts, str) or not all(isinstance(t, str) for t in texts)
+                              or not "".join(texts).strip()):
+        raise ConfigError("texts must be a list of non-empty strings, e.g. texts=[\"first document\", ...].")
+    with RunDirectory(run) as run_dir:  # claimed before the texts are written into it
+        if texts is not None:
+            path = run_dir / "texts.txt"
+            write_atomically(path, lambda tmp: tmp.write_text("\n\n".join(texts), encoding="utf-8"))
+            run = replace(run, data=str(path))
+        model_out, tokenizer_out, metrics, _ = pretrain(replace(run, out=str(run_dir)))
     return model_out, tokenizer_out, metrics

@@ -630,8 +630,8 @@ class CharTokenizer:
         except KeyError as err:
             raise ConfigError(
                 f"character {err.args[0]!r} does not occur in the text this character-level "
-                "tokenizer was built from; remove it from the prompt, or train with "
-                "--tokenizer gpt2, which can encode any text.") from None
+                "tokenizer was built from, so it has no token for it: use only characters of that text, "
+                "or train with --tokenizer gpt2, which can encode any text.") from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)

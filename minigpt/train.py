@@ -232,6 +232,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 # The loop
 # ---------------------------------------------------------------------------------------
 
+class Diverged(ConfigError):
+    """The loss stopped being a number (nan, inf): training cannot go on from these weights."""
+
+
 @dataclass
 class TrainState:
     """Everything that changes while training and must survive a stop and a resume."""
@@ -319,7 +323,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: list,
     result = train_step(runner, optimizer, batch, setup, cfg.grad_clip)
     batch_loss, stopping, tokens = setup.agree(result.loss, stop, sum(inputs.numel() for inputs, _ in batch))
     if not math.isfinite(batch_loss):
-        raise ConfigError(
+        raise Diverged(
             f"the loss became {batch_loss} at step {state.global_step + 1} (learning rate "
             f"{optimizer.param_groups[0]['lr']:.2e}); training diverged. Start a new run with a lower "
             f"learning_rate (now {cfg.learning_rate}) or with grad_clip set (e.g. 1.0).")
