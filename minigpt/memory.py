@@ -226,15 +226,14 @@ def check_fits(estimate: MemoryEstimate, device: torch.device, batch_size: int,
     (a model built on the meta device, to refuse it before allocating it), they are.
     """
     free, what = free_memory_bytes(device)
-    if free is not None and not weights_allocated:
-        free += estimate.weights  # as if they were already held, as below
-    if free is None or estimate.total - estimate.weights <= free:
+    held = estimate.weights if weights_allocated else 0
+    if free is None or estimate.total - held <= free:
         return free
     rows = estimate.rows()
     width = max(len(name) for name, _ in rows)
     table = "\n".join(f"    {name:<{width}}  {value:>14}" for name, value in rows)
     per_sequence = estimate.per_sequence
-    room = free - (estimate.states - estimate.weights)
+    room = free - (estimate.states - held)
     if room >= per_sequence and estimate.micro_batch > 1:
         fitting = max(d for d in divisors(batch_size) if d * per_sequence <= room)  # 1 always fits here
         advice = (f"a smaller micro-batch keeps the batch of {batch_size} through gradient accumulation: "

@@ -216,9 +216,10 @@ class RunDirectory:
                 self._acquire()
             except _Taken:
                 if self.run.resume or self.run.out:
+                    instead = "then resume it" if self.run.resume else "or choose another --out directory"
                     raise ConfigError(f"{self.path} is in use by another run, {describe_holder(self.path)}; two "
-                                      "runs never share a folder: wait for it to end (or stop it with Ctrl-C), or "
-                                      "choose another --out directory.") from None
+                                      "runs never share a folder: wait for it to end (or stop it with Ctrl-C), "
+                                      f"{instead}.") from None
                 continue  # a default folder another run took first: the next one
             held.add(os.path.abspath(self.path))
             self._owner = True

@@ -448,7 +448,8 @@ class Studio:
         return {"run_id": run_id, "status": status, "task": config.get("task"), "model": config.get("model_name"),
                 "parameters": metrics.get("num_parameters"), "steps": metrics.get("steps"),
                 "final_val_loss": metrics.get("final_val_loss"), "best_val_loss": metrics.get("best_val_loss"),
-                "created": path.stat().st_mtime, "error": live.error if live is not None else None}
+                "created": path.stat().st_mtime if path.exists() else live.started if live is not None else 0.0,
+                "error": live.error if live is not None else None}
 
     def list_runs(self) -> list[dict[str, Any]]:
         if not self.runs_dir.is_dir():
@@ -534,6 +535,7 @@ class StudioRun:
     events: list[dict[str, Any]] = field(default_factory=list)
     stop_request: StopRequest | None = None
     changed: threading.Condition = field(default_factory=threading.Condition)
+    started: float = field(default_factory=time.time)  # a run that failed before writing has no folder to date
 
     def emit(self, event: dict[str, Any]) -> None:
         with self.changed:

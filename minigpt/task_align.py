@@ -36,7 +36,7 @@ from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest,
                           finished, fingerprint, load_checkpoint, load_model, optimizer_row, pick_device, print_rows,
                           refuse_several_processes, restore_training, rng_states, run_dir_row, save_checkpoint,
                           save_weights, speed_row, starting_point, write_atomically, write_config, write_json)
-from minigpt.scale import ScaledSetup, scaled_setup
+from minigpt.scale import Distributed, ScaledSetup, check_before_building, resolve_precision, scaled_setup
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
 from minigpt.train import Diverged, learning_rate_at, make_optimizer, set_learning_rate
 
@@ -216,7 +216,10 @@ def _build_models(run: RunConfig, start: GPTModel | None, tokenizer, device: tor
         run = replace(run, model_name=run.pretrained or run.checkpoint)
         grow_vocabulary(model, tokenizer.vocab_size)
     else:
-        model = GPTModel(replace(run.model, vocab_size=tokenizer.vocab_size, drop_rate=0.0)).to(device)
+        shape = replace(run.model, vocab_size=tokenizer.vocab_size, drop_rate=0.0)
+        check_before_building(shape, run.train, Distributed(), device, resolve_precision(run.train.precision, device),
+                              run.train.max_length)
+        model = GPTModel(shape).to(device)
     if run.task == "reward":
         add_reward_head(model)
     run = replace(run, model=model.cfg)

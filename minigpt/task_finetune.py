@@ -35,7 +35,8 @@ from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest,
                           print_rows, print_summary, refuse_several_processes, restore_training, rng_states,
                           run_dir_row, save_checkpoint, save_weights, speed_row, starting_point, typed_lines,
                           write_atomically, write_config, write_json)
-from minigpt.scale import Distributed, ScaledSetup, fit_micro_batch, micro_batch_size, resolve_precision, scaled_setup
+from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
+                           resolve_precision, scaled_setup)
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
 from minigpt.train import Loaders, LoopEvents, TrainState, calc_loss_loader, make_optimizer, planned_steps, train_loop
 
@@ -269,6 +270,8 @@ def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.devi
         choose_trainable(model, run.finetune, new_head=run.task == "classify")
     else:
         run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
+        check_before_building(run.model, run.train, _ONE_PROCESS, device, resolve_precision(run.train.precision, device),
+                              run.train.max_length)  # an upper bound for a classifier, whose head is smaller
         model = build_model(run, data.labels)
     run = replace(run, model=model.cfg)  # what build_model rebuilds from the checkpoint
     check_max_length(run.train, model.cfg, f"lower max_length to at most {model.cfg.context_length}.")

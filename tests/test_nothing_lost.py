@@ -368,3 +368,31 @@ def test_resuming_on_changed_data_says_the_file_changed(tmp_path, text_file):
     with pytest.raises(ConfigError) as caught:
         pretrain(resolve_resume_config(resume_settings(run_dir), {"resume": str(run_dir)}))
     assert f"{text_file} has changed" in str(caught.value) and "same --data" not in str(caught.value)
+
+
+STUDIO_START = """
+import json, resource, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import minigpt.memory
+from minigpt.studio import create_app, presets
+minigpt.memory.free_memory_bytes = lambda device: (2 * 2**30, "simulated: 2 GiB free")
+client = create_app(sys.argv[2] + "/runs", sys.argv[2] + "/uploads").test_client()
+graph = next(p["graph"] for p in presets() if p["name"] == "gpt2-xl")
+run_id = client.post("/api/runs", json={"graph": graph}).get_json()["run_id"]
+deadline = time.time() + 120
+while any(t.name.startswith("studio-") for t in threading.enumerate()) and time.time() < deadline:
+    time.sleep(0.05)  # the training thread has ended
+print(json.dumps({**client.get(f"/api/runs/{run_id}").get_json(),
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_the_studio_refuses_a_model_too_large_before_allocating_it(tmp_path, verdict_text):
+    """gpt2-xl's 1.6 billion weights (6 GB in fp32) on a device with 2 GiB free: before the check ran
+    first, the process grew to 6.6 GB to build them and then refused."""
+    result = subprocess.run([sys.executable, "-c", STUDIO_START, str(ROOT), str(tmp_path)], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["status"] == "failed" and "training needs about" in info["error"], info
+    assert info["peak_mib"] < 1500, f"{info['peak_mib']:.0f} MiB: the weights were allocated before the check"
