@@ -301,7 +301,9 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
     split_at = int(train_ratio * total_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "val": 0}
-    outputs = {split: open(folder / f"{split}.bin.tmp", "wb") for split in counts}
+    # Names of this process's own: two runs tokenizing the same corpus at once never write into one file.
+    partial = {split: folder / f"{split}.bin.{os.getpid()}.tmp" for split in counts}
+    outputs = {split: open(partial[split], "wb") for split in counts}
 
     def append(split: str, ids: list[int]) -> None:
         np.asarray(ids, dtype=dtype).tofile(outputs[split])
@@ -328,15 +330,21 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
                         write("train" if done < split_at else "val", piece)
                     done += size
                     bar.update(size)
-    finally:
-        for handle in outputs.values():
+    except BaseException:  # stopped or failed: leave no partial file behind
+        for split, handle in outputs.items():
             handle.close()
+            partial[split].unlink(missing_ok=True)
+        raise
+    for handle in outputs.values():
+        handle.close()
     for split in counts:
-        os.replace(folder / f"{split}.bin.tmp", folder / f"{split}.bin")
+        os.replace(partial[split], folder / f"{split}.bin")
     meta = {"format": TOKEN_FILES_FORMAT, "dtype": np.dtype(dtype).name, "train_tokens": counts["train"],
             "val_tokens": counts["val"], "tokenizer_spec": tokenizer.spec(), "bytes": total_bytes,
             "files": [str(f) for f in files]}
-    (folder / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+    meta_partial = folder / f"meta.json.{os.getpid()}.tmp"  # last, and whole: it marks the folder complete
+    meta_partial.write_text(json.dumps(meta, ensure_ascii=False))
+    os.replace(meta_partial, folder / "meta.json")
     return meta
 
 

@@ -86,7 +86,7 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
 
 
 def report_markdown(report: dict[str, Any]) -> str:
-    """A short Markdown table of an evaluation report (what `write_report` puts beside its JSON).
+    """A short Markdown table of an evaluation report (what `--task evaluate` writes beside its JSON).
     An ensemble's report has a column for the ensemble and one for each of its "members"."""
     columns = [report] + report.get("members", [])
     lines = [f"# Evaluation of {report['model']}", ""]
@@ -117,16 +117,6 @@ def report_markdown(report: dict[str, Any]) -> str:
                   row("acc (total log-probability)", "multiple_choice", lambda c: f"{c['acc']:.4f}"),
                   row("acc_norm (mean log-probability per token)", "multiple_choice", lambda c: f"{c['acc_norm']:.4f}")]
     return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict[str, Any], directory: str | Path) -> list[Path]:
-    """evaluation.json (every number) and evaluation.md (the table) in `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = [directory / "evaluation.json", directory / "evaluation.md"]
-    paths[0].write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths[1].write_text(report_markdown(report), encoding="utf-8")
-    return paths
 
 
 # ---------------------------------------------------------------------------------------

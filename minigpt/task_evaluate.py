@@ -9,9 +9,9 @@ from pathlib import Path
 
 from minigpt.config import RunConfig
 from minigpt.data import corpus_path, read_text
-from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown, write_report
+from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown
 from minigpt.generation import Ensemble
-from minigpt.runs import load_for_generation
+from minigpt.runs import load_for_generation, write_atomically, write_json
 
 
 def run_evaluate(run: RunConfig) -> None:
@@ -44,6 +44,9 @@ def run_evaluate(run: RunConfig) -> None:
         out = Path("runs") / "-".join(["evaluate-ensemble"] + [Path(c).name for c in [run.checkpoint, *run.ensemble]])
     else:
         out = Path(run.checkpoint) if run.checkpoint else Path("runs") / f"evaluate-{Path(run.pretrained).name}"
-    paths = write_report(report, out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "evaluation.json", out / "evaluation.md"]  # every number; the table
+    write_json(paths[0], report)
+    write_atomically(paths[1], lambda tmp: tmp.write_text(report_markdown(report), encoding="utf-8"))
     print(report_markdown(report))
     print(f"wrote {paths[0]} and {paths[1]}")

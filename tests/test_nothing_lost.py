@@ -6,7 +6,6 @@ at a chosen moment) and compare what they leave with an uninterrupted run.
 """
 
 import json
-import os
 import resource
 import signal
 import subprocess
