@@ -176,6 +176,10 @@ def pretrain(run: RunConfig, stop: StopRequest | None = None,
     world, device = start_distributed(pick_device(run.device))
     try:
         with RunDirectory(run, lock=world.is_main) as run_dir, (stop or StopRequest()) as stop:
+            if world.active:  # the folder the first process claimed (a default one may be -2 by then)
+                claimed = [str(run_dir)]
+                dist.broadcast_object_list(claimed, src=0)
+                run_dir = Path(claimed[0])
             checkpoint = load_checkpoint(run.resume) if run.resume else None
             return _pretrain(run, checkpoint, world, device, stop, on_event, run_dir)
     finally:
