@@ -171,6 +171,13 @@ else:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def in_use(folder: Path, resuming: bool) -> ConfigError:
+    """The refusal of a folder another run holds, naming that run."""
+    instead = "then resume it" if resuming else "or choose another --out directory"
+    return ConfigError(f"{folder} is in use by another run, {describe_holder(folder)}; two runs never share a "
+                       f"folder: wait for it to end (or stop it with Ctrl-C), {instead}.")
+
+
 def describe_holder(folder: Path) -> str:
     """Who holds a folder's run.lock, from what the holder wrote in it."""
     try:
@@ -216,10 +223,7 @@ class RunDirectory:
                 self._acquire()
             except _Taken:
                 if self.run.resume or self.run.out:
-                    instead = "then resume it" if self.run.resume else "or choose another --out directory"
-                    raise ConfigError(f"{self.path} is in use by another run, {describe_holder(self.path)}; two "
-                                      "runs never share a folder: wait for it to end (or stop it with Ctrl-C), "
-                                      f"{instead}.") from None
+                    raise in_use(self.path, resuming=bool(self.run.resume)) from None
                 continue  # a default folder another run took first: the next one
             held.add(os.path.abspath(self.path))
             self._owner = True
@@ -521,7 +525,9 @@ def resume_settings(resume: str | Path) -> dict[str, Any]:
     against config.json beside it. A config.json that cannot be read (cut short by a full disk) is
     passed over with a note; one that describes another run is refused with what differs."""
     path = Path(resume)
-    run_dir = path.parent if path.is_file() else path
+    run_dir = _folder_of(path)
+    if _held_by_another(run_dir):
+        raise in_use(run_dir, resuming=True)
     if not (run_dir / CHECKPOINT_NAME).is_file() and not path.is_file():
         what = "only files of a run that ended before its first checkpoint" if _earlier_run_files(run_dir) else \
             "no checkpoint.pt" if run_dir.is_dir() else "nothing: the folder does not exist"

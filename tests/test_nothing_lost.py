@@ -99,6 +99,8 @@ def test_a_second_run_on_the_same_out_is_refused_and_names_the_first(tmp_path, t
     code, _, err = driver("none", "--data", str(text_file), "--out", "shared", "--seed", "99", cwd=tmp_path)
     assert code == EXIT_ERROR
     assert "in use by another run" in err and f"pid {first.pid}" in err and "fault_driver.py" in err
+    code, _, err = driver("none", "--resume", "shared", cwd=tmp_path)  # nor resumed while it trains
+    assert code == EXIT_ERROR and "in use by another run" in err and "then resume it" in err
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=120)
     assert first.returncode == EXIT_STOPPED
