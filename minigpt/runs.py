@@ -79,7 +79,7 @@ def _folder_of(path: Path) -> Path:
 
 def choose_run_dir(run: RunConfig) -> Path:
     """Where this run would write: the run it resumes, --out, or the first of runs/<task>-<mode>,
-    -2, -3 ... that holds no earlier run. `claim_run_dir` makes it this run's own."""
+    -2, -3 ... that holds no earlier run and no running one. `RunDirectory` makes it this run's own."""
     if run.resume:
         return _folder_of(Path(run.resume))
     if run.out:
@@ -111,10 +111,13 @@ def _refuse_earlier_run(folder: Path) -> None:
 
 
 def _held_by_another(folder: Path) -> bool:
-    holder = _RunLock.try_acquire(folder / LOCK_NAME) if (folder / LOCK_NAME).exists() else None
-    if holder is None:
-        return (folder / LOCK_NAME).exists()
-    holder.release()
+    """Whether a run (in another process, or another thread of this one) holds the folder now."""
+    if not (folder / LOCK_NAME).exists():
+        return False
+    probe = _RunLock.try_acquire(folder / LOCK_NAME)
+    if probe is None:
+        return True
+    probe.release()  # a lock file left by a run that died: nobody holds it
     return False
 
 
