@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-from minigpt.tokenizer import END_OF_TEXT, BPETokenizer, download_gpt2_files  # noqa: E402
+from minigpt.tokenizer import END_OF_TEXT, BPETokenizer, gpt2_files  # noqa: E402
 
 
 def seconds(function, repeats: int = 1) -> tuple[float, object]:
@@ -115,7 +115,7 @@ def main() -> None:
     import tiktoken
 
     reference = tiktoken.get_encoding("gpt2")
-    files = download_gpt2_files()
+    files = gpt2_files()
     tiktoken_s, expected = seconds(lambda: reference.encode(text), args.repeats)
     fresh = iter([BPETokenizer.from_gpt2(*files) for _ in range(args.repeats)])  # loaded outside the timing
     cold_s, cold_ids = seconds(lambda: next(fresh).encode(text), args.repeats)

@@ -19,6 +19,7 @@ allowed_special=..., disallowed_special=...)`, `decode`, `vocab_size`, `eos_id`,
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 from collections import Counter, defaultdict
@@ -539,6 +540,16 @@ GPT2_FILES = {
 }
 
 
+# ... and the same two files as they ship inside minigpt (assets/gpt2, with their license), so
+# that GPT-2's tokenizer never needs a network.
+GPT2_DIR = Path(__file__).resolve().parent / "assets" / "gpt2"
+
+
+def gpt2_files() -> tuple[Path, Path]:
+    """The copies of GPT-2's encoder.json and vocab.bpe that ship with minigpt."""
+    return GPT2_DIR / "encoder.json", GPT2_DIR / "vocab.bpe"
+
+
 def download_gpt2_files(directory: str | Path | None = None,
                         base_url: str | None = None) -> tuple[Path, Path]:
     """GPT-2's encoder.json and vocab.bpe, downloaded once into `directory` (default
@@ -556,11 +567,23 @@ def download_gpt2_files(directory: str | Path | None = None,
 # GPT-2 through tiktoken, and characters
 # ---------------------------------------------------------------------------------------
 
-class GPT2Tokenizer:
-    """GPT-2's tokenizer, loaded through tiktoken (downloads its two files once, then caches).
+@functools.lru_cache(maxsize=1)
+def gpt2_encoding():
+    """tiktoken's "gpt2" encoding, built from the files that ship with minigpt (no download, no
+    cache): each token's id in encoder.json is its merge rank, which is what tiktoken reads.
+    The split pattern is tiktoken's own for GPT-2."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
 
-    Offline, point the environment variable TIKTOKEN_CACHE_DIR at a folder that holds them.
-    """
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    encoder = json.loads(gpt2_files()[0].read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[char] for char in token): rank for token, rank in encoder.items() if token != END_OF_TEXT}
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={END_OF_TEXT: encoder[END_OF_TEXT]}, explicit_n_vocab=len(encoder))
+
+
+class GPT2Tokenizer:
+    """GPT-2's tokenizer through tiktoken (Rust, fast), built from the files minigpt ships."""
 
     name = "gpt2"
 
@@ -568,14 +591,7 @@ class GPT2Tokenizer:
         """`special_tokens`: extra ones after GPT-2's 50,257 tokens (ids 50257, 50258, ...)."""
         import tiktoken
 
-        try:
-            encoding = tiktoken.get_encoding("gpt2")
-        except Exception as err:  # tiktoken raises plain requests/OS errors when offline
-            raise ConfigError(
-                "could not load GPT-2's tokenizer files: tiktoken downloads them on first use "
-                f"and that failed ({type(err).__name__}). Connect to the internet once, or set "
-                "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files, or use "
-                "--tokenizer char.") from None
+        encoding = gpt2_encoding()
         self.extra_special_tokens = [t for t in dict.fromkeys(special_tokens) if t != END_OF_TEXT]
         if self.extra_special_tokens:
             # tiktoken builds an encoding from GPT-2's merges plus any special tokens we name.
@@ -652,7 +668,7 @@ def get_tokenizer(name: str, text: str | None = None,
                   vocab_size: int | None = None) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
     """The tokenizer called `name`:
 
-    "gpt2"  GPT-2's tokenizer through tiktoken;
+    "gpt2"  GPT-2's tokenizer through tiktoken (from the files minigpt ships: no network);
     "bpe"   minigpt's own BPE loaded with GPT-2's vocabulary (the same ids as "gpt2");
     "char"  one token per character of `text`;
     "train" a new BPE of `vocab_size` tokens learned from `text`;
@@ -661,7 +677,7 @@ def get_tokenizer(name: str, text: str | None = None,
     if name == "gpt2":
         return GPT2Tokenizer()
     if name == "bpe":
-        return BPETokenizer.from_gpt2(*download_gpt2_files())
+        return BPETokenizer.from_gpt2(*gpt2_files())
     if name in ("char", "train") and not text:
         raise ValueError(f"the {name!r} tokenizer is built from a text; pass text=...")
     if name == "char":

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from conftest import SHARED_DATA
 from minigpt.config import ConfigError
 from minigpt.tokenizer import (END_OF_TEXT, GPT2_FILES, UNKNOWN, BPETokenizer, CharTokenizer, WordTokenizer,
-                               bytes_to_unicode, count_pairs, download_gpt2_files, get_tokenizer,
-                               learn_merges, learn_merges_naive, merge_pair, split_into_chunks,
+                               bytes_to_unicode, count_pairs, download_gpt2_files, get_tokenizer, gpt2_encoding,
+                               gpt2_files, learn_merges, learn_merges_naive, merge_pair, split_into_chunks,
                                tokenizer_from_spec)
 
 # Pieces of text where tokenizers tend to differ, mixed by hypothesis with arbitrary Unicode.
@@ -255,6 +255,20 @@ def test_gpt2_files_download_once_with_their_checksums(local_server, tmp_path, t
 # ---------------------------------------------------------------------------------------
 # The other tokenizers, and choosing one
 # ---------------------------------------------------------------------------------------
+
+def test_the_shipped_gpt2_files_are_openais():
+    for path in gpt2_files():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == GPT2_FILES[path.name][1], path.name
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts)
+def test_tiktoken_built_from_the_shipped_files_is_tiktokens_gpt2(tiktoken_gpt2, text):
+    """tiktoken's own "gpt2" (downloaded or cached) against the one built from minigpt's copies."""
+    ours = gpt2_encoding()
+    assert ours.encode(text, disallowed_special=()) == tiktoken_gpt2.encode(text, disallowed_special=())
+    assert ours.n_vocab == tiktoken_gpt2.n_vocab and ours.eot_token == tiktoken_gpt2.eot_token
+
 
 def test_gpt2_adapter_matches_tiktoken(verdict_text, tiktoken_gpt2):
     tokenizer = get_tokenizer("gpt2")
