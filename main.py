@@ -119,6 +119,9 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                           help="stop when this text appears (repeatable; \\n is a newline), e.g. --stop '\\n\\n'")
     sampling.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
                           help="recompute the whole text at every step (slower; for comparison)")
+    sampling.add_argument("--show-probs", type=int, metavar="K",
+                          help="print each generated token with the model's K most likely candidates and their "
+                               "probabilities")
 
 
 def _add_finetune_flags(parser: argparse.ArgumentParser) -> None:

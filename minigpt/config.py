@@ -480,6 +480,7 @@ class RunConfig:
     limit: int | None = None       # --task evaluate: score only the first N multiple-choice items
     ensemble: list[str] = field(default_factory=list)  # generate / evaluate: runs that join `checkpoint`
     ensemble_weights: list[float] | None = None  # one per run, `checkpoint` first; None: equal weights
+    show_probs: int = 0            # --task generate: print each token's k most likely candidates (0: off)
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)

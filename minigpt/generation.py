@@ -13,12 +13,14 @@ one token's work instead of the whole sequence's.
     generate           ids in, ids out, stopping each row at end-of-text or a stop string
     beam_search        the most probable continuations, length-normalised
     stream_text        text pieces as they are produced, for a chat that types as it thinks
+    token_choices      each new token with the model's most likely candidates and their probabilities
     generate_text      prompt in, text out
     Ensemble           several models decoding as one: the weighted mean of their log-probabilities
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -83,8 +85,11 @@ def choose_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
 @torch.no_grad()
 def iter_next_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                     use_cache: bool = True, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """The decoding loop: yield the next token of every row of `idx` (B, T), as (B, 1), step by step.
+                     use_cache: bool = True, generator: torch.Generator | None = None,
+                     details: bool = False) -> Iterator[torch.Tensor]:
+    """The decoding loop: yield the next token of every row of `idx` (B, T), as (B, 1), step by step;
+    with `details`, (next token, the model's probabilities (B, V)) instead: the softmax of its
+    scores as they are, before the repetition penalty, the temperature and any filtering.
 
     With the cache, the prompt goes through the model once (the "prefill") and each later
     step feeds only the newest token. Without it, every step re-reads the last
@@ -109,11 +114,12 @@ def iter_next_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: 
                     cache.reset()
                     unseen = idx[:, -max(context_length // 2, 1):]
                 logits = model(unseen, cache)[:, -1, :]
+            probs = torch.softmax(logits.float(), dim=-1) if details else None
             logits = apply_repetition_penalty(logits, idx, repetition_penalty)
             next_id = choose_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
             unseen = next_id
-            yield next_id
+            yield (next_id, probs) if details else next_id
     finally:
         model.train(was_training)
 
@@ -406,6 +412,32 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
             shown = certain
     if len(text) > shown:
         yield text[shown:]
+
+
+@dataclass
+class TokenChoice:
+    """One generated token, and what the model thought of its candidates at that step."""
+
+    token: int
+    text: str                                  # the token alone (part of a character shows as U+FFFD)
+    probability: float                         # the model's probability for it
+    candidates: list[tuple[int, str, float]]   # the k most likely: (id, text, probability), most likely first
+
+
+def token_choices(model: torch.nn.Module, tokenizer, prompt: str, k: int = 5, **decoding) -> Iterator[TokenChoice]:
+    """Continue `prompt` as `stream_text` would (`decoding`: max_new_tokens, temperature, top_k,
+    top_p, repetition_penalty, use_cache, generator), yielding each new token with the model's
+    k most likely candidates for it; until end-of-text or max_new_tokens."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"k (--show-probs) must be a whole number of candidates >= 1, got {k!r}.")
+    idx = _prompt_ids(model, tokenizer, prompt)
+    for next_id, probs in iter_next_tokens(model, idx, decoding.pop("max_new_tokens", 50), details=True, **decoding):
+        token = next_id.item()
+        if token == tokenizer.eos_id:
+            break
+        top = torch.topk(probs[0], min(k, probs.shape[-1]))
+        candidates = [(i, tokenizer.decode([i]), p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
+        yield TokenChoice(token, tokenizer.decode([token]), probs[0, token].item(), candidates)
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 50,

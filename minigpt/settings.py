@@ -171,10 +171,24 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
     if task == "export" and not (checkpoint and values["out"]):
         raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER "
                           "(where config.json and model.safetensors for transformers are written).")
+    show_probs = _resolve_show_probs(cli, task, values["generation"])
     return _build("the run's settings", RunConfig, task=task, mode=mode, model_name=model_name, model=model,
                   train=train, **values, resume=cli.get("resume"), checkpoint=checkpoint, pretrained=pretrained,
                   prompt=cli.get("prompt"), finetune=finetune, align=align, choices=cli.get("choices"),
-                  limit=cli.get("limit"), ensemble=ensemble, ensemble_weights=weights)
+                  limit=cli.get("limit"), ensemble=ensemble, ensemble_weights=weights, show_probs=show_probs)
+
+
+def _resolve_show_probs(cli: dict[str, Any], task: str, generation: dict[str, Any]) -> int:
+    """--show-probs K: generate shows each token's K most likely candidates (0: not shown)."""
+    k = cli.get("show_probs", 0)
+    check_int("--show-probs", k, low=0, high=100)
+    if k and task != "generate":
+        raise ConfigError(f"--show-probs shows the candidates of generated tokens; it is for --task generate, "
+                          f"not {task}.")
+    if k and (generation["num_beams"] > 1 or generation["stop_strings"]):
+        raise ConfigError("--show-probs follows one text a token at a time to end-of-text or --max-new-tokens; "
+                          "drop --num-beams and --stop to use it.")
+    return k
 
 
 def _resolve_model_and_training(settings: dict[str, Any], cli: dict[str, Any], mode: str,

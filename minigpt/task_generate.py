@@ -4,12 +4,13 @@ runs, or OpenAI's GPT-2) continues a prompt, or every line typed, streamed as it
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 
 from minigpt.config import GENERATION_DEFAULTS, ConfigError, RunConfig
 from minigpt.data import format_prompt
-from minigpt.generation import generate_text, stream_text
+from minigpt.generation import generate_text, stream_text, token_choices
 from minigpt.model import GPTModel
 from minigpt.runs import load_for_generation, typed_lines
 
@@ -56,6 +57,8 @@ def run_generate(run: RunConfig) -> None:
             print(piece, end="", flush=True)
         print(flush=True)
 
+    if run.show_probs:  # the next-token view: every token with the model's candidates
+        answer = partial(_show_choices, model, tokenizer, style, options, run.show_probs, generator)
     if run.prompt is not None:
         recorder = None
         if isinstance(model, GPTModel) and model.cfg.halting:  # adaptive depth: the blocks each new token ran
@@ -76,3 +79,20 @@ def run_generate(run: RunConfig) -> None:
             print(" [stopped]", flush=True)
         except ConfigError as err:  # e.g. a character the model's vocabulary lacks: say why, keep listening
             print(f"error: {err}", file=sys.stderr, flush=True)
+
+
+def _show_choices(model, tokenizer, style: str | None, options: dict, k: int, generator, prompt: str) -> None:
+    """One line per generated token: its text and probability, then the model's k likeliest
+    candidates at that step (the softmax of its scores, before temperature and filtering); then
+    the whole continuation."""
+    if style is not None:
+        prompt = format_prompt({"instruction": prompt}, style)
+    decoding = {key: options[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                                              "use_cache")}
+    print(f"\n{'token':>16}  {'p':>6}   the model's {k} most likely next tokens", flush=True)
+    tokens = []
+    for choice in token_choices(model, tokenizer, prompt, k, generator=generator, **decoding):
+        tokens.append(choice.token)
+        others = "  ".join(f"{text!r} {100 * p:.1f}%" for _, text, p in choice.candidates)
+        print(f"{choice.text!r:>16}  {100 * choice.probability:5.1f}%   {others}", flush=True)
+    print(f"\n{tokenizer.decode(tokens)}", flush=True)

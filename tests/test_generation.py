@@ -327,3 +327,50 @@ def test_beam_search_ends_beams_at_eos_and_normalises_by_length():
 def test_bad_sampling_settings_are_rejected(tiny_cfg, kwargs, word):
     with pytest.raises(ConfigError, match=word):
         generate(GPTModel(tiny_cfg), torch.zeros(1, 1, dtype=torch.long), 3, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The next-token view
+# ---------------------------------------------------------------------------------------
+
+def test_token_choices_shows_the_models_own_probabilities(tiny_cfg):
+    """Each step's candidates against a softmax over a full forward pass of the text so far, and
+    greedy choices that continue exactly as generate_text does."""
+    from minigpt.generation import token_choices
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer("".join(chr(ord("!") + i) for i in range(tiny_cfg.vocab_size)))
+    model = GPTModel(tiny_cfg).eval()
+    prompt = "ab+c"
+    choices = list(token_choices(model, tokenizer, prompt, k=4, max_new_tokens=6))
+    assert len(choices) == 6
+    ids = tokenizer.encode(prompt)
+    for choice in choices:
+        with torch.no_grad():
+            expected = torch.softmax(model(torch.tensor([ids]))[0, -1], dim=-1)
+        top = torch.topk(expected, 4)
+        assert [i for i, _, _ in choice.candidates] == top.indices.tolist()
+        assert [p for _, _, p in choice.candidates] == pytest.approx(top.values.tolist(), abs=1e-6)
+        assert choice.token == choice.candidates[0][0]  # greedy takes the most likely
+        assert choice.probability == pytest.approx(expected[choice.token].item(), abs=1e-6)
+        assert choice.text == tokenizer.decode([choice.token])
+        ids.append(choice.token)
+    assert prompt + "".join(c.text for c in choices) == generate_text(model, tokenizer, prompt, max_new_tokens=6)
+
+
+def test_token_choices_samples_like_stream_text_and_checks_k(tiny_cfg):
+    from minigpt.generation import token_choices
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer("".join(chr(ord("!") + i) for i in range(tiny_cfg.vocab_size)))
+    model = GPTModel(tiny_cfg).eval()
+    sampled = [c.text for c in token_choices(model, tokenizer, "ab", k=200, max_new_tokens=8, temperature=1.0,
+                                             generator=torch.Generator().manual_seed(3))]
+    streamed = "".join(stream_text(model, tokenizer, "ab", max_new_tokens=8, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(3)))
+    assert "".join(sampled) == streamed  # the same draws: showing the candidates changes nothing
+    many = next(token_choices(model, tokenizer, "ab", k=200, max_new_tokens=1))
+    assert len(many.candidates) == tiny_cfg.vocab_size  # k above the vocabulary: every token
+    assert sum(p for _, _, p in many.candidates) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="--show-probs"):
+        next(token_choices(model, tokenizer, "ab", k=0))

@@ -81,6 +81,20 @@ def test_generate_from_the_saved_run(quick_run):
     assert again.stdout == result.stdout  # SEED fixes sampling
 
 
+def test_show_probs_prints_each_token_with_its_candidates(quick_run):
+    _, run_dir = quick_run
+    result = run_main("--task", "generate", "--checkpoint", str(run_dir), "--prompt", "Every effort moves",
+                      "--max-new-tokens", "5", "--temperature", "0", "--show-probs", "3", cwd=run_dir.parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "most likely next tokens" in line)
+    rows = lines[header + 1:header + 6]
+    assert len(rows) == 5 and all(row.count("%") == 4 for row in rows)  # its own p, then 3 candidates
+    for row in rows:  # greedy: the token shown is the first candidate, with the same probability
+        chosen, first, *_ = row.split("%")
+        assert " ".join(chosen.split()) == " ".join(first.split())
+
+
 def test_interactive_generation_continues_each_line_until_an_empty_one(quick_run):
     _, run_dir = quick_run
     result = run_main("--task", "generate", "--checkpoint", str(run_dir), "--max-new-tokens", "5",
