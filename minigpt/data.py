@@ -165,7 +165,10 @@ def read_text(path: str | Path) -> str:
 def corpus_path(data: str | Path | None) -> Path:
     """Where the text of `--data` is: a named corpus (downloaded on first use), or the path given."""
     if data is None or (str(data) == "the-verdict" and not Path(data).exists()):
-        return download_file(VERDICT_URL, VERDICT_PATH, sha256=VERDICT_SHA256)
+        # The checkout's copy; an installed package (no checkout around it) downloads it once into the cache.
+        where = VERDICT_PATH if VERDICT_PATH.is_file() or (PROJECT_ROOT / "main.py").is_file() \
+            else cache_dir() / "the-verdict.txt"
+        return download_file(VERDICT_URL, where, sha256=VERDICT_SHA256)
     if str(data) == "tinyshakespeare" and not Path(data).exists():
         return download_file(TINY_SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt",
                              sha256=TINY_SHAKESPEARE_SHA256)

@@ -194,8 +194,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     corpus = prepare_corpus(run, checkpoint, world)
     check_same_data(checkpoint, corpus.fingerprint, run_dir, run.data)
     tokenizer = corpus.tokenizer
-    run = replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size))
-    _check_start_context(run.train.start_context, tokenizer)
+    run = _with_sample_prompt(replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size)), corpus)
     precision = resolve_precision(run.train.precision, device)
     check_before_building(run.model, run.train, world, device, precision, run.train.max_length)
     model = GPTModel(run.model).to(device)
@@ -258,13 +257,21 @@ def _final_evaluation(model: GPTModel, loaders: Loaders, setup: ScaledSetup, sto
         return None
 
 
-def _check_start_context(start_context: str, tokenizer) -> None:
-    """The per-epoch sample must not fail after an epoch of training: check its prompt now."""
+def _with_sample_prompt(run: RunConfig, corpus: Corpus) -> RunConfig:
+    """The per-epoch sample's prompt, checked now rather than after an epoch of training. The
+    default one ("Every effort moves you") gives way to the corpus's own first words where the
+    tokenizer cannot encode it (a character vocabulary of a Chinese text); one the user set must."""
+    start = run.train.start_context
     try:
-        text_to_token_ids(start_context, tokenizer)
+        text_to_token_ids(start, corpus.tokenizer)
+        return run
     except ConfigError as err:
-        raise ConfigError(f"start_context {start_context!r} cannot be encoded: {err} "
-                          "Or set custom_params['start_context'] to text from the corpus.") from None
+        if start != TrainConfig.__dataclass_fields__["start_context"].default:
+            raise ConfigError(f"start_context {start!r} cannot be encoded: {err} Or set --start-context (or "
+                              "custom_params['start_context']) to text from the corpus.") from None
+    ids = corpus.train_ids[:64]
+    opening = corpus.tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+    return replace(run, train=replace(run.train, start_context=" ".join(opening.split()[:3])[:24] or opening[:8]))
 
 
 def _restore_or_seed(checkpoint: dict[str, Any] | None, model: GPTModel, optimizer: torch.optim.Optimizer,

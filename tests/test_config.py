@@ -147,7 +147,7 @@ def test_the_readme_documents_every_setting_and_flag():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for name in [field.name for field in fields(TrainConfig) + fields(FinetuneConfig) + fields(AlignConfig)] + MODEL_OVERRIDE_KEYS:
         assert f"`{name}`" in readme, name
-    flags = re.findall(r'add_argument\("(--[a-z-]+)"', (ROOT / "main.py").read_text(encoding="utf-8"))
+    flags = re.findall(r'add_argument\("(--[a-z-]+)"', (ROOT / "minigpt" / "cli.py").read_text(encoding="utf-8"))
     assert len(flags) > 30
     for flag in flags:
         assert f"`{flag}" in readme, flag

@@ -32,8 +32,8 @@ def fenced_blocks(text: str, language: str) -> list[str]:
 
 
 def defined_flags() -> set[str]:
-    """Every option string main.py's parser defines (BooleanOptionalAction adds --no-X)."""
-    source = read("main.py")
+    """Every option string main.py's parser (minigpt/cli.py) defines (BooleanOptionalAction adds --no-X)."""
+    source = read("minigpt/cli.py")
     flags = set()
     for call in re.finditer(r"add_argument\(\s*\"(--[a-z0-9-]+)\"(.*?)\)\s*$", source, re.MULTILINE | re.DOTALL):
         flags.add(call.group(1))

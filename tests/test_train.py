@@ -206,6 +206,17 @@ def test_a_sample_prompt_the_tokenizer_cannot_encode_fails_before_training(tmp_p
     assert tokenizer.decode(tokenizer.encode("语言模型")) == "语言模型"
 
 
+def test_the_default_sample_prompt_gives_way_to_the_texts_own_words(tmp_path):
+    """'Every effort moves you' has letters a character vocabulary of a Chinese text lacks."""
+    corpus = tmp_path / "chinese.txt"
+    corpus.write_text("我们今天学习语言模型。" * 200, encoding="utf-8")
+    custom = {k: v for k, v in TINY_SETTINGS["custom_params"].items() if k != "start_context"}
+    _, _, metrics, run_dir = pretrain(tiny_run(tmp_path, "zh", corpus, custom_params={**custom, "num_epochs": 1}))
+    opening = ("我们今天学习语言模型。" * 3)[:24]
+    assert json.loads((run_dir / "config.json").read_text())["train"]["start_context"] == opening
+    assert metrics["samples"][0]["text"].startswith(opening)
+
+
 def test_a_run_can_train_its_own_bpe_and_a_later_run_can_reuse_it(tmp_path, text_file, capsys):
     settings = dict(TOKENIZER="train", BPE_VOCAB_SIZE=300,
                     custom_params={**TINY_SETTINGS["custom_params"], "num_epochs": 1})
