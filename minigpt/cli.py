@@ -185,6 +185,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
                              "micro-batch that fits the device (measured), accumulating the rest")
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-length", type=int, metavar="N",
+                        help="tokens per training window (default: the mode's, cut to the model's context)")
+    parser.add_argument("--context-length", type=int, metavar="N",
+                        help="the context of new weights (a run that starts from a model keeps that model's)")
     parser.add_argument("--start-context", metavar="TEXT",
                         help="the prompt of the sample after each epoch (default: 'Every effort moves you', or the "
                              "text's first words where the tokenizer cannot encode that)")

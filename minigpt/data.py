@@ -549,9 +549,40 @@ def load_instruction_data(path: str | Path | None = None) -> list[dict[str, str]
     return read_records(path, ("instruction", "output"))
 
 
+# The other names instruction and preference data sets use for minigpt's fields: the first one a
+# record has is read as the field (Alpaca's instruction/input/output; prompt/response and
+# prompt/completion pairs; question/answer; Anthropic-style prompt/chosen/rejected).
+FIELD_ALIASES = {"instruction": ("prompt", "question"), "input": ("context",),
+                 "output": ("response", "completion", "answer")}
+
+
+def _canonical_record(record: Any) -> Any:
+    """A record with minigpt's field names: aliases renamed, and a chat ("messages": [{"role", "content"},
+    ...]) read as its last user turn (instruction) and the assistant's answer after it (output)."""
+    if not isinstance(record, dict):
+        return record
+    record = dict(record)
+    messages = record.get("messages")
+    if isinstance(messages, list) and "instruction" not in record:
+        turns = [(m.get("role"), m.get("content")) for m in messages if isinstance(m, dict)]
+        answers = [i for i, (role, _) in enumerate(turns) if role == "assistant"]
+        questions = [i for i, (role, _) in enumerate(turns[:answers[-1]] if answers else turns) if role == "user"]
+        if questions:
+            record["instruction"] = turns[questions[-1]][1]
+        if answers:
+            record.setdefault("output", turns[answers[-1]][1])
+    for field, aliases in FIELD_ALIASES.items():
+        if field not in record:
+            found = next((name for name in aliases if name in record), None)
+            if found is not None:
+                record[field] = record[found]
+    return record
+
+
 def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
     """A JSON list of records (or JSON Lines, one per line), each with these string `fields`
-    and optionally a string "input"; errors name the record that is wrong."""
+    (or one of their `FIELD_ALIASES`, or a chat's "messages") and optionally a string "input";
+    errors name the record that is wrong."""
     path = Path(path)
     text = read_text(path)
     wanted = ", ".join(repr(name) for name in fields)
@@ -563,10 +594,14 @@ def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, st
                           f"objects with {wanted} (and optionally 'input'), or JSON Lines (.jsonl).") from None
     if not isinstance(records, list) or not records:
         raise ConfigError(f"{path} must hold a non-empty list of records with {wanted}.")
+    records = [_canonical_record(record) for record in records]
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
+            other_names = "; ".join(f"{field} may be {' or '.join(FIELD_ALIASES[field])}"
+                                    for field in fields if field in FIELD_ALIASES)
             raise ConfigError(f"record {i} of {path} needs the string fields {wanted} ('input' is "
-                              f"optional), got {str(record)[:120]!r}.")
+                              f"optional{'; ' + other_names if other_names else ''}; a chat's 'messages' also "
+                              f"work), got {str(record)[:120]!r}.")
         if not isinstance(record.get("input", ""), str):
             raise ConfigError(f"record {i} of {path}: 'input' must be a string, got {record['input']!r}.")
     return records

@@ -8,6 +8,7 @@ here or by the dataclasses of `minigpt.config`, before any data is read or any w
 
 from __future__ import annotations
 
+import json
 import types
 from dataclasses import fields, replace
 from pathlib import Path
@@ -130,7 +131,7 @@ MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # The TrainConfig values that have a command-line flag (they override every mode).
 TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
                "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq",
-               "start_context")
+               "start_context", "max_length")
 # The FinetuneConfig values that have a command-line flag.
 # (--task sft also takes --max-new-tokens for the responses it generates.)
 FINETUNE_FLAGS = ("trainable", "last_blocks", "lora_rank", "lora_alpha", "prompt_style", "mask_prompt", "judge")
@@ -168,6 +169,9 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
     finetune = _resolve_finetune(settings, cli, task, mode, base) if task in FINETUNE_TASKS else None
     align = _resolve_align(settings, cli, mode, base) if task in ALIGN_TASKS else None
     checkpoint, pretrained, ensemble, weights = _resolve_models(settings, cli, task, base)
+    if task in FINETUNE_TASKS + ALIGN_TASKS and (checkpoint or pretrained):
+        train = _fit_to_start(train, settings, cli, mode, checkpoint, pretrained)
+        finetune, align = _template_of_start(settings, cli, mode, checkpoint, finetune, align)
     values = _resolve_run_values(settings, cli)
     if task == "export" and not (checkpoint and values["out"]):
         raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER "
@@ -208,13 +212,86 @@ def _resolve_model_and_training(settings: dict[str, Any], cli: dict[str, Any], m
         train_values.update({k: v for k, v in custom.items() if k != "model_overrides"})
         model_values.update(overrides)
     train_values.update({key: cli[key] for key in TRAIN_FLAGS if key in cli})
+    if "context_length" in cli:
+        model_values["context_length"] = cli["context_length"]
     model_name = cli.get("model") or settings.get("MODEL") or base["model"]
     check_choice("MODEL (or --model)", model_name, tuple(MODEL_PRESETS))
     model = _build(f"the model settings ({mode} mode)", model_config, model_name, **model_values)
     train = _build(f"the training settings ({mode} mode)", TrainConfig, **train_values)
-    check_max_length(train, model, f"lower custom_params['max_length'] to at most {model.context_length}, or "
-                                   "raise custom_params['model_overrides']['context_length'].")
+    if not _max_length_given(settings, cli, mode):  # the mode's windows, no longer than the context asked for
+        train = _shorter_windows(train, model.context_length)
+    check_max_length(train, model, f"lower --max-length (custom_params['max_length']) to at most "
+                                   f"{model.context_length}, or raise --context-length "
+                                   "(custom_params['model_overrides']['context_length']).")
     return model_name, model, train
+
+
+def _max_length_given(settings: dict[str, Any], cli: dict[str, Any], mode: str) -> bool:
+    """Whether the user chose the window length (--max-length, or custom_params in custom mode)."""
+    return "max_length" in cli or (mode == "custom" and "max_length" in settings.get("custom_params", {}))
+
+
+def _shorter_windows(train: TrainConfig, context_length: int) -> TrainConfig:
+    """The training windows cut to `context_length` if they are longer (stride too, where it was theirs)."""
+    if train.max_length <= context_length:
+        return train
+    stride = context_length if train.stride >= train.max_length else min(train.stride, context_length)
+    return replace(train, max_length=context_length, stride=stride)
+
+
+def _start_context_length(checkpoint: str | None, pretrained: str | None) -> int | None:
+    """The context of the model a run starts from, read from its config.json (None if unknown here;
+    the pipeline then checks it after loading the model)."""
+    if pretrained in PRETRAINED_NAMES:
+        return 1024  # every GPT-2 size
+    if not (checkpoint or pretrained):
+        return None
+    folder = Path(checkpoint or pretrained)
+    folder = folder.parent if folder.is_file() else folder
+    try:
+        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return int(saved["model"]["context_length"] if checkpoint else saved["n_positions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _fit_to_start(train: TrainConfig, settings: dict[str, Any], cli: dict[str, Any], mode: str,
+                  checkpoint: str | None, pretrained: str | None) -> TrainConfig:
+    """A run that starts from a model takes its context from it: the mode's windows are cut to it
+    (a window you chose must fit it), and --context-length, which would rebuild it, is refused."""
+    start = checkpoint or pretrained
+    context = _start_context_length(checkpoint, pretrained)
+    if "context_length" in cli:
+        raise ConfigError(f"the run starts from {start}, whose context ({context or 'its own'}) it keeps: drop "
+                          "--context-length, or train new weights (INIT = 'scratch') to choose one.")
+    if context is None:
+        return train
+    if _max_length_given(settings, cli, mode):
+        if train.max_length > context:
+            raise ConfigError(f"max_length ({train.max_length}) is longer than the context of {start} ({context} "
+                              f"tokens): lower --max-length to at most {context}.")
+        return train
+    return _shorter_windows(train, context)
+
+
+def _template_of_start(settings: dict[str, Any], cli: dict[str, Any], mode: str, checkpoint: str | None,
+                      finetune: FinetuneConfig | None, align: AlignConfig | None):
+    """An instruction-tuned starting run answers in its own template: a run from it writes prompts the
+    same way unless the user chose one (--prompt-style, or finetune_params / align_params in custom mode)."""
+    params = settings.get("finetune_params" if finetune is not None else "align_params", {})
+    if not checkpoint or "prompt_style" in cli or (mode == "custom" and "prompt_style" in params):
+        return finetune, align
+    folder = Path(checkpoint)
+    try:
+        saved = json.loads(((folder.parent if folder.is_file() else folder) / "config.json").read_text(encoding="utf-8"))
+        style = (saved.get("finetune") or saved.get("align") or {}).get("prompt_style")
+    except (OSError, ValueError, AttributeError):
+        return finetune, align
+    if saved.get("task") not in FINETUNE_TASKS + ALIGN_TASKS or saved.get("task") == "classify" or not style:
+        return finetune, align
+    if finetune is not None:
+        return replace(finetune, prompt_style=style), align
+    return finetune, replace(align, prompt_style=style)
 
 
 def _resolve_run_values(settings: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def _build_models(run: RunConfig, start: GPTModel | None, tokenizer, device: tor
     if run.task == "reward":
         add_reward_head(model)
     run = replace(run, model=model.cfg)
-    check_max_length(run.train, model.cfg, f"lower max_length to at most {model.cfg.context_length}.")
+    check_max_length(run.train, model.cfg, f"lower --max-length to at most {model.cfg.context_length}.")
     generator = torch.Generator().manual_seed(run.seed)
     reference = critic = None
     if run.task != "reward":

@@ -274,7 +274,7 @@ def _start(run: RunConfig, checkpoint: dict[str, Any] | None, device: torch.devi
                               run.train.max_length)  # an upper bound for a classifier, whose head is smaller
         model = build_model(run, data.labels)
     run = replace(run, model=model.cfg)  # what build_model rebuilds from the checkpoint
-    check_max_length(run.train, model.cfg, f"lower max_length to at most {model.cfg.context_length}.")
+    check_max_length(run.train, model.cfg, f"lower --max-length to at most {model.cfg.context_length}.")
     return _Run(run, run_dir, device, tokenizer, data, model.to(device), origin)
 
 

@@ -1,6 +1,7 @@
 """Sliding windows, seeded batching, text loading and downloads (against a local server)."""
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -121,3 +122,27 @@ def test_download_offline_says_where_to_put_the_file(local_server, tmp_path):
     assert str(target) in str(err.value)
     with pytest.raises(ConfigError, match="place it at"):
         download_file("http://127.0.0.1:9/none.txt", target, timeout=2)  # nothing listens on port 9
+
+
+def test_instruction_and_preference_records_read_the_common_field_names(tmp_path):
+    from minigpt.data import load_instruction_data, load_preference_data
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"prompt": "Name a color.", "response": "Blue."},
+        {"question": "Capital of France?", "context": "Europe", "answer": "Paris"},
+        {"prompt": "Say hi.", "completion": "Hi!"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+    ]), encoding="utf-8")
+    records = load_instruction_data(path)
+    assert [(r["instruction"], r.get("input", ""), r["output"]) for r in records] == [
+        ("Add 2 and 3.", "", "5"), ("Name a color.", "", "Blue."), ("Capital of France?", "Europe", "Paris"),
+        ("Say hi.", "", "Hi!"), ("2+2?", "", "4")]
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"prompt": "Greet me.", "chosen": "Hello!", "rejected": "No."}]), encoding="utf-8")
+    assert load_preference_data(pairs)[0]["instruction"] == "Greet me."
+    pairs.write_text(json.dumps([{"query": "Greet me.", "chosen": "Hello!", "rejected": "No."}]), encoding="utf-8")
+    with pytest.raises(ConfigError, match="instruction may be prompt or question"):
+        load_preference_data(pairs)
