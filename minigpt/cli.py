@@ -173,7 +173,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
                         help=f"{', '.join(TOKENIZERS)}, or a saved BPE file (config_run.TOKENIZER)")
     parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int, metavar="N",
                         help="size of the BPE that --tokenizer train learns (config_run.BPE_VOCAB_SIZE)")
-    parser.add_argument("--data", help="a UTF-8 text file or a folder of .txt files, or a corpus by name: "
+    parser.add_argument("--data", help="a UTF-8 text file, a .jsonl / .json of texts (--text-field), or a folder of "
+                                       ".txt files, or a corpus by name: "
                                        "the-verdict (default), tinyshakespeare; for --task classify a "
                                        ".csv/.tsv/.jsonl of text,label (default: SMS spam); for --task sft "
                                        "a JSON list of instruction records (default: instruction-data.json)")
@@ -185,6 +186,10 @@ def parse_args(argv: list[str] | None = None) -> dict:
                              "micro-batch that fits the device (measured), accumulating the rest")
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--text-field", metavar="NAME",
+                        help="a .jsonl / .json corpus: the field of each record that holds its text (default text)")
+    parser.add_argument("--val-fraction", type=float, metavar="F",
+                        help="the share at the end of a text held out for validation (default 0.1)")
     parser.add_argument("--max-length", type=int, metavar="N",
                         help="tokens per training window (default: the mode's, cut to the model's context)")
     parser.add_argument("--context-length", type=int, metavar="N",

@@ -282,9 +282,11 @@ class TrainConfig:
     compile: bool = False        # torch.compile the model (off by itself where unsupported: Windows, MPS)
     sampling: str = "auto"       # "sliding": every window once per epoch; "random": windows at random starts; "auto": random for token files
     peak_tflops: float | None = None  # the device's peak for the MFU estimate (None: known GPUs only)
+    val_fraction: float = 0.1    # pretraining: the share at the end of a text held out for validation
 
     def __post_init__(self) -> None:
         check_int("num_epochs", self.num_epochs)
+        check_float("val_fraction", self.val_fraction, 0.0, 0.5, low_inclusive=False)
         check_int("batch_size", self.batch_size)
         check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
         check_float("weight_decay", self.weight_decay, 0.0, 1.0)
@@ -481,6 +483,7 @@ class RunConfig:
     ensemble: list[str] = field(default_factory=list)  # generate / evaluate: runs that join `checkpoint`
     ensemble_weights: list[float] | None = None  # one per run, `checkpoint` first; None: equal weights
     show_probs: int = 0            # --task generate: print each token's k most likely candidates (0: off)
+    text_field: str = "text"       # pretraining on a .jsonl / .json corpus: the field that holds each text
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -507,6 +510,9 @@ class RunConfig:
             raise ConfigError(f"{self.task} samples its answers with a KV cache at a new length every round, which "
                               "torch.compile would compile again and again; drop --compile (pretrain, classify, "
                               "sft, reward and dpo take it).")
+        if self.task != "pretrain" and (self.train.val_fraction != 0.1 or self.text_field != "text"):
+            raise ConfigError(f"--val-fraction and --text-field choose how pretraining reads a text; --task "
+                              f"{self.task} has splits of its own: drop them.")
         if self.task in FINETUNE_TASKS + ALIGN_TASKS and self.train.sampling != "auto":
             raise ConfigError(f"sampling ({self.train.sampling!r}) chooses pretraining's windows of a text; "
                               f"--task {self.task} trains on whole examples: drop --sampling.")

@@ -184,6 +184,56 @@ def load_text(path: str | Path | None = None) -> str:
     return read_text(corpus_path(path))
 
 
+# Text corpora in JSON: JSON Lines (one object per line) or a JSON list (of objects, or of strings).
+JSON_CORPUS_SUFFIXES = (".jsonl", ".json")
+DOCUMENT_SEPARATOR = "\n\n"  # between the texts of a JSON corpus, as between paragraphs
+
+
+def json_texts(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The texts of a JSON corpus, one per record: each object's `text_field` (a list may also hold
+    plain strings). A record without that field is an error that names the line and the fields it has."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield _text_of(_json_value(line, path, number), text_field, path, f"line {number}")
+        return
+    records = _json_value(read_text(path), path, None)
+    if not isinstance(records, list):
+        raise ConfigError(f"{path} holds JSON that is not a list; a .json corpus is a list of texts or of objects "
+                          f"with a {text_field!r} field (or use JSON Lines, .jsonl, one object per line).")
+    for number, record in enumerate(records):
+        yield record if isinstance(record, str) else _text_of(record, text_field, path, f"record {number}")
+
+
+def _json_value(text: str, path: Path, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line} of {path}" if line else str(path)
+        raise ConfigError(f"{where} is not valid JSON ({err.msg}); a {path.suffix} corpus holds JSON records with "
+                          "a text field. Rename the file to .txt to train on it as plain text.") from None
+
+
+def _text_of(record: Any, text_field: str, path: Path, where: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get(text_field), str):
+        return record[text_field]
+    has = f"it has {', '.join(map(repr, record))}" if isinstance(record, dict) else f"it is {type(record).__name__}"
+    raise ConfigError(f"{where} of {path} has no string field {text_field!r} ({has}); set --text-field to the "
+                      "field that holds the text.")
+
+
+def read_corpus(path: Path, text_field: str = "text") -> str:
+    """A corpus file's text: the file itself, or a JSON corpus's texts joined by blank lines."""
+    if Path(path).suffix not in JSON_CORPUS_SUFFIXES:
+        return read_text(path)
+    text = DOCUMENT_SEPARATOR.join(json_texts(path, text_field))
+    if not text.strip():
+        raise ConfigError(f"the {text_field!r} fields of {path} are all empty; give records with some text.")
+    return text
+
+
 def is_large_corpus(path: Path) -> bool:
     """Folders and big files are tokenized into a token file; small files are read into memory."""
     return path.is_dir() or path.stat().st_size > LARGE_TEXT_BYTES
@@ -240,8 +290,12 @@ def _first_cut_after(text: str, start: int) -> int:
     return len(text) if i < 0 else i
 
 
-def iter_text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[str]:
-    """A file's text in pieces of about `piece_chars` characters, each cut before a newline."""
+def iter_text_pieces(file: Path, piece_chars: int = 1 << 20, text_field: str = "text") -> Iterator[str]:
+    """A file's text in pieces of about `piece_chars` characters, each cut before a newline (a JSON
+    corpus's texts, joined by blank lines, each piece ending at a record's end)."""
+    if file.suffix in JSON_CORPUS_SUFFIXES:
+        yield from _json_pieces(file, piece_chars, text_field)
+        return
     buffer = ""
     with open(file, encoding="utf-8") as handle:
         while True:
@@ -259,20 +313,32 @@ def iter_text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[str]:
                 return
 
 
-def corpus_characters(files: list[Path]) -> str:
+def _json_pieces(file: Path, piece_chars: int, text_field: str) -> Iterator[str]:
+    pieces, size = [], 0
+    for text in json_texts(file, text_field):
+        pieces.append(text + DOCUMENT_SEPARATOR)
+        size += len(pieces[-1])
+        if size >= piece_chars:
+            yield "".join(pieces)
+            pieces, size = [], 0
+    if pieces:
+        yield "".join(pieces)
+
+
+def corpus_characters(files: list[Path], text_field: str = "text") -> str:
     """Every distinct character of the corpus, sorted: a character tokenizer's vocabulary."""
     chars: set[str] = set()
     for file in files:
-        for piece in iter_text_pieces(file):
+        for piece in iter_text_pieces(file, text_field=text_field):
             chars.update(piece)
     return "".join(sorted(chars))
 
 
-def corpus_sample(files: list[Path], max_chars: int) -> str:
+def corpus_sample(files: list[Path], max_chars: int, text_field: str = "text") -> str:
     """The first `max_chars` characters of the corpus (to train a BPE on a big one)."""
     pieces, size = [], 0
     for file in files:
-        for piece in iter_text_pieces(file):
+        for piece in iter_text_pieces(file, text_field=text_field):
             pieces.append(piece)
             size += len(piece)
             if size >= max_chars:
@@ -290,7 +356,8 @@ def token_folder(files: list[Path], tokenizer_key: str, root: Path | None = None
     return (root or cache_dir() / "tokens") / f"{name}-{key[:16]}"
 
 
-def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: float = 0.9) -> dict[str, Any]:
+def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: float = 0.9,
+                      text_field: str = "text") -> dict[str, Any]:
     """Tokenize the corpus into folder/train.bin and folder/val.bin (one token id per 2 or 4 bytes).
 
     The split falls at the first newline after `train_ratio` of the corpus's bytes; files
@@ -300,7 +367,7 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
     from tqdm.auto import tqdm
 
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = sum(_text_bytes(f, text_field) for f in files)
     split_at = int(train_ratio * total_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "val": 0}
@@ -322,7 +389,7 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
             for index, file in enumerate(files):
                 if index > 0 and tokenizer.eos_id is not None:  # a document boundary
                     append("train" if done < split_at else "val", [tokenizer.eos_id])
-                for piece in iter_text_pieces(file):
+                for piece in iter_text_pieces(file, text_field=text_field):
                     size = len(piece.encode("utf-8"))
                     if done < split_at < done + size:  # the split falls inside this piece
                         chars = len(piece.encode("utf-8")[:split_at - done].decode("utf-8", errors="ignore"))
@@ -349,6 +416,13 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
     meta_partial.write_text(json.dumps(meta, ensure_ascii=False))
     os.replace(meta_partial, folder / "meta.json")
     return meta
+
+
+def _text_bytes(file: Path, text_field: str) -> int:
+    """The UTF-8 bytes of a file's text: its size, or for a JSON corpus the size of its texts."""
+    if file.suffix not in JSON_CORPUS_SUFFIXES:
+        return file.stat().st_size
+    return sum(len(piece.encode("utf-8")) for piece in _json_pieces(file, 1 << 20, text_field))
 
 
 def read_token_files(folder: Path) -> tuple["TokenFile", "TokenFile", dict[str, Any]] | None:

@@ -131,7 +131,7 @@ MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # The TrainConfig values that have a command-line flag (they override every mode).
 TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
                "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq",
-               "start_context", "max_length")
+               "start_context", "max_length", "val_fraction")
 # The FinetuneConfig values that have a command-line flag.
 # (--task sft also takes --max-new-tokens for the responses it generates.)
 FINETUNE_FLAGS = ("trainable", "last_blocks", "lora_rank", "lora_alpha", "prompt_style", "mask_prompt", "judge")
@@ -316,8 +316,11 @@ def _resolve_run_values(settings: dict[str, Any], cli: dict[str, Any]) -> dict[s
     if not isinstance(params, dict):
         raise ConfigError(f"generation_params must be a dict, got {type(params).__name__}.")
     generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
+    text_field = cli.get("text_field", "text")
+    if not isinstance(text_field, str) or not text_field:
+        raise ConfigError(f"--text-field must name a field, got {text_field!r}.")
     return dict(tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out, device=device, seed=seed,
-                log_every=log_every, generation=generation)
+                log_every=log_every, generation=generation, text_field=text_field)
 
 
 def _resolve_models(settings: dict[str, Any], cli: dict[str, Any], task: str,

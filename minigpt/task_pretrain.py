@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
 from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample, create_dataloader,
-                          is_large_corpus, read_text, read_token_files, split_text, token_folder, write_token_files)
+                          is_large_corpus, read_corpus, read_token_files, split_text, token_folder, write_token_files)
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
@@ -64,9 +64,9 @@ def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Dis
     path = corpus_path(run.data)
     if is_large_corpus(path):
         return _prepare_token_files(run, path, checkpoint, world)
-    text = read_text(path)
+    text = read_corpus(path, run.text_field)
     fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    train_text, val_text = split_text(text, train_ratio=0.9)
+    train_text, val_text = split_text(text, train_ratio=1 - run.train.val_fraction)
     started = time.perf_counter()
     if checkpoint is not None:
         tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
@@ -88,17 +88,20 @@ def _prepare_token_files(run: RunConfig, path: Path, checkpoint: dict[str, Any] 
     """Tokenize a large corpus once into token files (rank 0 writes, the others wait), or reuse them."""
     files = corpus_files(path)
     request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
-    folder = token_folder(files, f"{request}-{run.bpe_vocab_size}" if request == "train" else request)
+    key = f"{request}-{run.bpe_vocab_size}" if request == "train" else request
+    if run.train.val_fraction != 0.1 or run.text_field != "text":  # other splits or texts: other token files
+        key += f"-val{run.train.val_fraction}-{run.text_field}"
+    folder = token_folder(files, key)
     started = time.perf_counter()
     reused = read_token_files(folder) is not None
     if world.is_main and not reused:
         if checkpoint is not None:
             tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
         elif run.tokenizer == "char":
-            tokenizer = _build_tokenizer(run, corpus_characters(files))
+            tokenizer = _build_tokenizer(run, corpus_characters(files, run.text_field))
         else:
-            tokenizer = _build_tokenizer(run, corpus_sample(files, BPE_SAMPLE_CHARS))
-        write_token_files(files, tokenizer, folder)
+            tokenizer = _build_tokenizer(run, corpus_sample(files, BPE_SAMPLE_CHARS, run.text_field))
+        write_token_files(files, tokenizer, folder, 1 - run.train.val_fraction, run.text_field)
     if world.active:
         dist.barrier()
     train_ids, val_ids, meta = read_token_files(folder)
@@ -153,9 +156,11 @@ def make_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int
     loaders = Loaders(
         train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
                                 rank=world.rank, world_size=world.world_size, random_windows=random_windows,
-                                shuffle=True, drop_last=True, name="the training split (90%)", **shape),
+                                shuffle=True, drop_last=True, name=f"the training split ({1 - cfg.val_fraction:.0%})",
+                                **shape),
         train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
-        val=create_dataloader(corpus.val_ids, name="the validation split (10%)", **evaluation),
+        val=create_dataloader(corpus.val_ids, name=f"the validation split ({cfg.val_fraction:.0%}; --val-fraction)",
+                              **evaluation),
         accumulation=cfg.batch_size // (micro * world.world_size), eval_batches=cfg.eval_iter * per_batch)
     return loaders, random_windows
 

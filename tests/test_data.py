@@ -146,3 +146,40 @@ def test_instruction_and_preference_records_read_the_common_field_names(tmp_path
     pairs.write_text(json.dumps([{"query": "Greet me.", "chosen": "Hello!", "rejected": "No."}]), encoding="utf-8")
     with pytest.raises(ConfigError, match="instruction may be prompt or question"):
         load_preference_data(pairs)
+
+
+def test_a_json_corpus_trains_on_its_text_field_never_on_the_raw_json(tmp_path):
+    from minigpt.data import read_corpus
+
+    lines = [{"text": "The first story.", "id": 1}, {"text": "The second one.", "id": 2}]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n", encoding="utf-8")
+    assert read_corpus(path) == "The first story.\n\nThe second one."
+    listed = tmp_path / "corpus.json"
+    listed.write_text(json.dumps([{"body": "One."}, {"body": "Two."}]), encoding="utf-8")
+    assert read_corpus(listed, "body") == "One.\n\nTwo."
+    strings = tmp_path / "strings.json"
+    strings.write_text(json.dumps(["One.", "Two."]), encoding="utf-8")
+    assert read_corpus(strings) == "One.\n\nTwo."
+    (tmp_path / "wrong.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 1 of .* has no string field 'text' \(it has 'body'\); set --text-field"):
+        read_corpus(tmp_path / "wrong.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 2 of .* is not valid JSON"):
+        read_corpus(tmp_path / "broken.jsonl")
+
+
+def test_token_files_of_a_json_corpus_hold_its_texts(tmp_path):
+    """A large .jsonl goes to token files: their tokens are the records' texts, split by val share."""
+    from minigpt.data import DOCUMENT_SEPARATOR, read_token_files, write_token_files
+    from minigpt.tokenizer import CharTokenizer
+
+    texts = [f"story number {i} " * 20 for i in range(50)]
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts), encoding="utf-8")
+    tokenizer = CharTokenizer.from_text("".join(texts) + DOCUMENT_SEPARATOR)
+    meta = write_token_files([path], tokenizer, tmp_path / "tokens", train_ratio=0.8)
+    train, val, _ = read_token_files(tmp_path / "tokens")
+    everything = tokenizer.decode(train[:len(train)].tolist() + val[:len(val)].tolist())
+    assert everything == "".join(t + DOCUMENT_SEPARATOR for t in texts)
+    assert meta["val_tokens"] == pytest.approx(0.2 * len(everything), abs=len(texts[0]) + 2)

@@ -233,3 +233,18 @@ def test_a_run_can_train_its_own_bpe_and_a_later_run_can_reuse_it(tmp_path, text
     reuse = dict(settings, TOKENIZER=str(run_dir / "tokenizer.bpe"))
     _, again, _, _ = pretrain(tiny_run(tmp_path, "reuse", text_file, **reuse))
     assert again.merges == tokenizer.merges and again.encode("The painter") == tokenizer.encode("The painter")
+
+
+def test_a_jsonl_corpus_trains_and_the_validation_share_is_a_setting(tmp_path, verdict_text):
+    """A .jsonl of {"text": ...} records trains on the texts (the loss falls); --val-fraction splits."""
+    corpus = tmp_path / "stories.jsonl"
+    paragraphs = [p for p in verdict_text[:8000].split("\n\n") if p.strip()]
+    corpus.write_text("\n".join(json.dumps({"text": p, "source": "verdict"}) for p in paragraphs), encoding="utf-8")
+    settings = {**TINY_SETTINGS, "custom_params": {**TINY_SETTINGS["custom_params"], "val_fraction": 0.2}}
+    _, tokenizer, metrics, run_dir = pretrain(tiny_run(tmp_path, "jsonl", corpus, **settings))
+    assert metrics["val_losses"][-1] < metrics["val_losses"][0]
+    assert "{" not in tokenizer.chars and "}" not in tokenizer.chars  # the JSON itself was never text
+    saved = json.loads((run_dir / "config.json").read_text())
+    text = "\n\n".join(paragraphs)
+    assert saved["train_tokens"] + saved["val_tokens"] == len(text)  # one token per character, all of them
+    assert saved["val_tokens"] == len(text) - int(0.8 * len(text))
