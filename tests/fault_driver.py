@@ -11,6 +11,8 @@ SETTINGS is a JSON object put over config_run.py's values (a test's small model)
     SIGINT@checkpoint-write   ... as the first checkpoint.pt is being written
     SIGTERM@checkpoint-write
     wait:PATH                 start when the file PATH exists (two runs started together)
+    hang@checkpoint-written   after the first checkpoint.pt is written, print so and wait forever
+                              (for a SIGKILL at a known moment)
 
 The peak resident memory is printed last, on stderr, as "peak-rss-mib N".
 """
@@ -53,6 +55,17 @@ def inject(fault: str) -> None:
     if fault.startswith("wait:"):
         while not Path(fault[5:]).exists():
             time.sleep(0.01)
+        return
+    if fault == "hang@checkpoint-written":
+        original = minigpt.task_pretrain.save_checkpoint
+
+        def save_then_hang(path, *args, **kwargs):
+            original(path, *args, **kwargs)
+            print("checkpoint written", flush=True)
+            while True:
+                time.sleep(1)
+
+        minigpt.task_pretrain.save_checkpoint = save_then_hang
         return
     what, _, where = fault.partition("@")
     signum = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}[what]

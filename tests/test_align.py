@@ -144,8 +144,11 @@ def test_alignment_settings_resolve_and_bad_ones_say_what_to_change(tmp_path, re
     sft.mkdir()
     (sft / "checkpoint.pt").write_bytes(b"")
     (sft / "config.json").write_text(json.dumps({"task": "sft", "finetune": {"prompt_style": "chat"}}))
-    with pytest.raises(ConfigError, match="add --prompt-style chat"):
-        align(resolve_run_config({}, {"task": "dpo", "checkpoint": str(sft), "out": str(tmp_path / "z")}))
+    adopted = resolve_run_config({}, {"task": "dpo", "checkpoint": str(sft), "out": str(tmp_path / "z")})
+    assert adopted.align.prompt_style == "chat"  # a run from it writes prompts as it was taught
+    with pytest.raises(ConfigError, match="add --prompt-style chat"):  # unless told otherwise, which cannot work
+        align(resolve_run_config({}, {"task": "dpo", "checkpoint": str(sft), "out": str(tmp_path / "z"),
+                                      "prompt_style": "alpaca"}))
     _, reward_dir = reward_run
     with pytest.raises(ConfigError, match="holds a reward model"):
         from minigpt.runs import load_for_generation

@@ -131,11 +131,11 @@ def test_two_runs_started_together_on_the_default_folder_take_one_each(tmp_path,
 
 
 def test_a_killed_run_leaves_its_lock_behind_and_resuming_takes_it_over(tmp_path, text_file, straight):
-    process = driver("none", "--data", str(text_file), "--out", "killed", cwd=tmp_path, wait=False)
-    for line in process.stdout:  # the first epoch's checkpoint is written just after its sample
-        if "sample after epoch 1" in line:
+    process = driver("hang@checkpoint-written", "--data", str(text_file), "--out", "killed", cwd=tmp_path,
+                     wait=False)
+    for line in process.stdout:  # the first epoch's checkpoint is on disk, and the run still holds its folder
+        if line.startswith("checkpoint written"):
             break
-    time.sleep(0.3)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
     run_dir = tmp_path / "killed"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,17 +150,32 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_is_exact(tmp_path, text_file):
     B + C must reproduce A: the same batch losses, evaluations and samples."""
     _, _, straight, _ = pretrain(tiny_run(tmp_path, "straight", text_file))
 
-    script = ("import json, sys; sys.path.insert(0, sys.argv[1]);"
-              "from minigpt.settings import resolve_run_config; from minigpt.task_pretrain import pretrain;"
-              "pretrain(resolve_run_config(json.loads(sys.argv[2]), json.loads(sys.argv[3])))")
+    # The run pauses after its first evaluation (step 10 of 84) until the test has pressed Ctrl-C, so
+    # that the signal lands mid-training however busy the machine is.
+    script = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from minigpt.settings import resolve_run_config
+from minigpt.task_pretrain import pretrain
+
+def pause_after_first_evaluation(event):
+    if "val_loss" in event and event["step"] == 10:
+        print("paused", flush=True)
+        sys.stdin.readline()
+
+pretrain(resolve_run_config(json.loads(sys.argv[2]), json.loads(sys.argv[3])), on_event=pause_after_first_evaluation)
+"""
     run_dir = tmp_path / "interrupted"
     cli = {"out": str(run_dir), "data": str(text_file)}
     process = subprocess.Popen([sys.executable, "-u", "-c", script, str(ROOT), json.dumps(TINY_SETTINGS),
-                                json.dumps(cli)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:  # wait for the first evaluation (step 10 of 40), then press Ctrl-C
-        if "val loss" in line:
+                                json.dumps(cli)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:  # the first evaluation is done: press Ctrl-C, then let it go on
+        if line.startswith("paused"):
             process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+            process.stdin.write("\n")
+            process.stdin.flush()
             break
     rest = process.stdout.read()
     assert process.wait(timeout=60) == 0
