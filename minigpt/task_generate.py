@@ -46,7 +46,7 @@ def run_generate(run: RunConfig) -> None:
     shown = {k: v for k, v in options.items() if v != GENERATION_DEFAULTS[k] or k in ("max_new_tokens", "temperature")}
     print(f"minigpt | generate | {source} | " + ", ".join(f"{k}={v!r}" for k, v in shown.items()), file=sys.stderr)
 
-    def answer(prompt: str) -> None:  # reads `model` when called: the recorder, if one wraps it
+    def stream_answer(prompt: str) -> None:  # reads `model` when called: the recorder, if one wraps it
         if style is not None:  # an instruction-tuned model answers prompts in its template
             prompt = format_prompt({"instruction": prompt}, style)
         if options["num_beams"] > 1:  # beam search knows its answer only at the end
@@ -57,8 +57,8 @@ def run_generate(run: RunConfig) -> None:
             print(piece, end="", flush=True)
         print(flush=True)
 
-    if run.show_probs:  # the next-token view: every token with the model's candidates
-        answer = partial(_show_choices, model, tokenizer, style, options, run.show_probs, generator)
+    answer = stream_answer if not run.show_probs else (  # the next-token view: each token with its candidates
+        partial(_show_choices, model, tokenizer, style, options, run.show_probs, generator))
     if run.prompt is not None:
         recorder = None
         if isinstance(model, GPTModel) and model.cfg.halting:  # adaptive depth: the blocks each new token ran
