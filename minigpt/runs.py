@@ -353,6 +353,19 @@ class StopRequest:
         if self.requested:
             raise Stopped(self.what)
 
+    def unless_stopped(self, measure: Callable[[], Any], what: str, show: bool = True) -> Any:
+        """`measure()` (the measurements after the last step, minutes on a large text), or None if a
+        stop request comes first or cuts it short; then a line says that the last step's checkpoint,
+        written before, holds every step and that --resume takes `what` again."""
+        try:
+            self.check()
+            return measure()
+        except Stopped:
+            if show:
+                tqdm.write(f"\n{self.what}: {what} stopped; {CHECKPOINT_NAME} holds every training step, and "
+                           f"--resume takes {what} again.")
+            return None
+
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread() and not self._previous:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}

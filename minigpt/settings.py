@@ -239,19 +239,27 @@ def _shorter_windows(train: TrainConfig, context_length: int) -> TrainConfig:
     return replace(train, max_length=context_length, stride=stride)
 
 
+def saved_run_config(path: str | None) -> dict[str, Any]:
+    """The config.json of the run (or Hugging Face folder) at `path`, a folder or a file in it such
+    as best.pt; {} where there is none to read (the pipeline checks the model itself later)."""
+    if not path:
+        return {}
+    folder = Path(path)
+    try:
+        saved = json.loads(((folder.parent if folder.is_file() else folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _start_context_length(checkpoint: str | None, pretrained: str | None) -> int | None:
-    """The context of the model a run starts from, read from its config.json (None if unknown here;
-    the pipeline then checks it after loading the model)."""
+    """The context of the model a run starts from (None if unknown here)."""
     if pretrained in PRETRAINED_NAMES:
         return 1024  # every GPT-2 size
-    if not (checkpoint or pretrained):
-        return None
-    folder = Path(checkpoint or pretrained)
-    folder = folder.parent if folder.is_file() else folder
+    saved = saved_run_config(checkpoint or pretrained)
     try:
-        saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         return int(saved["model"]["context_length"] if checkpoint else saved["n_positions"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -274,6 +282,13 @@ def _fit_to_start(train: TrainConfig, settings: dict[str, Any], cli: dict[str, A
     return _shorter_windows(train, context)
 
 
+def start_template(saved: dict[str, Any]) -> str | None:
+    """The instruction template a saved run (its config.json) answers in; None for one that has none."""
+    settings = saved.get("finetune") if saved.get("task") == "sft" else \
+        saved.get("align") if saved.get("task") in ALIGN_TASKS else None
+    return settings.get("prompt_style") if isinstance(settings, dict) else None
+
+
 def _template_of_start(settings: dict[str, Any], cli: dict[str, Any], mode: str, checkpoint: str | None,
                       finetune: FinetuneConfig | None, align: AlignConfig | None):
     """An instruction-tuned starting run answers in its own template: a run from it writes prompts the
@@ -281,13 +296,8 @@ def _template_of_start(settings: dict[str, Any], cli: dict[str, Any], mode: str,
     params = settings.get("finetune_params" if finetune is not None else "align_params", {})
     if not checkpoint or "prompt_style" in cli or (mode == "custom" and "prompt_style" in params):
         return finetune, align
-    folder = Path(checkpoint)
-    try:
-        saved = json.loads(((folder.parent if folder.is_file() else folder) / "config.json").read_text(encoding="utf-8"))
-        style = (saved.get("finetune") or saved.get("align") or {}).get("prompt_style")
-    except (OSError, ValueError, AttributeError):
-        return finetune, align
-    if saved.get("task") not in FINETUNE_TASKS + ALIGN_TASKS or saved.get("task") == "classify" or not style:
+    style = start_template(saved_run_config(checkpoint))
+    if not style:
         return finetune, align
     if finetune is not None:
         return replace(finetune, prompt_style=style), align

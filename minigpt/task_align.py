@@ -12,7 +12,6 @@ betas and weight-decay groups, the learning-rate schedule, `eval_freq` / `eval_i
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -32,11 +31,12 @@ from minigpt.plot import plot_panels
 from minigpt.rlhf import (RLModels, RLSettings, Rollout, add_reward_head, arithmetic_records, bradley_terry_loss,
                           byte_tokenizer, dpo_batch_loss, evaluate_dpo, exact_match_rewards, grpo_update,
                           ppo_update, preference_accuracy, reward_scores, sample_responses, supervised_warmup)
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, Stopped, check_same_data, device_row,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
                           finished, fingerprint, load_checkpoint, load_model, optimizer_row, pick_device, print_rows,
                           refuse_several_processes, restore_training, rng_states, run_dir_row, save_checkpoint,
                           save_weights, speed_row, starting_point, write_atomically, write_config, write_json)
 from minigpt.scale import Distributed, ScaledSetup, check_before_building, resolve_precision, scaled_setup
+from minigpt.settings import saved_run_config, start_template
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
 from minigpt.train import Diverged, learning_rate_at, make_optimizer, set_learning_rate
 
@@ -152,13 +152,12 @@ def _align(run: RunConfig, checkpoint: dict[str, Any] | None, run_dir: Path,
 
 def _measure_after(job: _Align, method, metrics: dict[str, Any], stop: StopRequest) -> None:
     """The held-out numbers after training into `metrics` (then "completed"), unless a stop request ends them."""
-    try:
-        stop.check()
+    def measure() -> dict[str, float]:
         with job.setup.autocast():
-            after = method.measure()
-    except Stopped:
-        tqdm.write(f"\n{stop.what}: the measurements after training stopped; {CHECKPOINT_NAME} holds every step, "
-                   "and --resume takes them.")
+            return method.measure()
+
+    after = stop.unless_stopped(measure, "the measurements after training")
+    if after is None:
         return
     metrics.update(completed=True, after=after)
     print("after:  " + method.describe(after), flush=True)
@@ -335,15 +334,10 @@ def _write_files(job: _Align, method, state: AlignState, metrics: dict[str, Any]
 
 def _check_template(run_dir: str | None, style: str) -> None:
     """An instruction-tuned starting run answers in its own template: the answers scored here must too."""
-    folder = Path(run_dir or "")
-    config = (folder.parent if folder.is_file() else folder) / "config.json"  # a run, or its best.pt
-    if not run_dir or not config.is_file():
-        return
-    saved = json.loads(config.read_text())
-    settings = saved.get("finetune") if saved.get("task") == "sft" else saved.get("align")
-    if settings and settings.get("prompt_style", style) != style:
-        raise ConfigError(f"{run_dir} was trained with the {settings['prompt_style']!r} template and this run would "
-                          f"write answers in {style!r}; add --prompt-style {settings['prompt_style']}.")
+    theirs = start_template(saved_run_config(run_dir))
+    if theirs and theirs != style:
+        raise ConfigError(f"{run_dir} was trained with the {theirs!r} template and this run would "
+                          f"write answers in {style!r}; add --prompt-style {theirs}.")
 
 
 def _task_data(run: RunConfig, tokenizer, checked: bool) -> AlignData:

@@ -30,7 +30,7 @@ from minigpt.lora import save_adapter
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.evaluate import perplexity
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, Stopped, check_same_data, device_row,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
                           finished, fingerprint, load_checkpoint, load_model, make_metrics, optimizer_row, pick_device,
                           print_rows, print_summary, refuse_several_processes, restore_training, rng_states,
                           run_dir_row, save_checkpoint, save_weights, speed_row, starting_point, typed_lines,
@@ -368,16 +368,17 @@ def _measure_after(job: _Run, metrics: dict[str, Any], loaders: Loaders, test_lo
     """After training: every split measured and, for sft, the test instructions answered and scored,
     into `metrics` (then "completed"); the answers. A stop request leaves `metrics` as it was."""
     run, model = job.run, job.model
-    try:
-        stop.check()
+
+    def measure_and_answer() -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         after = measure(model, loaders, test_loader, setup, job.data.labels, with_train=True)
         print("after fine-tuning:  " + _describe(after), flush=True)
-        answered = answer_test_set(model, job.tokenizer, job.data.test_records, run.finetune) \
-            if run.task == "sft" else None
-    except Stopped:
-        tqdm.write(f"\n{stop.what}: the measurements after training stopped; {CHECKPOINT_NAME} holds every "
-                   "training step, and --resume takes them.")
+        return after, (answer_test_set(model, job.tokenizer, job.data.test_records, run.finetune)
+                       if run.task == "sft" else None)
+
+    measured = stop.unless_stopped(measure_and_answer, "the measurements after training")
+    if measured is None:
         return None
+    after, answered = measured
     metrics.update(completed=True, final_train_loss=after["train_loss"], final_val_loss=after["val_loss"],
                    best_val_loss=min(metrics["val_losses"] + [after["val_loss"]]), after=after,
                    # perplexity reads a language model's loss; a classifier's loss is over classes

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
@@ -27,7 +26,7 @@ from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_pat
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest, Stopped,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest,
                           check_same_data, device_row, finished, load_checkpoint, make_metrics, optimizer_row,
                           pick_device, print_rows, print_summary, restore_training, rng_states, run_dir_row,
                           save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json)
@@ -240,26 +239,16 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         files.save_checkpoint()  # the last step's, before the final evaluation (minutes on a large text)
     final = None
     if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
-        final = _final_evaluation(model, loaders, setup, stop, final_eval_batches)
+        def evaluate() -> tuple[float, float]:
+            with setup.autocast():
+                return evaluate_model(model, loaders.train_eval, loaders.val, device, final_eval_batches)
+
+        final = stop.unless_stopped(evaluate, "the final evaluation", show=world.is_main)
     with stop.deferred("once the run's files are written"):
         metrics = files.write(completed and final is not None, final)
     if world.is_main:
         print_summary(metrics, run_dir, metrics["completed"])
     return model, tokenizer, metrics, run_dir
-
-
-def _final_evaluation(model: GPTModel, loaders: Loaders, setup: ScaledSetup, stop: StopRequest,
-                      batches: int | None) -> tuple[float, float] | None:
-    """The train and validation losses of the trained model; None if a stop request cut them short."""
-    try:
-        stop.check()
-        with setup.autocast():
-            return evaluate_model(model, loaders.train_eval, loaders.val, setup.device, batches)
-    except Stopped:
-        if setup.is_main:
-            tqdm.write(f"\n{stop.what}: final evaluation stopped; {CHECKPOINT_NAME} holds every training step, and "
-                       "--resume runs the evaluation.")
-        return None
 
 
 def _with_sample_prompt(run: RunConfig, corpus: Corpus) -> RunConfig:

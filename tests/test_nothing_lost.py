@@ -20,8 +20,8 @@ import main
 from minigpt.config import ConfigError
 from minigpt.data import GPTDataset
 from minigpt.model import GPTModel
-from minigpt.runs import (CHECKPOINT_NAME, EXIT_ERROR, EXIT_FINISHED, EXIT_STOPPED, LOCK_NAME, StopRequest, WriteError,
-                          choose_run_dir, load_checkpoint, resume_settings, write_atomically, write_json)
+from minigpt.runs import (CHECKPOINT_NAME, EXIT_ERROR, EXIT_FINISHED, EXIT_STOPPED, LOCK_NAME, StopRequest, Stopped,
+                          WriteError, choose_run_dir, load_checkpoint, resume_settings, write_atomically, write_json)
 from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.task_pretrain import pretrain
 from minigpt.tokenizer import CharTokenizer
@@ -189,7 +189,7 @@ def test_a_stop_before_training_starts_leaves_nothing_behind(tmp_path, text_file
 
     def interrupted(*args, **kwargs):  # Ctrl-C while the model is being built
         stop.requested = True
-        raise task_pretrain.Stopped("Ctrl-C")
+        raise Stopped("Ctrl-C")
 
     stop = StopRequest()
     monkeypatch.setattr(task_pretrain, "check_before_building", interrupted)
