@@ -16,16 +16,18 @@ CUSTOM_MODE = False   # train with custom_params below (set QUICK_MODE = False t
 
 MODEL = None          # None: the mode's model; or a preset such as "gpt-mini", "gpt2-small", "gpt2-medium",
                       # or Llama-style "llama-tiny", "moe-tiny", "llama-124m" (chapter 10)
-TOKENIZER = "gpt2"    # "gpt2": GPT-2's BPE through tiktoken (50,257 tokens)
-                      # "bpe": minigpt's own BPE with GPT-2's vocabulary (same ids; downloads 1.5 MB once)
+TOKENIZER = "gpt2"    # "gpt2": GPT-2's BPE through tiktoken (50,257 tokens; its files ship with minigpt)
+                      # "bpe": minigpt's own BPE with GPT-2's vocabulary (same ids, same shipped files)
                       # "char": one token per character of the text
                       # "train": learn a new BPE of BPE_VOCAB_SIZE tokens on the training split first
                       # or the path of a saved BPE, e.g. "runs/pretrain-quick/tokenizer.bpe"
 BPE_VOCAB_SIZE = 1024 # size of the BPE that TOKENIZER = "train" learns (the model's vocab_size follows)
-DATA = None           # None: the-verdict.txt (downloaded once); "tinyshakespeare" (1.1 MB, downloaded once);
-                      # the path of any UTF-8 text file; or a folder of .txt files (big corpora are
-                      # tokenized once into token files on disk and read through a memory map)
-OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run)
+DATA = None           # None: the-verdict.txt (in the repository); "tinyshakespeare" (1.1 MB, downloaded once);
+                      # the path of any UTF-8 text file; a .jsonl / .json of {"text": ...} records (--text-field);
+                      # or a folder of .txt files (big corpora are tokenized once into token files on disk
+                      # and read through a memory map)
+OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run or
+                      # another run is training there: a run's folder is its own, under a lock)
 
 INIT = None           # where classify / sft / reward / dpo / ppo / grpo start: None = the mode's choice (quick: new weights; full: GPT-2,
                       # downloaded once); "scratch"; "gpt2", "gpt2-medium", ...; or a run directory, e.g.
@@ -58,6 +60,7 @@ custom_params = {
     "precision": "auto",       # "auto": bf16 on CUDA GPUs that have it, fp32 on CPU; or "fp32", "bf16", "fp16"
     "compile": False,          # torch.compile the model: fused kernels, after a wait while it compiles
     "sampling": "auto",        # "sliding" windows once per epoch, "random" windows; auto: random for token files
+    "val_fraction": 0.1,       # the share at the end of the text held out for validation
     "model_overrides": {       # changes to the model preset (gpt2-small unless MODEL says otherwise)
         "emb_dim": 768,
         "n_heads": 12,
