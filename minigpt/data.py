@@ -180,7 +180,7 @@ def corpus_path(data: str | Path | None) -> Path:
 
 
 def load_text(path: str | Path | None = None) -> str:
-    """The training text: the file at `path`, a named corpus, or the-verdict.txt (downloaded on first use)."""
+    """The training text: the file at `path`, a named corpus, or the-verdict.txt (in the repository)."""
     return read_text(corpus_path(path))
 
 
