@@ -23,9 +23,14 @@ TOKENIZER = "gpt2"    # "gpt2": GPT-2's BPE through tiktoken (50,257 tokens; its
                       # or the path of a saved BPE, e.g. "runs/pretrain-quick/tokenizer.bpe"
 BPE_VOCAB_SIZE = 1024 # size of the BPE that TOKENIZER = "train" learns (the model's vocab_size follows)
 DATA = None           # None: the-verdict.txt (in the repository); "tinyshakespeare" (1.1 MB, downloaded once);
-                      # the path of any UTF-8 text file; a .jsonl / .json of {"text": ...} records (--text-field);
+                      # "wikitext-2", "wikitext-103", "ptb" (downloaded once, with their own validation splits);
+                      # the path of any UTF-8 text file; a .jsonl / .json of {"text": ...} records (TEXT_FIELD);
+                      # pre-tokenized .jsonl, {"input_ids": [...]} per line, with its vocab.json beside it;
+                      # "hf:NAME[:CONFIG]", a Hugging Face dataset (pip install datasets);
                       # or a folder of .txt files (big corpora are tokenized once into token files on disk
                       # and read through a memory map)
+DATA_FORMAT = "auto"  # how DATA is read: "auto" (by what it is), "text", "json", "tokens" or "hf"
+TEXT_FIELD = "text"   # the field of a JSON record, or the column of a dataset, that holds the text
 OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run or
                       # another run is training there: a run's folder is its own, under a lock)
 

@@ -40,8 +40,9 @@ import sys
 import types
 from pathlib import Path
 
-from minigpt.config import (DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
+from minigpt.config import (DATA_FORMATS, DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
                             SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE, ConfigError)
+from minigpt.data import NAMED_CORPORA
 from minigpt.runs import EXIT_ERROR, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, resume_settings
 from minigpt.settings import resolve_resume_config, resolve_run_config, settings_from_module
 from minigpt.task_align import align
@@ -173,11 +174,15 @@ def parse_args(argv: list[str] | None = None) -> dict:
                         help=f"{', '.join(TOKENIZERS)}, or a saved BPE file (config_run.TOKENIZER)")
     parser.add_argument("--vocab-size", dest="bpe_vocab_size", type=int, metavar="N",
                         help="size of the BPE that --tokenizer train learns (config_run.BPE_VOCAB_SIZE)")
-    parser.add_argument("--data", help="a UTF-8 text file, a .jsonl / .json of texts (--text-field), or a folder of "
-                                       ".txt files, or a corpus by name: "
-                                       "the-verdict (default), tinyshakespeare; for --task classify a "
+    parser.add_argument("--data", help="a UTF-8 text file, a .jsonl / .json of texts (--text-field), pre-tokenized "
+                                       "JSONL ({\"input_ids\": [...]}, vocab.json beside it), a folder of .txt files, a "
+                                       "Hugging Face dataset (hf:NAME[:CONFIG], or hf:FOLDER it saved), or a corpus by "
+                                       f"name: {', '.join(NAMED_CORPORA)} (default the-verdict; wikitext-2, "
+                                       "wikitext-103 and ptb with their own splits); for --task classify a "
                                        ".csv/.tsv/.jsonl of text,label (default: SMS spam); for --task sft "
                                        "a JSON list of instruction records (default: instruction-data.json)")
+    parser.add_argument("--data-format", choices=DATA_FORMATS,
+                        help="how to read --data (default auto: by what it is; text reads a .jsonl as plain text)")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<mode>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped or finished run in DIR")
     parser.add_argument("--epochs", dest="num_epochs", type=int, help="number of epochs")
@@ -187,9 +192,11 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--text-field", metavar="NAME",
-                        help="a .jsonl / .json corpus: the field of each record that holds its text (default text)")
+                        help="a .jsonl / .json corpus or a Hugging Face dataset: the field of each record that holds "
+                             "its text (default text)")
     parser.add_argument("--val-fraction", type=float, metavar="F",
-                        help="the share at the end of a text held out for validation (default 0.1)")
+                        help="the share at the end of a text held out for validation (default 0.1; a corpus with "
+                             "its own validation split uses that)")
     parser.add_argument("--max-length", type=int, metavar="N",
                         help="tokens per training window (default: the mode's, cut to the model's context)")
     parser.add_argument("--context-length", type=int, metavar="N",

@@ -443,6 +443,7 @@ FINETUNE_TASKS = ("classify", "sft")
 ALIGN_TASKS = ("reward", "dpo", "ppo", "grpo")
 MODES = ("quick", "full", "custom")
 TOKENIZERS = ("gpt2", "bpe", "char", "train")
+DATA_FORMATS = ("auto", "text", "json", "tokens", "hf")  # how --data is read (minigpt.data.data_format)
 DEVICES = ("cpu", "cuda", "mps")
 
 PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -483,11 +484,13 @@ class RunConfig:
     ensemble: list[str] = field(default_factory=list)  # generate / evaluate: runs that join `checkpoint`
     ensemble_weights: list[float] | None = None  # one per run, `checkpoint` first; None: equal weights
     show_probs: int = 0            # --task generate: print each token's k most likely candidates (0: off)
-    text_field: str = "text"       # pretraining on a .jsonl / .json corpus: the field that holds each text
+    text_field: str = "text"       # a .jsonl / .json corpus or a Hugging Face dataset: the field that holds each text
+    data_format: str = "auto"      # how --data is read: DATA_FORMATS (auto: by what it is, minigpt.data.data_format)
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
         check_choice("mode", self.mode, MODES)
+        check_choice("DATA_FORMAT (or --data-format)", self.data_format, DATA_FORMATS)
         self._refuse_what_the_task_cannot_honour()
         if (self.task in FINETUNE_TASKS) != (self.finetune is not None):
             raise ConfigError(f"--task {self.task} {'needs' if self.task in FINETUNE_TASKS else 'takes no'} "
@@ -510,9 +513,12 @@ class RunConfig:
             raise ConfigError(f"{self.task} samples its answers with a KV cache at a new length every round, which "
                               "torch.compile would compile again and again; drop --compile (pretrain, classify, "
                               "sft, reward and dpo take it).")
-        if self.task != "pretrain" and (self.train.val_fraction != 0.1 or self.text_field != "text"):
-            raise ConfigError(f"--val-fraction and --text-field choose how pretraining reads a text; --task "
-                              f"{self.task} has splits of its own: drop them.")
+        if self.task != "pretrain" and self.train.val_fraction != 0.1:
+            raise ConfigError(f"--val-fraction chooses how pretraining splits a text; --task {self.task} has splits "
+                              "of its own: drop it.")
+        if self.task not in ("pretrain", "evaluate") and (self.text_field != "text" or self.data_format != "auto"):
+            raise ConfigError(f"--text-field and --data-format choose how pretraining and evaluation read a corpus; "
+                              f"--task {self.task} reads its own records: drop them.")
         if self.task in FINETUNE_TASKS + ALIGN_TASKS and self.train.sampling != "auto":
             raise ConfigError(f"sampling ({self.train.sampling!r}) chooses pretraining's windows of a text; "
                               f"--task {self.task} trains on whole examples: drop --sampling.")

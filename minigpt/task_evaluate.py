@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from minigpt.config import RunConfig
-from minigpt.data import corpus_path, read_text
-from minigpt.evaluate import evaluate_multiple_choice, evaluate_text, load_multiple_choice, report_markdown
+from minigpt.data import corpus_path, data_format, hf_split_texts, named_split_texts, read_corpus, token_id_chunks
+from minigpt.evaluate import evaluate_ids, evaluate_multiple_choice, load_multiple_choice, report_markdown
 from minigpt.generation import Ensemble
 from minigpt.runs import load_for_generation, write_atomically, write_json
 
@@ -19,15 +19,14 @@ def run_evaluate(run: RunConfig) -> None:
     (HellaSwag style) if asked; the report goes to evaluation.json and evaluation.md."""
     model, tokenizer, source, _ = load_for_generation(run)  # the models generate reads, ensembles included
     device = next(model.parameters()).device
-    path = corpus_path(run.data)
-    print(f"minigpt | evaluate | {source} | text {path}", file=sys.stderr)
-    text = read_text(path)
+    where, ids = evaluation_ids(run, tokenizer)
+    print(f"minigpt | evaluate | {source} | text {where}", file=sys.stderr)
     items = load_multiple_choice(run.choices)[:run.limit] if run.choices else None
     max_length = min(model.cfg.context_length, 1024)  # an ensemble's members all read the same windows
 
     def scores(scored) -> dict:
-        result = {"text": {"file": str(path), **evaluate_text(scored, tokenizer, text, max_length, batch_size=4,
-                                                               device=device)}}
+        result = {"text": {"file": where, **evaluate_ids(scored, tokenizer, ids, max_length, batch_size=4,
+                                                         device=device)}}
         if items is not None:
             result["multiple_choice"] = {"file": run.choices, **evaluate_multiple_choice(scored, tokenizer, items,
                                                                                          device)}
@@ -50,3 +49,21 @@ def run_evaluate(run: RunConfig) -> None:
     write_atomically(paths[1], lambda tmp: tmp.write_text(report_markdown(report), encoding="utf-8"))
     print(report_markdown(report))
     print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def evaluation_ids(run: RunConfig, tokenizer) -> tuple[str, list[int]]:
+    """The token ids to score, and where they come from: a corpus with splits of its own gives its test
+    split (its validation split if it has no test split); any other data, all of its text (or ids)."""
+    kind = data_format(run.data, run.data_format)
+    if kind == "tokens":
+        path = corpus_path(run.data)
+        chunks = token_id_chunks(path, tokenizer.vocab_size, tokenizer.eos_id, train_ratio=1.0)
+        return f"{path} (token ids)", [i for _, ids, _ in chunks for i in ids]
+    splits = hf_split_texts(run.data, run.text_field) if kind == "hf" else named_split_texts(run.data)
+    if splits is not None:
+        split = "test" if "test" in splits.texts else "val"
+        name = {"test": "test", "val": "validation"}[split]
+        return f"{splits.name}, its {name} split", tokenizer.encode(splits.text(split), allowed_special="all")
+    path = corpus_path(run.data)
+    text = read_corpus(path, run.text_field if kind == "json" else None)
+    return str(path), tokenizer.encode(text, allowed_special="all")

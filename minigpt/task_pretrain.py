@@ -9,6 +9,7 @@ pipeline for a script or a notebook.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -21,8 +22,11 @@ import torch.distributed as dist
 
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
-from minigpt.data import (TokenFile, corpus_characters, corpus_files, corpus_path, corpus_sample, create_dataloader,
-                          is_large_corpus, read_corpus, read_token_files, split_text, token_folder, write_token_files)
+from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, corpus_files,
+                          corpus_path, corpus_sample, create_dataloader, data_format, hf_split_texts, is_large, is_large_corpus,
+                          keyed_token_folder, named_split_texts, read_corpus, read_token_files, split_text,
+                          token_folder, token_id_chunks, vocabulary_files, write_split_token_files, write_token_files,
+                          write_token_stream)
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
@@ -32,7 +36,7 @@ from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirecto
                           save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json)
 from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
                            resolve_precision, scaled_setup, start_distributed)
-from minigpt.tokenizer import BPETokenizer, get_tokenizer, tokenizer_from_spec
+from minigpt.tokenizer import BPETokenizer, VocabTokenizer, get_tokenizer, tokenizer_from_spec, vocabulary_style
 from minigpt.train import Loaders, LoopEvents, TrainState, evaluate_model, make_optimizer, planned_steps, train_loop
 
 # A BPE trained for a large corpus learns from its first this many characters.
@@ -56,14 +60,24 @@ class Corpus:
     description: str        # the header's "data" line
     tokenizer_note: str     # the header's "tokenizer" line
     on_disk: bool           # token files (random windows by default) rather than a list
+    source: str             # where the data came from (config.json's data_path)
 
 
 def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed) -> Corpus:
-    """Read and tokenize `run.data`, building the tokenizer first unless a resumed run brings its own."""
+    """Read and tokenize `run.data` in its format (`data_format`), building the tokenizer first unless a
+    resumed run brings its own: a text cut by val_fraction, a corpus with its own splits, or token ids."""
+    kind = data_format(run.data, run.data_format)
+    if kind == "tokens":
+        return _prepare_token_ids(run, corpus_path(run.data), checkpoint, world)
+    splits = hf_split_texts(run.data, run.text_field, run.train.val_fraction) if kind == "hf" \
+        else named_split_texts(run.data)
+    if splits is not None:
+        return _prepare_splits(run, splits, checkpoint, world)
     path = corpus_path(run.data)
+    text_field = run.text_field if kind == "json" else None  # "text": a .jsonl read as plain text
     if is_large_corpus(path):
-        return _prepare_token_files(run, path, checkpoint, world)
-    text = read_corpus(path, run.text_field)
+        return _prepare_token_files(run, path, text_field, checkpoint, world)
+    text = read_corpus(path, text_field)
     fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
     train_text, val_text = split_text(text, train_ratio=1 - run.train.val_fraction)
     started = time.perf_counter()
@@ -79,28 +93,110 @@ def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Dis
     val_ids = tokenizer.encode(val_text, allowed_special="all")
     description = (f"{path.name}: {len(text):,} characters, {len(train_ids) + len(val_ids):,} tokens "
                    f"({tokenizer.name}); train {len(train_ids):,} / validation {len(val_ids):,} tokens")
-    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=False)
+    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=False,
+                  source=str(path.resolve()))
 
 
-def _prepare_token_files(run: RunConfig, path: Path, checkpoint: dict[str, Any] | None,
+def _prepare_token_files(run: RunConfig, path: Path, text_field: str | None, checkpoint: dict[str, Any] | None,
                          world: Distributed) -> Corpus:
     """Tokenize a large corpus once into token files (rank 0 writes, the others wait), or reuse them."""
     files = corpus_files(path)
-    request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
-    key = f"{request}-{run.bpe_vocab_size}" if request == "train" else request
-    if run.train.val_fraction != 0.1 or run.text_field != "text":  # other splits or texts: other token files
-        key += f"-val{run.train.val_fraction}-{run.text_field}"
-    folder = token_folder(files, key)
-    started = time.perf_counter()
-    reused = read_token_files(folder) is not None
-    if world.is_main and not reused:
+    key = _tokenizer_key(run)
+    if run.train.val_fraction != 0.1 or text_field != "text":  # other splits or texts: other token files
+        key += f"-val{run.train.val_fraction}-{text_field}"
+
+    def write(folder: Path) -> None:
         if checkpoint is not None:
             tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
         elif run.tokenizer == "char":
-            tokenizer = _build_tokenizer(run, corpus_characters(files, run.text_field))
+            tokenizer = _build_tokenizer(run, corpus_characters(files, text_field))
         else:
-            tokenizer = _build_tokenizer(run, corpus_sample(files, BPE_SAMPLE_CHARS, run.text_field))
-        write_token_files(files, tokenizer, folder, 1 - run.train.val_fraction, run.text_field)
+            tokenizer = _build_tokenizer(run, corpus_sample(files, BPE_SAMPLE_CHARS, text_field))
+        write_token_files(files, tokenizer, folder, 1 - run.train.val_fraction, text_field)
+
+    listing = [(str(f.resolve()), f.stat().st_size) for f in files]
+    return _token_file_corpus(run, token_folder(files, key), write, checkpoint, world,
+                              f"{path.name}: {len(files):,} file(s)", fingerprint=_hash(listing),
+                              source=str(path.resolve()))
+
+
+def _prepare_splits(run: RunConfig, splits: SplitTexts, checkpoint: dict[str, Any] | None,
+                    world: Distributed) -> Corpus:
+    """A corpus with splits of its own (WikiText, the Penn Treebank, a Hugging Face dataset): its train
+    split trains and its validation split validates, in memory, or through token files when large."""
+    def build_tokenizer(read_all: Callable[[], str], read_train: Callable[[], str]):
+        if checkpoint is not None:
+            return tokenizer_from_spec(checkpoint["tokenizer_spec"])
+        # A character vocabulary takes every split's characters (the test split's too, for --task evaluate).
+        return _build_tokenizer(run, read_all() if run.tokenizer == "char" else read_train())
+
+    if is_large(splits.num_bytes):
+        def write(folder: Path) -> None:
+            tokenizer = build_tokenizer(
+                lambda: "".join(sorted({c for split in splits.texts for piece in splits.texts[split]() for c in piece})),
+                lambda: _first_characters(splits.texts["train"](), BPE_SAMPLE_CHARS))
+            write_split_token_files(splits, tokenizer, folder)
+
+        folder = keyed_token_folder(splits.name.replace(":", "-"), splits.fingerprint, _tokenizer_key(run))
+        return _token_file_corpus(run, folder, write, checkpoint, world, f"{splits.name} (its own splits)",
+                                  splits.fingerprint, splits.name)
+    started = time.perf_counter()
+    texts = {split: splits.text(split) for split in splits.texts}
+    tokenizer = build_tokenizer(lambda: "".join(texts.values()), lambda: texts["train"])
+    note = describe_tokenizer(tokenizer, run, time.perf_counter() - started, resumed=checkpoint is not None)
+    train_ids = tokenizer.encode(texts["train"], allowed_special="all")
+    val_ids = tokenizer.encode(texts["val"], allowed_special="all")
+    description = (f"{splits.name}: its train split, {len(texts['train']):,} characters, {len(train_ids):,} tokens "
+                   f"({tokenizer.name}); its validation split, {len(texts['val']):,} characters, {len(val_ids):,} "
+                   "tokens")
+    return Corpus(tokenizer, train_ids, val_ids, splits.fingerprint, description, note, on_disk=False,
+                  source=splits.name)
+
+
+def _prepare_token_ids(run: RunConfig, path: Path, checkpoint: dict[str, Any] | None, world: Distributed) -> Corpus:
+    """Pre-tokenized data: the ids as they are, the vocabulary beside them (vocab.json, with merges.txt an
+    exact BPE), the split after 1 - val_fraction of the file; in memory, or token files when large."""
+    vocab, merges = vocabulary_files(path)
+    if checkpoint is None and run.tokenizer != "gpt2":
+        raise ConfigError(f"{path.name} holds token ids made with the {VOCAB_NAME} beside it, so it brings its own "
+                          f"tokenizer: drop --tokenizer (TOKENIZER = {run.tokenizer!r}).")
+    if checkpoint is not None:
+        tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
+    elif merges is not None and vocabulary_style(json.loads(vocab.read_text(encoding="utf-8"))) == "byte-level":
+        tokenizer = BPETokenizer.from_vocab_files(vocab, merges)
+    else:
+        tokenizer = VocabTokenizer.from_vocab_json(vocab)
+    how = ("a byte-level BPE: decodes and encodes as the tool that made the ids" if tokenizer.name == "bpe" else
+           f"{tokenizer.style} tokens: decodes exactly, encodes new text (prompts) by longest match")
+    note = f"{vocab} ({tokenizer.vocab_size:,} tokens{', with merges.txt' if merges else ''}), {how}"
+    fingerprint = _hash([path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
+                         hashlib.sha256(vocab.read_bytes()).hexdigest()])
+    chunks = functools.partial(token_id_chunks, path, tokenizer.vocab_size, tokenizer.eos_id,
+                               1 - run.train.val_fraction)
+    if is_large(path.stat().st_size):
+        def write(folder: Path) -> None:
+            write_token_stream(folder, chunks(), tokenizer, path.stat().st_size, {"files": [str(path)]})
+
+        folder = keyed_token_folder(path.stem, fingerprint, f"ids-val{run.train.val_fraction}")
+        corpus = _token_file_corpus(run, folder, write, checkpoint, world, f"{path.name}: token ids", fingerprint,
+                                    str(path.resolve()))
+        return replace(corpus, tokenizer_note=note)
+    ids: dict[str, list[int]] = {"train": [], "val": []}
+    for split, part, _ in chunks():
+        ids[split].extend(part)
+    description = (f"{path.name}: {len(ids['train']) + len(ids['val']):,} token ids; train {len(ids['train']):,} / "
+                   f"validation {len(ids['val']):,} tokens")
+    return Corpus(tokenizer, ids["train"], ids["val"], fingerprint, description, note, on_disk=False,
+                  source=str(path.resolve()))
+
+
+def _token_file_corpus(run: RunConfig, folder: Path, write: Callable[[Path], Any], checkpoint: dict[str, Any] | None,
+                       world: Distributed, what: str, fingerprint: str, source: str) -> Corpus:
+    """Token files in `folder`: written once by `write(folder)` (rank 0 writes, the others wait), or reused."""
+    started = time.perf_counter()
+    reused = read_token_files(folder) is not None
+    if world.is_main and not reused:
+        write(folder)
     if world.active:
         dist.barrier()
     train_ids, val_ids, meta = read_token_files(folder)
@@ -109,13 +205,30 @@ def _prepare_token_files(run: RunConfig, path: Path, checkpoint: dict[str, Any] 
     note = describe_tokenizer(tokenizer, run, 0.0, resumed=checkpoint is not None)
     if run.tokenizer == "train" and checkpoint is None:
         note += f" (learned from the corpus's first {BPE_SAMPLE_CHARS:,} characters)"
-    listing = [(str(f.resolve()), f.stat().st_size) for f in files]
-    fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     how = f"reused from {folder}" if reused else f"written to {folder} in {seconds:.1f} s"
-    description = (f"{path.name}: {len(files):,} file(s), {meta['bytes'] / 2**20:,.1f} MiB, "
-                   f"{meta['train_tokens'] + meta['val_tokens']:,} tokens ({tokenizer.name}); train "
-                   f"{meta['train_tokens']:,} / validation {meta['val_tokens']:,} tokens; token files {how}")
-    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=True)
+    description = (f"{what}, {meta['bytes'] / 2**20:,.1f} MiB, {meta['train_tokens'] + meta['val_tokens']:,} tokens "
+                   f"({tokenizer.name}); train {meta['train_tokens']:,} / validation {meta['val_tokens']:,} tokens; "
+                   f"token files {how}")
+    return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=True, source=source)
+
+
+def _tokenizer_key(run: RunConfig) -> str:
+    """Names the tokenizer a run asks for, for the token files' folder."""
+    request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
+    return f"{request}-{run.bpe_vocab_size}" if request == "train" else request
+
+
+def _first_characters(pieces: Iterator[str], max_chars: int) -> str:
+    text = ""
+    for piece in pieces:
+        text += piece
+        if len(text) >= max_chars:
+            break
+    return text[:max_chars]
+
+
+def _hash(items: Any) -> str:
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 def _build_tokenizer(run: RunConfig, text: str):
@@ -137,6 +250,8 @@ def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool)
         return f"gpt2 (GPT-2's BPE through tiktoken), {size}"
     if tokenizer.name == "char":
         return f"char (the text's distinct characters), {size}"
+    if tokenizer.name == "vocab":
+        return f"vocab ({tokenizer.style} tokens of a vocab.json), {size}"
     if tokenizer.source == "gpt2":
         return f"bpe (minigpt's BPE with GPT-2's vocabulary), {size}"
     where = "trained on the training split" if run.tokenizer == "train" else f"loaded from {run.tokenizer}"
@@ -315,8 +430,7 @@ class _RunFiles:
     def write(self, completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
         metrics = make_metrics(self.state, self.model, completed, final, self.run, self.setup, self.compile_note)
         if self.setup.is_main:
-            write_run_files(self.run_dir, self.run, metrics, self.extra, len(self.corpus.train_ids),
-                            len(self.corpus.val_ids))
+            write_run_files(self.run_dir, self.run, metrics, self.extra, self.corpus)
         return metrics
 
     def save_best(self) -> None:
@@ -325,10 +439,10 @@ class _RunFiles:
 
 
 def write_run_files(run_dir: Path, run: RunConfig, metrics: dict[str, Any], extra: dict[str, Any],
-                    train_tokens: int, val_tokens: int) -> None:
+                    corpus: Corpus) -> None:
     """config.json (enough to rebuild and rerun), metrics.json, and the loss plot."""
-    config = {"data_path": str(corpus_path(run.data).resolve()), **extra,
-              "train_tokens": train_tokens, "val_tokens": val_tokens}
+    config = {"data_path": corpus.source, **extra,
+              "train_tokens": len(corpus.train_ids), "val_tokens": len(corpus.val_ids)}
     if "saved" in config["tokenizer_spec"]:  # a BPE's merges: in the checkpoint and tokenizer.bpe
         config["tokenizer_spec"] = {"name": "bpe", "file": TOKENIZER_NAME}
     write_config(run_dir, run, config)

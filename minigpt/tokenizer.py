@@ -483,12 +483,21 @@ class BPETokenizer:
         encoder.json maps each token, written with `bytes_to_unicode`, to its id; vocab.bpe
         lists the 50,000 merges in the order they were learned, one "left right" per line.
         """
+        return cls.from_vocab_files(encoder_json, vocab_bpe, source="gpt2")
+
+    @classmethod
+    def from_vocab_files(cls, vocab_json: str | Path, merges_txt: str | Path,
+                         source: str | None = None) -> "BPETokenizer":
+        """A byte-level BPE from a vocabulary (token -> id, each token written with
+        `bytes_to_unicode`) and its merges in order: GPT-2's encoder.json and vocab.bpe, or the
+        vocab.json and merges.txt a Hugging Face byte-level BPE saves. A token that is neither a
+        byte nor a merge's result (such as "<|endoftext|>") is a special token."""
         try:
-            encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-            merge_lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+            encoder = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+            merge_lines = Path(merges_txt).read_text(encoding="utf-8").splitlines()
         except (OSError, ValueError) as err:
-            raise ConfigError(f"could not read GPT-2's tokenizer files ({type(err).__name__}: {err}). "
-                              "Delete them so they download again, or give the right paths.") from None
+            raise ConfigError(f"could not read the BPE files {vocab_json} and {merges_txt} "
+                              f"({type(err).__name__}: {err}); give the right paths, or download them again.") from None
         char_of = bytes_to_unicode()
         try:
             byte_ids = [encoder[char_of[b]] for b in range(256)]
@@ -498,12 +507,12 @@ class BPETokenizer:
                     continue
                 left, right = line.split(" ")
                 merges[(encoder[left], encoder[right])] = encoder[left + right]
-            specials = {END_OF_TEXT: encoder[END_OF_TEXT]}
         except (KeyError, ValueError) as err:
-            raise ConfigError(f"GPT-2's tokenizer files do not fit together ({err!r} is missing "
-                              f"or malformed): {encoder_json}, {vocab_bpe}. Delete them so they "
-                              "download again.") from None
-        return cls(merges, specials, GPT2_SPLIT_PATTERN, byte_ids, source="gpt2")
+            raise ConfigError(f"the BPE files do not fit together ({err!r} is missing or malformed): "
+                              f"{vocab_json}, {merges_txt}. Give a vocabulary and the merges saved with it.") from None
+        made = set(byte_ids) | set(merges.values())
+        specials = {token: token_id for token, token_id in encoder.items() if token_id not in made}
+        return cls(merges, specials, GPT2_SPLIT_PATTERN, byte_ids, source=source)
 
     def with_special_tokens(self, tokens: Iterable[str]) -> "BPETokenizer":
         """This tokenizer plus new special tokens (ids after the last one), e.g. a chat format's
@@ -661,6 +670,167 @@ class CharTokenizer:
 
 
 # ---------------------------------------------------------------------------------------
+# A vocabulary from elsewhere: data tokenized by another tool
+# ---------------------------------------------------------------------------------------
+
+# Names under which vocabularies write their end-of-text and unknown tokens.
+END_OF_TEXT_NAMES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+UNKNOWN_NAMES = ("<unk>", "[UNK]", UNKNOWN)
+# Tokens that stand for a control signal rather than text: <s>, </s>, <|endoftext|>, [CLS] ...
+SPECIAL_TOKEN = regex.compile(r"<\|?/?[\w.-]+\|?>|\[[A-Z]+\]")
+SENTENCEPIECE_SPACE = "\u2581"  # "▁"
+SENTENCEPIECE_BYTE = regex.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def vocabulary_style(tokens: Iterable[str]) -> str:
+    """How a vocabulary writes text: "byte-level" (each character stands for a byte, a space is
+    "Ġ": GPT-2 and its kin), "sentencepiece" (a space is "▁", raw bytes are "<0x0A>": Llama and
+    its kin), or "word" (whole words, written between spaces)."""
+    tokens = [t for t in tokens if t is not None]
+    if any(SENTENCEPIECE_SPACE in t for t in tokens):
+        return "sentencepiece"
+    byte_chars = set(bytes_to_unicode().values())
+    if any("\u0120" in t for t in tokens) and all(set(t) <= byte_chars for t in tokens):
+        return "byte-level"
+    return "word"
+
+
+class VocabTokenizer:
+    """The vocabulary of a corpus tokenized by another tool: a Hugging Face `vocab.json`
+    (token -> id) beside pre-tokenized data.
+
+    The ids in the data are the truth, and `decode` turns them back into text exactly, the way
+    the vocabulary writes it (`vocabulary_style`). New text (a prompt) is encoded by longest
+    match against the vocabulary: close to the tool that made the data, not always the same.
+    (With its merges.txt beside it, a byte-level vocabulary is rebuilt exactly as a
+    `BPETokenizer` instead: `BPETokenizer.from_vocab_files`.)
+    """
+
+    name = "vocab"
+
+    def __init__(self, tokens: list[str | None], style: str | None = None) -> None:
+        """`tokens[i]` is the token of id i (None for an id the vocabulary leaves unused)."""
+        self.tokens = list(tokens)
+        self.style = style or vocabulary_style(self.tokens)
+        self.vocab_size = len(self.tokens)
+        self._id_of = {token: i for i, token in enumerate(self.tokens) if token is not None}
+        self.special_tokens = {t: i for t, i in self._id_of.items()
+                               if SPECIAL_TOKEN.fullmatch(t) and not SENTENCEPIECE_BYTE.fullmatch(t)}
+        self.eos_id = next((self._id_of[t] for t in END_OF_TEXT_NAMES if t in self._id_of), None)
+        self.unk_id = next((self._id_of[t] for t in UNKNOWN_NAMES if t in self._id_of), None)
+        self._longest = max(map(len, self._id_of))
+        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    @classmethod
+    def from_vocab_json(cls, path: str | Path) -> "VocabTokenizer":
+        """Read a vocab.json: one JSON object mapping each token to a distinct id >= 0."""
+        try:
+            vocab = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"could not read the vocabulary {path} ({type(err).__name__}: {err}); a "
+                              'vocab.json is one JSON object, {"token": id, ...}.') from None
+        if not isinstance(vocab, dict) or not vocab or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()):
+            raise ConfigError(f'{path} is not a vocabulary: a vocab.json is one JSON object {{"token": id, ...}} '
+                              "whose ids are whole numbers >= 0.")
+        tokens: list[str | None] = [None] * (max(vocab.values()) + 1)
+        for token, token_id in vocab.items():
+            if tokens[token_id] is not None:
+                raise ConfigError(f"{path} gives id {token_id} to both {tokens[token_id]!r} and {token!r}; "
+                                  "each id must name one token.")
+            tokens[token_id] = token
+        return cls(tokens)
+
+    # -- decoding: exact ---------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        pieces = []
+        for i in ids:
+            token = self.tokens[int(i)] if 0 <= int(i) < self.vocab_size else None
+            if token is None:
+                raise ConfigError(f"token id {int(i)} is not in this vocabulary (ids 0..{self.vocab_size - 1}, "
+                                  "some unused).")
+            pieces.append(self._token_bytes(token))
+        if self.style == "word":
+            return b" ".join(pieces)
+        return b"".join(pieces)
+
+    def _token_bytes(self, token: str) -> bytes:
+        if token in self.special_tokens or self.style == "word":
+            return token.encode("utf-8")
+        if self.style == "byte-level":
+            return bytes(self._byte_of[char] for char in token)
+        byte = SENTENCEPIECE_BYTE.fullmatch(token)
+        return bytes([int(byte.group(1), 16)]) if byte else token.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # -- encoding: longest match -------------------------------------------------------
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
+               disallowed_special: Iterable[str] | str = "all") -> list[int]:
+        """Text to ids by longest match; special tokens follow tiktoken's rules (`resolve_special_tokens`)."""
+        allowed = resolve_special_tokens(text, self.special_tokens, allowed_special, disallowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        specials = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
+        for i, piece in enumerate(regex.split(f"({specials})", text)):
+            ids.extend([self.special_tokens[piece]] if i % 2 else self.encode_ordinary(piece))
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if self.style == "word":
+            return [self._word_id(word) for word in text.split()]
+        if self.style == "byte-level":
+            text = "".join(bytes_to_unicode()[b] for b in text.encode("utf-8"))
+        else:  # SentencePiece writes spaces as "▁" and starts the text with one
+            text = SENTENCEPIECE_SPACE + text.replace(" ", SENTENCEPIECE_SPACE) if text else text
+        ids, start = [], 0
+        while start < len(text):
+            end = min(len(text), start + self._longest)
+            while end > start and text[start:end] not in self._id_of:
+                end -= 1
+            if end > start:
+                ids.append(self._id_of[text[start:end]])
+                start = end
+            else:  # no token starts with this character
+                ids.extend(self._unknown(text[start]))
+                start += 1
+        return ids
+
+    def _word_id(self, word: str) -> int:
+        if word in self._id_of:
+            return self._id_of[word]
+        if self.unk_id is not None:
+            return self.unk_id
+        raise ConfigError(f"the word {word!r} is not in this vocabulary, which has no unknown token; use "
+                          "only words of the data's vocab.json.")
+
+    def _unknown(self, char: str) -> list[int]:
+        """A character no token covers: SentencePiece's byte tokens, else the unknown token."""
+        byte_ids = [self._id_of.get(f"<0x{b:02X}>") for b in char.encode("utf-8")]
+        if None not in byte_ids:
+            return byte_ids
+        if self.unk_id is not None:
+            return [self.unk_id]
+        raise ConfigError(f"character {char!r} has no token in this vocabulary (and it has no unknown "
+                          "token); use only characters of the data.")
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> "VocabTokenizer":
+        """This vocabulary plus new special tokens at the end (a chat format's); tokens it has keep their ids."""
+        added = [t for t in dict.fromkeys(tokens) if t not in self._id_of]
+        tokenizer = VocabTokenizer(self.tokens + added, self.style)
+        tokenizer.special_tokens.update({t: tokenizer._id_of[t] for t in tokens})
+        return tokenizer
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "tokens": self.tokens, "style": self.style,
+                "special_tokens": sorted(self.special_tokens)}
+
+
+# ---------------------------------------------------------------------------------------
 # Choosing one
 # ---------------------------------------------------------------------------------------
 
@@ -692,10 +862,14 @@ def get_tokenizer(name: str, text: str | None = None,
                       f"path of a saved BPE tokenizer file.{did_you_mean(name, TOKENIZERS)}")
 
 
-def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | CharTokenizer:
+def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | CharTokenizer | VocabTokenizer:
     """Rebuild a tokenizer from what `spec()` returned (stored in every checkpoint)."""
     if spec.get("name") == "char":
         return CharTokenizer(spec["chars"])
+    if spec.get("name") == "vocab":
+        tokenizer = VocabTokenizer(spec["tokens"], spec["style"])
+        tokenizer.special_tokens.update({t: tokenizer._id_of[t] for t in spec.get("special_tokens", [])})
+        return tokenizer
     if spec.get("name") == "bpe" and "saved" in spec:
         return BPETokenizer.from_text(spec["saved"], where="the checkpoint's tokenizer")
     if spec.get("name") in ("gpt2", "bpe"):
