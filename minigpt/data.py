@@ -248,7 +248,9 @@ def corpus_split_paths(data: str | Path | None) -> dict[str, Path] | None:
             # The checkout's copy; an installed package (no checkout around it) downloads it once into the cache.
             where = VERDICT_PATH.parent if VERDICT_PATH.is_file() or (PROJECT_ROOT / "main.py").is_file() else cache_dir()
             paths[split] = download.fetch(where)
-        elif member is None:
+        elif split == "text":  # one text: <cache>/tinyshakespeare.txt
+            paths[split] = download.fetch(cache_dir())
+        elif member is None:  # one file a split: <cache>/ptb/ptb.train.txt ...
             paths[split] = download.fetch(cache_dir() / str(data))
         else:
             paths[split] = _unzipped(download, member, cache_dir() / str(data))
@@ -516,9 +518,7 @@ def hf_split_texts(data: str, text_field: str = "text", val_fraction: float = 0.
         raise ConfigError(f"the dataset {spec} has no 'train' split (it has {', '.join(dataset) or 'none'}); "
                           "pretraining needs one.")
     train = dataset["train"]
-    if text_field not in train.column_names:
-        raise ConfigError(f"the dataset {spec} has no column {text_field!r} (it has {', '.join(train.column_names)}); "
-                          "set --text-field to the column that holds the text.")
+    _check_column(train, text_field, spec)
     val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in dataset), None)
     splits = {"train": train, "val": dataset[val_name] if val_name else None,
               **({"test": dataset["test"]} if "test" in dataset else {})}
@@ -532,6 +532,22 @@ def hf_split_texts(data: str, text_field: str = "text", val_fraction: float = 0.
         split._fingerprint for split in splits.values()]).encode()).hexdigest()
     return SplitTexts(f"{HF_PREFIX}{spec}", fingerprint, splits["train"].data.nbytes + splits["val"].data.nbytes,
                       {name: functools.partial(_hf_texts, split, text_field) for name, split in splits.items()})
+
+
+def hf_evaluation_text(data: str, text_field: str = "text") -> tuple[str, str]:
+    """The split of a Hugging Face dataset an evaluation scores, by name, and its text: the test split,
+    else the validation split, else the train split."""
+    spec = str(data).removeprefix(HF_PREFIX)
+    dataset = _load_hf_dataset(spec)
+    name = next(name for name in ("test", *VALIDATION_SPLIT_NAMES, "train", *dataset) if name in dataset)
+    _check_column(dataset[name], text_field, spec)
+    return name, "".join(_hf_texts(dataset[name], text_field))
+
+
+def _check_column(split, text_field: str, spec: str) -> None:
+    if text_field not in split.column_names:
+        raise ConfigError(f"the dataset {spec} has no column {text_field!r} (it has {', '.join(split.column_names)}); "
+                          "set --text-field to the column that holds the text.")
 
 
 def _load_hf_dataset(spec: str):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from minigpt.config import RunConfig
-from minigpt.data import corpus_path, data_format, hf_split_texts, named_split_texts, read_corpus, token_id_chunks
+from minigpt.data import corpus_path, data_format, hf_evaluation_text, named_split_texts, read_corpus, token_id_chunks
 from minigpt.evaluate import evaluate_ids, evaluate_multiple_choice, load_multiple_choice, report_markdown
 from minigpt.generation import Ensemble
 from minigpt.runs import load_for_generation, write_atomically, write_json
@@ -59,7 +59,10 @@ def evaluation_ids(run: RunConfig, tokenizer) -> tuple[str, list[int]]:
         path = corpus_path(run.data)
         chunks = token_id_chunks(path, tokenizer.vocab_size, tokenizer.eos_id, train_ratio=1.0)
         return f"{path} (token ids)", [i for _, ids, _ in chunks for i in ids]
-    splits = hf_split_texts(run.data, run.text_field) if kind == "hf" else named_split_texts(run.data)
+    if kind == "hf":
+        split, text = hf_evaluation_text(run.data, run.text_field)
+        return f"{run.data}, its {split} split", tokenizer.encode(text, allowed_special="all")
+    splits = named_split_texts(run.data)
     if splits is not None:
         split = "test" if "test" in splits.texts else "val"
         name = {"test": "test", "val": "validation"}[split]

@@ -214,6 +214,9 @@ def test_a_hugging_face_dataset_trains_on_its_splits(tmp_path):
                           text_field="body")
     where, ids = evaluation_ids(evaluate, tokenizer)
     assert "its test split" in where and tokenizer.decode(ids) == "".join(s + "\n\n" for s in stories(10, 400))
+    only_test = tmp_path / "only-test"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"body": stories(3)})}).save_to_disk(str(only_test))
+    assert data.hf_evaluation_text(f"hf:{only_test}", "body") == ("test", "".join(s + "\n\n" for s in stories(3)))
 
 
 def test_a_dataset_without_a_validation_split_holds_out_its_last_records(tmp_path):
