@@ -24,7 +24,7 @@ import heapq
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import regex
 from tqdm.auto import tqdm
@@ -266,6 +266,19 @@ def resolve_special_tokens(text: str, special_tokens: Iterable[str], allowed_spe
     return allowed
 
 
+def encode_around_specials(text: str, allowed: set[str], special_tokens: dict[str, int],
+                           encode_ordinary: Callable[[str], list[int]]) -> list[int]:
+    """Each allowed special token in `text` as its one id, the text between them by `encode_ordinary`."""
+    if not allowed:
+        return encode_ordinary(text)
+    ids = []
+    # Capturing the specials in the split keeps them: even items are text, odd are specials.
+    specials = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
+    for i, piece in enumerate(regex.split(f"({specials})", text)):
+        ids.extend([special_tokens[piece]] if i % 2 else encode_ordinary(piece))
+    return ids
+
+
 # ---------------------------------------------------------------------------------------
 # The byte-level BPE tokenizer
 # ---------------------------------------------------------------------------------------
@@ -385,14 +398,7 @@ class BPETokenizer:
         """Text to token ids; special tokens follow tiktoken's rules (see `resolve_special_tokens`)."""
         text = _replace_lone_surrogates(text)
         allowed = resolve_special_tokens(text, self.special_tokens, allowed_special, disallowed_special)
-        if not allowed:
-            return self.encode_ordinary(text)
-        ids = []
-        # Capturing the specials in the split keeps them: even items are text, odd are specials.
-        specials = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
-        for i, piece in enumerate(regex.split(f"({specials})", text)):
-            ids.extend([self.special_tokens[piece]] if i % 2 else self.encode_ordinary(piece))
-        return ids
+        return encode_around_specials(text, allowed, self.special_tokens, self.encode_ordinary)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         try:
@@ -772,13 +778,7 @@ class VocabTokenizer:
                disallowed_special: Iterable[str] | str = "all") -> list[int]:
         """Text to ids by longest match; special tokens follow tiktoken's rules (`resolve_special_tokens`)."""
         allowed = resolve_special_tokens(text, self.special_tokens, allowed_special, disallowed_special)
-        if not allowed:
-            return self.encode_ordinary(text)
-        ids = []
-        specials = "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True)))
-        for i, piece in enumerate(regex.split(f"({specials})", text)):
-            ids.extend([self.special_tokens[piece]] if i % 2 else self.encode_ordinary(piece))
-        return ids
+        return encode_around_specials(text, allowed, self.special_tokens, self.encode_ordinary)
 
     def encode_ordinary(self, text: str) -> list[int]:
         if self.style == "word":
