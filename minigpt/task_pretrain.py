@@ -516,7 +516,8 @@ def train_model(texts: list[str] | None = None, data: str | None = None, model: 
     validation split `python main.py` uses; returns (model, tokenizer, metrics).
 
     `texts` are strings to train on (joined by blank lines and written to texts.txt beside the
-    run), or `data` names a file or a corpus ("the-verdict", "tinyshakespeare"). `model` is a
+    run), or `data` names what `--data` takes: a file or folder, a corpus ("the-verdict",
+    "wikitext-2" ...), "hf:NAME" (with `text_field`, `data_format` as the flags). `model` is a
     preset; `overrides` set any GPTConfig field (emb_dim=64, attn_tau=True ...) or TrainConfig
     field (max_length=32, max_steps=100 ...) by name, and `device`, `seed` (default 123),
     `tokenizer` ("gpt2", "char", "train": a BPE learned from the text, with bpe_vocab_size=...;
@@ -528,8 +529,8 @@ def train_model(texts: list[str] | None = None, data: str | None = None, model: 
     if model not in MODEL_PRESETS:
         raise ConfigError(f"unknown model preset {model!r}; pick one of {', '.join(MODEL_PRESETS)}."
                           f"{did_you_mean(model, list(MODEL_PRESETS))}")
-    run_values = {key: overrides.pop(key) for key in ("device", "seed", "tokenizer", "bpe_vocab_size")
-                  if key in overrides}
+    run_values = {key: overrides.pop(key) for key in ("device", "seed", "tokenizer", "bpe_vocab_size", "text_field",
+                                                      "data_format") if key in overrides}
     model_fields, train_fields = set(GPTConfig.__dataclass_fields__) - {"vocab_size"}, set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(overrides) - model_fields - train_fields)
     if unknown:

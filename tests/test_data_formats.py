@@ -309,3 +309,16 @@ def test_every_named_corpus_is_checksummed():
             assert len(download.sha256) == 64 and int(download.sha256, 16) >= 0
             assert download.urls and all(url.startswith("https://") for url in download.urls)
         assert set(corpus.splits) in ({"text"}, {"train", "val", "test"}), name
+
+
+def test_train_model_takes_the_data_settings_the_flags_do(tmp_path):
+    from minigpt.task_pretrain import train_model
+
+    corpus = tmp_path / "notes.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": s}) for s in stories(60)), encoding="utf-8")
+    _, tokenizer, metrics = train_model(data=str(corpus), text_field="body", model="gpt-nano", tokenizer="char",
+                                        max_length=16, emb_dim=16, n_heads=2, n_layers=1, context_length=16,
+                                        max_steps=3, out=str(tmp_path / "run"))
+    assert set(tokenizer.chars) == set("".join(s + "\n\n" for s in stories(60)))
+    with pytest.raises(ConfigError, match="has no string field 'text'"):
+        train_model(data=str(corpus), model="gpt-nano", tokenizer="char", max_steps=1, out=str(tmp_path / "bad"))
