@@ -67,16 +67,16 @@ class NamedCorpus:
 
 # WikiText (Merity et al., 2016; CC BY-SA 3.0): Wikipedia's Good and Featured articles, the "raw"
 # version (the original text, no <unk>), which byte- and character-level tokenizers want. The
-# zips as Salesforce published them, from copies on the Hugging Face hub (pinned to a revision)
-# and then the original address.
+# zips as Salesforce published them, from copies on the Hugging Face hub (at a pinned revision,
+# then the repository's latest) and then the original address; the SHA-256 decides.
+_WIKITEXT_2_COPY = "https://huggingface.co/datasets/ggml-org/ci/resolve/{}/wikitext-2-raw-v1.zip"
 _WIKITEXT_2 = Download("wikitext-2-raw-v1.zip", (
-    "https://huggingface.co/datasets/ggml-org/ci/resolve/927b3642933080f1b0e811e2f916e14c292992f9/"
-    "wikitext-2-raw-v1.zip",
+    _WIKITEXT_2_COPY.format("927b3642933080f1b0e811e2f916e14c292992f9"), _WIKITEXT_2_COPY.format("main"),
     "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip"),
     "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11")
+_WIKITEXT_103_COPY = "https://huggingface.co/datasets/mattdangerw/wikitext-103-raw/resolve/{}/wikitext-103-raw-v1.zip"
 _WIKITEXT_103 = Download("wikitext-103-raw-v1.zip", (
-    "https://huggingface.co/datasets/mattdangerw/wikitext-103-raw/resolve/"
-    "3555105b17ae31cc619a136fac72dbe2865c3738/wikitext-103-raw-v1.zip",
+    _WIKITEXT_103_COPY.format("3555105b17ae31cc619a136fac72dbe2865c3738"), _WIKITEXT_103_COPY.format("main"),
     "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip"),
     "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794")
 # The Penn Treebank as Mikolov prepared it for language modelling (10,000 words, the rest <unk>,
@@ -134,28 +134,27 @@ def download_file(url: str | Iterable[str], path: str | Path, sha256: str | None
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    failures = []
+    unreachable, wrong = [], []
     for url in urls:
         try:
             digest = _download_part(url, part, timeout, check=sha256 is not None)
-            break
         except requests.RequestException as err:
-            failures.append(f"{url} ({type(err).__name__}: {err})")
-    else:
-        kept = part.stat().st_size if part.exists() else 0
-        resume = (f"{kept:,} bytes are kept in {part}; run the same command again to resume "
-                  "the download. " if kept else "")
-        raise ConfigError(
-            f"could not download {'; nor '.join(failures)}. {resume}If you are offline, "
-            f"download the file elsewhere and place it at {path}.") from None
-    if sha256 is not None and digest != sha256:
-        part.unlink()
-        raise ConfigError(
-            f"the file downloaded from {url} has SHA-256 {digest}, "
-            f"expected {sha256}; the download was corrupted or the file changed. "
-            f"Try again, or place a correct copy at {path}.")
-    os.replace(part, path)
-    return path
+            unreachable.append(f"{url} ({type(err).__name__}: {err})")
+            continue
+        if sha256 is None or digest == sha256:
+            os.replace(part, path)
+            return path
+        part.unlink()  # another file than the one expected: try the next address
+        wrong.append(f"the file downloaded from {url} has SHA-256 {digest}, expected {sha256}")
+    if wrong:
+        raise ConfigError(f"{'; '.join(wrong)}; the download was corrupted or the file changed. Try again, "
+                          f"or place a correct copy at {path}.")
+    kept = part.stat().st_size if part.exists() else 0
+    resume = (f"{kept:,} bytes are kept in {part}; run the same command again to resume "
+              "the download. " if kept else "")
+    raise ConfigError(
+        f"could not download {'; nor '.join(unreachable)}. {resume}If you are offline, "
+        f"download the file elsewhere and place it at {path}.") from None
 
 
 def _download_part(url: str, part: Path, timeout: float, check: bool) -> str | None:

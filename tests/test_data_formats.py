@@ -269,8 +269,10 @@ def test_wikitext_downloads_once_from_a_mirror_and_uses_its_own_splits(tmp_path,
             bundle.writestr(f"wikitext-2-raw/wiki.{name}.raw", text)
     digest = hashlib.sha256((served / "wikitext-2-raw-v1.zip").read_bytes()).hexdigest()
     real = data.NAMED_CORPORA["wikitext-2"]
-    download = Download("wikitext-2-raw-v1.zip", (f"{url}/gone/wikitext-2-raw-v1.zip", f"{url}/wikitext-2-raw-v1.zip"),
-                        digest)  # the first mirror answers 404: the second serves it
+    (served / "stale").mkdir()
+    (served / "stale" / "wikitext-2-raw-v1.zip").write_bytes(b"<html>moved</html>")
+    mirrors = [f"{url}/stale/wikitext-2-raw-v1.zip", f"{url}/gone/wikitext-2-raw-v1.zip", f"{url}/wikitext-2-raw-v1.zip"]
+    download = Download("wikitext-2-raw-v1.zip", tuple(mirrors), digest)  # wrong bytes, a 404, then the file
     monkeypatch.setitem(data.NAMED_CORPORA, "wikitext-2", NamedCorpus(
         real.about, {split: (download, member) for split, (_, member) in real.splits.items()}))
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
