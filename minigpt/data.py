@@ -495,6 +495,24 @@ class SplitTexts:
     def text(self, split: str) -> str:
         return "".join(self.texts[split]())
 
+    def characters(self) -> str:
+        """Every distinct character of every split, sorted: a character tokenizer's vocabulary."""
+        chars: set[str] = set()
+        for split in self.texts:
+            for piece in self.texts[split]():
+                chars.update(piece)
+        return "".join(sorted(chars))
+
+    def first_characters(self, split: str, max_chars: int) -> str:
+        """The first `max_chars` characters of a split (to train a BPE on a big one)."""
+        pieces, size = [], 0
+        for piece in self.texts[split]():
+            pieces.append(piece)
+            size += len(piece)
+            if size >= max_chars:
+                break
+        return "".join(pieces)[:max_chars]
+
 
 def named_split_texts(data: str) -> SplitTexts | None:
     """A named corpus with standard splits, as SplitTexts; None for any other `data`."""

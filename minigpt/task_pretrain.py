@@ -124,26 +124,26 @@ def _prepare_splits(run: RunConfig, splits: SplitTexts, checkpoint: dict[str, An
                     world: Distributed) -> Corpus:
     """A corpus with splits of its own (WikiText, the Penn Treebank, a Hugging Face dataset): its train
     split trains and its validation split validates, in memory, or through token files when large."""
-    def build_tokenizer(read_all: Callable[[], str], read_train: Callable[[], str]):
+    def build_tokenizer():
         if checkpoint is not None:
             return tokenizer_from_spec(checkpoint["tokenizer_spec"])
-        # A character vocabulary takes every split's characters (the test split's too, for --task evaluate).
-        return _build_tokenizer(run, read_all() if run.tokenizer == "char" else read_train())
+        if run.tokenizer == "char":  # every split's characters (the test split's too, for --task evaluate)
+            return _build_tokenizer(run, splits.characters())
+        return _build_tokenizer(run, splits.first_characters("train", BPE_SAMPLE_CHARS))
 
     if is_large(splits.num_bytes):
         def write(folder: Path) -> None:
-            tokenizer = build_tokenizer(
-                lambda: "".join(sorted({c for split in splits.texts for piece in splits.texts[split]() for c in piece})),
-                lambda: _first_characters(splits.texts["train"](), BPE_SAMPLE_CHARS))
-            write_split_token_files(splits, tokenizer, folder)
+            write_split_token_files(splits, build_tokenizer(), folder)
 
         folder = keyed_token_folder(splits.name.replace(":", "-"), splits.fingerprint, _tokenizer_key(run))
         return _token_file_corpus(run, folder, write, checkpoint, world, f"{splits.name} (its own splits)",
                                   splits.fingerprint, splits.name)
     started = time.perf_counter()
-    texts = {split: splits.text(split) for split in splits.texts}
-    tokenizer = build_tokenizer(lambda: "".join(texts.values()), lambda: texts["train"])
+    tokenizer = build_tokenizer()
+    texts = {split: splits.text(split) for split in ("train", "val")}
     note = describe_tokenizer(tokenizer, run, time.perf_counter() - started, resumed=checkpoint is not None)
+    if run.tokenizer == "train" and checkpoint is None and len(texts["train"]) > BPE_SAMPLE_CHARS:
+        note += f" (learned from the train split's first {BPE_SAMPLE_CHARS:,} characters)"
     train_ids = tokenizer.encode(texts["train"], allowed_special="all")
     val_ids = tokenizer.encode(texts["val"], allowed_special="all")
     description = (f"{splits.name}: its train split, {len(texts['train']):,} characters, {len(train_ids):,} tokens "
@@ -216,15 +216,6 @@ def _tokenizer_key(run: RunConfig) -> str:
     """Names the tokenizer a run asks for, for the token files' folder."""
     request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
     return f"{request}-{run.bpe_vocab_size}" if request == "train" else request
-
-
-def _first_characters(pieces: Iterator[str], max_chars: int) -> str:
-    text = ""
-    for piece in pieces:
-        text += piece
-        if len(text) >= max_chars:
-            break
-    return text[:max_chars]
 
 
 def _hash(items: Any) -> str:
