@@ -245,7 +245,8 @@ def corpus_split_paths(data: str | Path | None) -> dict[str, Path] | None:
     for split, (download, member) in corpus.splits.items():
         if download.filename == "the-verdict.txt":
             # The checkout's copy; an installed package (no checkout around it) downloads it once into the cache.
-            where = VERDICT_PATH.parent if VERDICT_PATH.is_file() or (PROJECT_ROOT / "main.py").is_file() else cache_dir()
+            in_checkout = VERDICT_PATH.is_file() or (PROJECT_ROOT / "main.py").is_file()
+            where = VERDICT_PATH.parent if in_checkout else cache_dir()
             paths[split] = download.fetch(where)
         elif split == "text":  # one text: <cache>/tinyshakespeare.txt
             paths[split] = download.fetch(cache_dir())
@@ -521,8 +522,8 @@ def named_split_texts(data: str) -> SplitTexts | None:
         return None
     fingerprint = hashlib.sha256(json.dumps([download.sha256 for download, _ in corpus.splits.values()]
                                             + [member for _, member in corpus.splits.values()]).encode()).hexdigest()
-    return SplitTexts(str(data), fingerprint, paths["train"].stat().st_size + paths["val"].stat().st_size,
-                      {split: functools.partial(iter_text_pieces, path, text_field=None) for split, path in paths.items()})
+    texts = {split: functools.partial(iter_text_pieces, path, text_field=None) for split, path in paths.items()}
+    return SplitTexts(str(data), fingerprint, paths["train"].stat().st_size + paths["val"].stat().st_size, texts)
 
 
 def hf_split_texts(data: str, text_field: str = "text", val_fraction: float = 0.1) -> SplitTexts:

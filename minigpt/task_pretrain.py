@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
-from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, corpus_files,
-                          corpus_path, corpus_sample, create_dataloader, data_format, hf_split_texts, is_large, is_large_corpus,
+from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, corpus_files, corpus_path,
+                          corpus_sample, create_dataloader, data_format, hf_split_texts, is_large, is_large_corpus,
                           keyed_token_folder, named_split_texts, read_corpus, read_token_files, split_text,
                           token_folder, token_id_chunks, vocabulary_files, write_split_token_files, write_token_files,
                           write_token_stream)
