@@ -213,6 +213,15 @@ def _write_part(response, part: Path, offset: int, check: bool) -> str | None:
     return digest.hexdigest() if check else None
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, read a megabyte at a time (a corpus may not fit in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file, with errors that say what is wrong with it."""
     path = Path(path)
@@ -498,21 +507,7 @@ class SplitTexts:
 
     def characters(self) -> str:
         """Every distinct character of every split, sorted: a character tokenizer's vocabulary."""
-        chars: set[str] = set()
-        for split in self.texts:
-            for piece in self.texts[split]():
-                chars.update(piece)
-        return "".join(sorted(chars))
-
-    def first_characters(self, split: str, max_chars: int) -> str:
-        """The first `max_chars` characters of a split (to train a BPE on a big one)."""
-        pieces, size = [], 0
-        for piece in self.texts[split]():
-            pieces.append(piece)
-            size += len(piece)
-            if size >= max_chars:
-                break
-        return "".join(pieces)[:max_chars]
+        return distinct_characters(piece for split in self.texts for piece in self.texts[split]())
 
 
 def named_split_texts(data: str) -> SplitTexts | None:
@@ -538,14 +533,16 @@ def hf_split_texts(data: str, text_field: str = "text", val_fraction: float = 0.
     train = dataset["train"]
     _check_column(train, text_field, spec)
     val_name = next((name for name in VALIDATION_SPLIT_NAMES if name in dataset), None)
-    splits = {"train": train, "val": dataset[val_name] if val_name else None,
-              **({"test": dataset["test"]} if "test" in dataset else {})}
-    if val_name is None:  # the last val_fraction of the records
+    if val_name is not None:
+        splits = {"train": train, "val": dataset[val_name]}
+    else:  # the last val_fraction of the records
         keep = len(train) - max(1, int(val_fraction * len(train)))
         if keep < 1:
             raise ConfigError(f"the dataset {spec} has {len(train)} record(s) and no validation split; give it "
                               "more records or a validation split.")
-        splits["train"], splits["val"] = train.select(range(keep)), train.select(range(keep, len(train)))
+        splits = {"train": train.select(range(keep)), "val": train.select(range(keep, len(train)))}
+    if "test" in dataset:
+        splits["test"] = dataset["test"]
     fingerprint = hashlib.sha256(json.dumps([spec, text_field, val_name or val_fraction] + [
         split._fingerprint for split in splits.values()]).encode()).hexdigest()
     return SplitTexts(f"{HF_PREFIX}{spec}", fingerprint, splits["train"].data.nbytes + splits["val"].data.nbytes,
@@ -677,25 +674,34 @@ def _json_pieces(file: Path, piece_chars: int, text_field: str) -> Iterator[str]
         yield "".join(pieces)
 
 
+def distinct_characters(pieces: Iterable[str]) -> str:
+    """Every distinct character of a text read in pieces, sorted: a character tokenizer's vocabulary."""
+    chars: set[str] = set()
+    for piece in pieces:
+        chars.update(piece)
+    return "".join(sorted(chars))
+
+
+def first_characters(pieces: Iterable[str], max_chars: int) -> str:
+    """The first `max_chars` characters of a text read in pieces (to train a BPE on a big one)."""
+    kept, size = [], 0
+    for piece in pieces:
+        kept.append(piece)
+        size += len(piece)
+        if size >= max_chars:
+            break
+    return "".join(kept)[:max_chars]
+
+
 def corpus_characters(files: list[Path], text_field: str | None = "text") -> str:
     """Every distinct character of the corpus, sorted: a character tokenizer's vocabulary."""
-    chars: set[str] = set()
-    for file in files:
-        for piece in iter_text_pieces(file, text_field=text_field):
-            chars.update(piece)
-    return "".join(sorted(chars))
+    return distinct_characters(piece for file in files for piece in iter_text_pieces(file, text_field=text_field))
 
 
 def corpus_sample(files: list[Path], max_chars: int, text_field: str | None = "text") -> str:
     """The first `max_chars` characters of the corpus (to train a BPE on a big one)."""
-    pieces, size = [], 0
-    for file in files:
-        for piece in iter_text_pieces(file, text_field=text_field):
-            pieces.append(piece)
-            size += len(piece)
-            if size >= max_chars:
-                return "".join(pieces)[:max_chars]
-    return "".join(pieces)
+    return first_characters((piece for file in files for piece in iter_text_pieces(file, text_field=text_field)),
+                            max_chars)
 
 
 def token_folder(files: list[Path], tokenizer_key: str, root: Path | None = None) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +22,10 @@ import torch.distributed as dist
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
 from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, corpus_files, corpus_path,
-                          corpus_sample, create_dataloader, data_format, hf_split_texts, is_large, is_large_corpus,
-                          keyed_token_folder, named_split_texts, read_corpus, read_token_files, split_text,
-                          token_folder, token_id_chunks, vocabulary_files, write_split_token_files, write_token_files,
-                          write_token_stream)
+                          corpus_sample, create_dataloader, data_format, file_sha256, first_characters, hf_split_texts,
+                          is_large, is_large_corpus, keyed_token_folder, named_split_texts, read_corpus,
+                          read_token_files, split_text, token_folder, token_id_chunks, vocabulary_files,
+                          write_split_token_files, write_token_files, write_token_stream)
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
@@ -34,9 +33,10 @@ from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirecto
                           check_same_data, device_row, finished, load_checkpoint, make_metrics, optimizer_row,
                           pick_device, print_rows, print_summary, restore_training, rng_states, run_dir_row,
                           save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json)
+from minigpt.runs import fingerprint as fingerprint_of  # (the runs' own word for it; `fingerprint` names values here)
 from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
                            resolve_precision, scaled_setup, start_distributed)
-from minigpt.tokenizer import BPETokenizer, VocabTokenizer, get_tokenizer, tokenizer_from_spec, vocabulary_style
+from minigpt.tokenizer import BPETokenizer, VocabTokenizer, get_tokenizer, tokenizer_from_spec
 from minigpt.train import Loaders, LoopEvents, TrainState, evaluate_model, make_optimizer, planned_steps, train_loop
 
 # A BPE trained for a large corpus learns from its first this many characters.
@@ -116,7 +116,7 @@ def _prepare_token_files(run: RunConfig, path: Path, text_field: str | None, che
 
     listing = [(str(f.resolve()), f.stat().st_size) for f in files]
     return _token_file_corpus(run, token_folder(files, key), write, checkpoint, world,
-                              f"{path.name}: {len(files):,} file(s)", fingerprint=_hash(listing),
+                              f"{path.name}: {len(files):,} file(s)", fingerprint=fingerprint_of(listing),
                               source=str(path.resolve()))
 
 
@@ -129,7 +129,7 @@ def _prepare_splits(run: RunConfig, splits: SplitTexts, checkpoint: dict[str, An
             return tokenizer_from_spec(checkpoint["tokenizer_spec"])
         if run.tokenizer == "char":  # every split's characters (the test split's too, for --task evaluate)
             return _build_tokenizer(run, splits.characters())
-        return _build_tokenizer(run, splits.first_characters("train", BPE_SAMPLE_CHARS))
+        return _build_tokenizer(run, first_characters(splits.texts["train"](), BPE_SAMPLE_CHARS))
 
     if is_large(splits.num_bytes):
         def write(folder: Path) -> None:
@@ -162,15 +162,14 @@ def _prepare_token_ids(run: RunConfig, path: Path, checkpoint: dict[str, Any] | 
                           f"tokenizer: drop --tokenizer (TOKENIZER = {run.tokenizer!r}).")
     if checkpoint is not None:
         tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
-    elif merges is not None and vocabulary_style(json.loads(vocab.read_text(encoding="utf-8"))) == "byte-level":
-        tokenizer = BPETokenizer.from_vocab_files(vocab, merges)
     else:
         tokenizer = VocabTokenizer.from_vocab_json(vocab)
+        if merges is not None and tokenizer.style == "byte-level":  # the merges make it an exact BPE
+            tokenizer = BPETokenizer.from_vocab_files(vocab, merges)
     how = ("a byte-level BPE: decodes and encodes as the tool that made the ids" if tokenizer.name == "bpe" else
            f"{tokenizer.style} tokens: decodes exactly, encodes new text (prompts) by longest match")
     note = f"{vocab} ({tokenizer.vocab_size:,} tokens{', with merges.txt' if merges else ''}), {how}"
-    fingerprint = _hash([path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest(),
-                         hashlib.sha256(vocab.read_bytes()).hexdigest()])
+    fingerprint = fingerprint_of([file_sha256(path), file_sha256(vocab)])
     chunks = functools.partial(token_id_chunks, path, tokenizer.vocab_size, tokenizer.eos_id,
                                1 - run.train.val_fraction)
     if is_large(path.stat().st_size):
@@ -216,10 +215,6 @@ def _tokenizer_key(run: RunConfig) -> str:
     """Names the tokenizer a run asks for, for the token files' folder."""
     request = run.tokenizer if run.tokenizer in TOKENIZERS else str(Path(run.tokenizer).resolve())
     return f"{request}-{run.bpe_vocab_size}" if request == "train" else request
-
-
-def _hash(items: Any) -> str:
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
 def _build_tokenizer(run: RunConfig, text: str):

@@ -725,7 +725,8 @@ class VocabTokenizer:
         self.eos_id = next((self._id_of[t] for t in END_OF_TEXT_NAMES if t in self._id_of), None)
         self.unk_id = next((self._id_of[t] for t in UNKNOWN_NAMES if t in self._id_of), None)
         self._longest = max(map(len, self._id_of))
-        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._char_of = bytes_to_unicode()
+        self._byte_of = {char: byte for byte, char in self._char_of.items()}
 
     @classmethod
     def from_vocab_json(cls, path: str | Path) -> "VocabTokenizer":
@@ -784,7 +785,7 @@ class VocabTokenizer:
         if self.style == "word":
             return [self._word_id(word) for word in text.split()]
         if self.style == "byte-level":
-            text = "".join(bytes_to_unicode()[b] for b in text.encode("utf-8"))
+            text = "".join(self._char_of[b] for b in text.encode("utf-8"))
         else:  # SentencePiece writes spaces as "▁" and starts the text with one
             text = SENTENCEPIECE_SPACE + text.replace(" ", SENTENCEPIECE_SPACE) if text else text
         ids, start = [], 0
