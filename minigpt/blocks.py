@@ -89,7 +89,9 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
-    return RMSNorm(cfg.emb_dim) if cfg.norm == "rmsnorm" else LayerNorm(cfg.emb_dim, bias=cfg.bias)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.emb_dim, cfg.norm_eps)
+    return LayerNorm(cfg.emb_dim, cfg.norm_eps, bias=cfg.bias)
 
 
 class FeedForward(nn.Module):

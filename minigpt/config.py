@@ -89,6 +89,7 @@ class GPTConfig:
     activation: str = "gelu_tanh"  # GPT-2's tanh-approximated GELU, or "gelu": the exact x * Phi(x)
     # Modern architectures (chapter 10): each a switch on the same GPTModel.
     norm: str = "layernorm"     # or "rmsnorm": scale by the root mean square, no centring, no shift
+    norm_eps: float = 1e-5      # added to the variance (or mean square) before the root: GPT-2 and Llama 1e-5, Qwen2 1e-6
     pos_emb: str = "learned"    # a learned table (GPT-2), fixed "sinusoidal" waves, or "rope": rotated q and k
     rope_base: float = 10000.0  # RoPE: the wavelengths run from 2 pi to about 2 pi x rope_base
     ffn: str = "gelu"           # GPT-2's GELU MLP, "swiglu" (gated), or "moe": a mixture of SwiGLU experts
@@ -119,6 +120,7 @@ class GPTConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("norm", self.norm, NORMS)
+        check_float("norm_eps", self.norm_eps, 0.0, 0.1, low_inclusive=False)
         check_choice("pos_emb", self.pos_emb, POSITION_EMBEDDINGS)
         check_float("rope_base", self.rope_base, 1.0, low_inclusive=False)
         check_choice("ffn", self.ffn, FFNS)
@@ -446,7 +448,37 @@ TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DATA_FORMATS = ("auto", "text", "json", "tokens", "hf")  # how --data is read (minigpt.data.data_format)
 DEVICES = ("cpu", "cuda", "mps")
 
-PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass(frozen=True)
+class PretrainedModel:
+    """A published model `--pretrained NAME` downloads once from the Hugging Face hub."""
+
+    repo: str            # the hub repository, owner/name
+    architecture: str    # the Hugging Face class its config.json names
+    parameters: str      # as its authors count them
+    download: str        # the size of its weights file(s)
+    context_length: int  # its max_position_embeddings
+    tokenizer: str       # what encodes its text
+
+
+PRETRAINED_MODELS: dict[str, PretrainedModel] = {
+    "gpt2": PretrainedModel("openai-community/gpt2", "GPT2LMHeadModel", "124M", "0.5 GB", 1024, "GPT-2 BPE"),
+    "gpt2-medium": PretrainedModel("openai-community/gpt2-medium", "GPT2LMHeadModel", "355M", "1.5 GB", 1024,
+                                   "GPT-2 BPE"),
+    "gpt2-large": PretrainedModel("openai-community/gpt2-large", "GPT2LMHeadModel", "774M", "3.2 GB", 1024,
+                                  "GPT-2 BPE"),
+    "gpt2-xl": PretrainedModel("openai-community/gpt2-xl", "GPT2LMHeadModel", "1.5B", "6.4 GB", 1024, "GPT-2 BPE"),
+    "smollm-135m": PretrainedModel("HuggingFaceTB/SmolLM-135M", "LlamaForCausalLM", "135M", "0.27 GB", 2048,
+                                   "byte-level BPE, 49,152 tokens"),
+    "smollm2-135m": PretrainedModel("HuggingFaceTB/SmolLM2-135M", "LlamaForCausalLM", "135M", "0.27 GB", 8192,
+                                    "byte-level BPE, 49,152 tokens"),
+    "smollm2-360m": PretrainedModel("HuggingFaceTB/SmolLM2-360M", "LlamaForCausalLM", "362M", "0.72 GB", 8192,
+                                    "byte-level BPE, 49,152 tokens"),
+    "qwen2.5-0.5b": PretrainedModel("Qwen/Qwen2.5-0.5B", "Qwen2ForCausalLM", "494M", "0.99 GB", 32768,
+                                    "byte-level BPE, 151,665 tokens"),
+}
+PRETRAINED_NAMES = tuple(PRETRAINED_MODELS)
 
 
 def check_max_length(train: TrainConfig, model: GPTConfig, change: str) -> None:

@@ -4,7 +4,9 @@ norm and a linear head that scores every vocabulary entry at every position (cha
     token ids (B, T) -> tok_emb + pos_emb -> dropout -> n_layers x TransformerBlock
                      -> final LayerNorm -> out_head -> logits (B, T, vocab_size)
 
-It also reads and writes OpenAI's GPT-2 weights in the Hugging Face layout (chapter 6).
+It also reads and writes weights in the Hugging Face layouts (chapter 6): OpenAI's GPT-2
+(`GPT2LMHeadModel`) and the Llama family chapter 10 builds (`LlamaForCausalLM`,
+`Qwen2ForCausalLM`): SmolLM, Qwen2.5, TinyLlama and the like.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from minigpt.attention import KVCache, RotaryEmbedding
 from minigpt.blocks import AdaptiveDepth, HaltingUnit, TransformerBlock, make_norm
-from minigpt.config import ConfigError, GPTConfig, did_you_mean
+from minigpt.config import PRETRAINED_MODELS, ConfigError, GPTConfig, did_you_mean
 from minigpt.data import cache_dir, download_file
 
 HF_BASE_URL = "https://huggingface.co"
@@ -194,28 +196,59 @@ class GPTModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, dtype: torch.dtype | None = None, cache: str | Path | None = None,
                         base_url: str = HF_BASE_URL) -> "GPTModel":
-        """OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"), or a folder holding a
-        Hugging Face GPT-2 (config.json + model.safetensors, e.g. from `save_hf_gpt2`).
+        """A published model by name (`PRETRAINED_MODELS`: GPT-2's four sizes, SmolLM, Qwen2.5 ...),
+        a hub repository ("owner/name"), or a folder holding a Hugging Face model: config.json and
+        model.safetensors (or its shards), in the GPT-2, Llama or Qwen2 layout.
 
         Named models are downloaded once from the Hugging Face hub into `cache` (default
         <cache>/hf/<name>, see MINIGPT_CACHE_DIR); the model comes back in eval mode.
         """
         folder = Path(name)
         if not folder.is_dir():
-            folder = download_hf_gpt2(name, cache, base_url)
-        for filename in ("config.json", "model.safetensors"):
-            if not (folder / filename).is_file():
-                raise ConfigError(f"{folder} has no {filename}; a Hugging Face GPT-2 folder holds "
-                                  "config.json and model.safetensors.")
-        try:
-            hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{folder / 'config.json'} is not valid JSON ({err}).") from None
-        model = cls(config_from_hf_gpt2(hf_config))
-        load_hf_gpt2_state_dict(model, read_safetensors(folder / "model.safetensors"))
+            folder = download_hf_model(name, cache, base_url)
+        hf = read_hf_config(folder)
+        model = cls(config_from_hf(hf))
+        load_hf_state_dict(model, read_hf_weights(folder), hf)
         if dtype is not None:
             model.to(dtype)
         return model.eval()
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """A Hugging Face model folder's config.json, as a dict."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.json; a Hugging Face model folder holds config.json "
+                          "and model.safetensors (what save_pretrained writes).")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, the model's settings.")
+    return config
+
+
+def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder: model.safetensors, or the shards its index lists."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        raise ConfigError(f"{folder} has no model.safetensors (nor model.safetensors.index.json and its "
+                          "shards); minigpt reads safetensors only, never pickled weights (pytorch_model.bin).")
+    shards = sorted(set(_read_index(index).values()))
+    return {key: value for shard in shards for key, value in read_safetensors(folder / shard).items()}
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """A sharded model's index: tensor name -> the shard file that holds it."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{index} is not a safetensors index (a JSON object with a weight_map): {err!r}.") from None
+    return weight_map
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,7 +304,6 @@ def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
         raise ConfigError(f"this is a {hf.get('model_type')!r} model; minigpt loads GPT-2 (model_type 'gpt2').")
     different = {
         "activation_function": hf.get("activation_function", "gelu_new") not in HF_ACTIVATIONS,
-        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
         "n_inner": hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
         "scale_attn_weights": not hf.get("scale_attn_weights", True),
         "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
@@ -283,21 +315,22 @@ def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
                           f"({', '.join(unsupported)}); only the standard GPT-2 settings load.")
     return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
                      n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=0.0, qkv_bias=True,
-                     tie_weights=hf.get("tie_word_embeddings", True),
+                     tie_weights=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                      activation=HF_ACTIVATIONS[hf.get("activation_function", "gelu_new")])
 
 
-def hf_gpt2_config(cfg: GPTConfig) -> dict[str, Any]:
-    """The config.json with which `transformers.GPT2LMHeadModel` rebuilds a minigpt model."""
-    gpt2_vocab = cfg.vocab_size == 50257  # GPT-2's tokenizer: "<|endoftext|>" is id 50256
+def hf_gpt2_config(cfg: GPTConfig, eos_id: int | None = None) -> dict[str, Any]:
+    """The config.json with which `transformers.GPT2LMHeadModel` rebuilds a minigpt model; `eos_id`
+    is its tokenizer's end-of-text (GPT-2's "<|endoftext|>" is 50256 when the vocabulary is GPT-2's)."""
+    if eos_id is None and cfg.vocab_size == 50257:
+        eos_id = 50256
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
             "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": None,
             "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
-            "layer_norm_epsilon": 1e-5,
+            "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
-            "tie_word_embeddings": cfg.tie_weights,
-            "bos_token_id": 50256 if gpt2_vocab else None, "eos_token_id": 50256 if gpt2_vocab else None}
+            "tie_word_embeddings": cfg.tie_weights, "bos_token_id": eos_id, "eos_token_id": eos_id}
 
 
 def require_gpt2_architecture(cfg: GPTConfig) -> None:
@@ -360,16 +393,243 @@ def to_hf_gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_hf_gpt2(model: GPTModel, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors, which `GPT2LMHeadModel.from_pretrained(directory)` loads."""
+# ---------------------------------------------------------------------------------------
+# Llama-family weights in the Hugging Face layout (chapters 6 and 10)
+# ---------------------------------------------------------------------------------------
+#
+# Llama, and Qwen2, Mistral, SmolLM and TinyLlama after it, is chapter 10's architecture:
+# RMSNorm, RoPE, SwiGLU and grouped-query attention, no learned positions. Its layout differs
+# from minigpt's names in two ways:
+#   - the query, key and value projections are three matrices (q_proj, k_proj, v_proj);
+#     minigpt stacks them into one `qkv` (rows: the queries, then the keys, then the values);
+#   - every projection is an nn.Linear, so nothing is transposed.
+# RoPE needs no change: both pair dimension i with i + head_dim / 2 ("rotate half"). Meta's
+# original files paired 2i with 2i + 1; the conversion to the hub's layout permuted the query
+# and key rows once, so every Llama-family file on the hub is in the split-halves layout.
+# Qwen2 is Llama with biases on q, k and v only; Llama itself puts them on q, k, v and o
+# (attention_bias) and on the MLP (mlp_bias) or nowhere.
+
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")  # model_type values minigpt reads as chapter 10's architecture
+# minigpt name (in block i) -> Hugging Face name (in model.layers.i), besides the fused qkv.
+_LLAMA_BLOCK_NAMES = {
+    "norm1.scale": "input_layernorm.weight", "norm2.scale": "post_attention_layernorm.weight",
+    "att.out_proj.weight": "self_attn.o_proj.weight", "att.out_proj.bias": "self_attn.o_proj.bias",
+    "ff.gate.weight": "mlp.gate_proj.weight", "ff.gate.bias": "mlp.gate_proj.bias",
+    "ff.up.weight": "mlp.up_proj.weight", "ff.up.bias": "mlp.up_proj.bias",
+    "ff.down.weight": "mlp.down_proj.weight", "ff.down.bias": "mlp.down_proj.bias",
+}
+
+
+def llama_family(cfg: GPTConfig) -> str:
+    """The Hugging Face model_type that computes a chapter-10 model exactly: "qwen2" when only
+    q, k and v have biases, else "llama"; raises when the architecture is not Llama's."""
+    llama = (cfg.norm, cfg.pos_emb, cfg.ffn, cfg.qk_dim, cfg.attn_tau, cfg.halting) == \
+        ("rmsnorm", "rope", "swiglu", cfg.head_dim, False, False)
+    if not llama:
+        raise ConfigError(f"this model ({cfg.architecture() or 'layernorm, learned positions, gelu'}) is neither "
+                          "GPT-2's architecture (layernorm, learned positions, a GELU MLP, one K/V per head) "
+                          "nor Llama's (rmsnorm, RoPE, SwiGLU, any number of K/V heads), and no Hugging Face "
+                          "class computes it; keep it as a minigpt run.")
+    return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
+
+
+def _rope_theta(hf: dict[str, Any]) -> tuple[float, str]:
+    """RoPE's base and scaling type, from either spelling transformers has used in config.json."""
+    parameters = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", parameters.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type")) or parameters.get("rope_type") or "default"
+    return float(theta), kind
+
+
+def config_from_hf_llama(hf: dict[str, Any]) -> GPTConfig:
+    """The `GPTConfig` of a Llama, Qwen2 or Mistral config.json, refusing what minigpt computes differently."""
+    model_type, heads, width = hf.get("model_type"), hf["num_attention_heads"], hf["hidden_size"]
+    theta, rope_kind = _rope_theta(hf)
+    window = hf.get("sliding_window") if model_type == "mistral" or hf.get("use_sliding_window") else None
+    different = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "head_dim": (hf.get("head_dim") or width // heads) * heads != width,
+        "rope_scaling": rope_kind != "default",
+        "partial_rotary_factor": hf.get("partial_rotary_factor", 1.0) != 1.0,
+        "sliding_window": window is not None and window < hf.get("max_position_embeddings", 0),
+    }
+    unsupported = [f"{key}={hf.get(key, rope_kind if key == 'rope_scaling' else None)!r}"
+                   for key, differs in different.items() if differs]
+    if unsupported:
+        raise ConfigError(f"this {model_type} model computes something minigpt does not ({', '.join(unsupported)}): "
+                          "minigpt's RoPE has no scaling (it rotates every dimension by base^(-2i/d)), its "
+                          "attention sees the whole context, and its head width is hidden_size / heads.")
+    if model_type == "qwen2":  # biases on q, k and v, nowhere else
+        qkv_bias, other_bias = True, False
+    else:
+        qkv_bias = hf.get("attention_bias", False)
+        other_bias = qkv_bias or hf.get("mlp_bias", False)
+    return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], emb_dim=width,
+                     n_heads=heads, n_layers=hf["num_hidden_layers"], drop_rate=0.0, qkv_bias=qkv_bias,
+                     bias=other_bias, tie_weights=hf.get("tie_word_embeddings", False), norm="rmsnorm",
+                     norm_eps=hf.get("rms_norm_eps", 1e-6), pos_emb="rope", rope_base=theta, ffn="swiglu",
+                     ffn_hidden=hf["intermediate_size"], n_kv_heads=hf.get("num_key_value_heads") or heads)
+
+
+def hf_llama_config(cfg: GPTConfig, eos_id: int | None = None) -> dict[str, Any]:
+    """The config.json with which `LlamaForCausalLM` (or `Qwen2ForCausalLM`) rebuilds a minigpt model."""
+    family = llama_family(cfg)
+    config = {"architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
+              "model_type": family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.emb_dim,
+              "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu",
+              "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_base, "rope_scaling": None, "attention_dropout": 0.0,
+              "tie_word_embeddings": cfg.tie_weights, "initializer_range": 0.02, "use_cache": True,
+              "bos_token_id": eos_id, "eos_token_id": eos_id}
+    if family == "llama":
+        config.update(head_dim=cfg.head_dim, attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    else:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    return config
+
+
+def _llama_names(cfg: GPTConfig) -> dict[str, tuple[str, ...]]:
+    """Every minigpt parameter -> the Hugging Face tensors it holds, stacked along the rows
+    (the fused qkv holds q_proj, k_proj and v_proj)."""
+    names = {"tok_emb.weight": ("model.embed_tokens.weight",), "final_norm.scale": ("model.norm.weight",)}
+    if not cfg.tie_weights:
+        names["out_head.weight"] = ("lm_head.weight",)
+    for i in range(cfg.n_layers):
+        ours, theirs = f"trf_blocks.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            names[f"{ours}att.qkv.{kind}"] = tuple(f"{theirs}self_attn.{x}_proj.{kind}" for x in "qkv")
+        for our_name, hf_name in _LLAMA_BLOCK_NAMES.items():
+            if cfg.bias or not our_name.endswith(".bias"):
+                names[ours + our_name] = (theirs + hf_name,)
+    return names
+
+
+def _llama_biases(cfg: GPTConfig, family: str, attention_bias: bool, mlp_bias: bool) -> dict[str, int]:
+    """The biases a Hugging Face model of this `family` has: name -> length."""
+    q, kv, width, hidden = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.emb_dim, cfg.hidden_dim
+    sizes = {}
+    for i in range(cfg.n_layers):
+        at = f"model.layers.{i}."
+        if family == "qwen2" or attention_bias:
+            sizes.update({f"{at}self_attn.q_proj.bias": q, f"{at}self_attn.k_proj.bias": kv,
+                          f"{at}self_attn.v_proj.bias": kv})
+        if family != "qwen2" and attention_bias:
+            sizes[f"{at}self_attn.o_proj.bias"] = width
+        if family != "qwen2" and mlp_bias:
+            sizes.update({f"{at}mlp.gate_proj.bias": hidden, f"{at}mlp.up_proj.bias": hidden,
+                          f"{at}mlp.down_proj.bias": width})
+    return sizes
+
+
+def to_hf_llama_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's weights under `LlamaForCausalLM`'s (or `Qwen2ForCausalLM`'s) names."""
+    cfg = model.cfg
+    family = llama_family(cfg)
+    ours = dict(model.named_parameters())
+    state = {}
+    for our_name, hf_names in _llama_names(cfg).items():
+        value = ours[our_name].detach()
+        if len(hf_names) == 3:  # (q, k, v) rows of the fused projection
+            q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+            state.update(zip(hf_names, (part.contiguous() for part in value.split([q, kv, kv]))))
+        else:
+            state[hf_names[0]] = value.contiguous()
+    dtype = model.tok_emb.weight.dtype
+    for name, size in _llama_biases(cfg, family, cfg.bias, cfg.bias).items():
+        state.setdefault(name, torch.zeros(size, dtype=dtype))  # a bias minigpt's model lacks: zeros
+    return state
+
+
+def load_hf_llama_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor],
+                             family: str = "llama", attention_bias: bool = False, mlp_bias: bool = False) -> None:
+    """Copy a Llama-family state dict into `model`. Biases one side has and the other lacks are
+    zeros (none at all); a non-zero one the model cannot hold is refused."""
+    cfg = model.cfg
+    theirs = {key: value for key, value in state_dict.items() if not key.endswith("rotary_emb.inv_freq")}
+    names = _llama_names(cfg)
+    expected = {hf_name for hf_names in names.values() for hf_name in hf_names}
+    optional = set(_llama_biases(cfg, family, attention_bias, mlp_bias)) | {"lm_head.weight"}
+    missing = sorted(name for name in expected - set(theirs) if not name.endswith(".bias"))
+    extra = sorted(set(theirs) - expected - optional)
+    if missing or extra:
+        raise ConfigError(f"these {family} weights do not fit a model with {cfg.n_layers} layers: "
+                          f"missing {missing[:4] or 'none'}, unexpected {extra[:4] or 'none'}.")
+    ours = dict(model.named_parameters())
+    with torch.no_grad():
+        for our_name, hf_names in names.items():
+            parts = [theirs[n] if n in theirs else torch.zeros(ours[our_name].shape[0] // len(hf_names))
+                     for n in hf_names]  # a bias the file lacks is zeros
+            value = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if value.shape != ours[our_name].shape:
+                raise ConfigError(f"{hf_names[0]} and its kin give shape {tuple(value.shape)}, but {our_name} "
+                                  f"needs {tuple(ours[our_name].shape)}: the config does not match the weights.")
+            ours[our_name].copy_(value)
+        for hf_name in sorted((set(theirs) & optional) - expected - {"lm_head.weight"}):
+            if theirs[hf_name].abs().max() > 0:
+                raise ConfigError(f"the weights have a non-zero {hf_name} but the model was built without "
+                                  "that bias; build it from the folder's config.json (GPTModel.from_pretrained).")
+
+
+# ---------------------------------------------------------------------------------------
+# Either layout: what --task export writes and --pretrained reads
+# ---------------------------------------------------------------------------------------
+
+def hf_model_type(cfg: GPTConfig) -> str:
+    """"gpt2", "llama" or "qwen2": the Hugging Face class that computes this model exactly."""
+    return "gpt2" if cfg.gpt2_compatible else llama_family(cfg)
+
+
+def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
+    """The `GPTConfig` of a Hugging Face config.json of any layout minigpt reads."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type == "gpt2":
+        return config_from_hf_gpt2(hf)
+    if model_type in LLAMA_FAMILY:
+        return config_from_hf_llama(hf)
+    raise ConfigError(f"this is a {model_type!r} model; minigpt reads GPT-2 (model_type 'gpt2') and the Llama "
+                      f"family ({', '.join(map(repr, LLAMA_FAMILY))}): the architectures its GPTModel computes.")
+
+
+def hf_config(cfg: GPTConfig, eos_id: int | None = None) -> dict[str, Any]:
+    """The config.json of an export: GPT-2's or Llama's (Qwen2's) layout, whichever computes `cfg`."""
+    return hf_gpt2_config(cfg, eos_id) if hf_model_type(cfg) == "gpt2" else hf_llama_config(cfg, eos_id)
+
+
+def load_hf_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor], hf: dict[str, Any] | None = None) -> None:
+    """Copy Hugging Face weights into `model`; `hf` is their config.json (which layout and which biases)."""
+    hf = hf or {"model_type": hf_model_type(model.cfg)}
+    if hf.get("model_type", "gpt2") == "gpt2":
+        load_hf_gpt2_state_dict(model, state_dict)
+    else:
+        load_hf_llama_state_dict(model, state_dict, hf.get("model_type"), hf.get("attention_bias", False),
+                                 hf.get("mlp_bias", False))
+
+
+def to_hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's weights under the names of the Hugging Face class that computes it."""
+    return to_hf_gpt2_state_dict(model) if hf_model_type(model.cfg) == "gpt2" else to_hf_llama_state_dict(model)
+
+
+def save_hf_model(model: GPTModel, directory: str | Path, eos_id: int | None = None) -> Path:
+    """Write config.json + model.safetensors, which `transformers.AutoModelForCausalLM` loads
+    (as GPT2LMHeadModel, LlamaForCausalLM or Qwen2ForCausalLM)."""
     from safetensors.torch import save_file
 
+    config = hf_config(model.cfg, eos_id)  # refuses an architecture no class computes, before writing
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_gpt2_config(model.cfg), indent=2) + "\n")
-    state = {name: value.cpu() for name, value in to_hf_gpt2_state_dict(model).items()}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {name: value.cpu() for name, value in to_hf_state_dict(model).items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+def save_hf_gpt2(model: GPTModel, directory: str | Path) -> Path:
+    """Write config.json + model.safetensors, which `GPT2LMHeadModel.from_pretrained(directory)` loads."""
+    require_gpt2_architecture(model.cfg)
+    return save_hf_model(model, directory)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -384,23 +644,50 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
                           "or corrupt: delete it and download it again.") from None
 
 
-HF_GPT2_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-                 "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+def hub_repo(name: str) -> str:
+    """The hub repository of a `PRETRAINED_MODELS` name, or `name` itself when it reads owner/name."""
+    if name in PRETRAINED_MODELS:
+        return PRETRAINED_MODELS[name].repo
+    if name.count("/") == 1 and all(name.split("/")):
+        return name
+    raise ConfigError(f"unknown pretrained model {name!r}: choose one of {', '.join(map(repr, PRETRAINED_MODELS))}, "
+                      "give a hub repository as owner/name (e.g. HuggingFaceTB/SmolLM2-135M), or the path of a "
+                      f"folder holding config.json and model.safetensors.{did_you_mean(name, list(PRETRAINED_MODELS))}")
 
 
-def download_hf_gpt2(name: str, cache: str | Path | None = None, base_url: str = HF_BASE_URL) -> Path:
-    """Download a GPT-2's config.json and model.safetensors from the hub, once; return their folder."""
-    if name not in HF_GPT2_REPOS:
-        raise ConfigError(f"unknown pretrained model {name!r}: choose one of "
-                          f"{', '.join(map(repr, HF_GPT2_REPOS))}, or give the path of a folder "
-                          f"holding config.json and model.safetensors.{did_you_mean(name, list(HF_GPT2_REPOS))}")
-    folder = Path(cache) if cache is not None else cache_dir() / "hf" / name
-    repo_url = f"{base_url.rstrip('/')}/{HF_GPT2_REPOS[name]}/resolve/main"
-    for filename in ("config.json", "model.safetensors"):
+def download_hf_model(name: str, cache: str | Path | None = None, base_url: str = HF_BASE_URL,
+                      extra_files: tuple[str, ...] = ()) -> Path:
+    """Download a hub model's config.json and weights (and `extra_files`, where the repository has
+    them, e.g. its tokenizer), once; return their folder."""
+    repo = hub_repo(name)
+    folder = Path(cache) if cache is not None else cache_dir() / "hf" / name.replace("/", "--")
+    repo_url = f"{base_url.rstrip('/')}/{repo}/resolve/main"
+    try:
+        download_file(f"{repo_url}/config.json", folder / "config.json")
+        if not (folder / "model.safetensors.index.json").is_file():
+            _download_weights(repo_url, folder)
+        else:
+            for shard in sorted(set(_read_index(folder / "model.safetensors.index.json").values())):
+                download_file(f"{repo_url}/{shard}", folder / shard)
+    except ConfigError as err:
+        raise ConfigError(f"{err} {name} needs config.json and model.safetensors from https://huggingface.co/{repo} "
+                          f"in {folder}; or pass any folder holding them (--pretrained path/to/folder).") from None
+    for filename in extra_files:
         try:
             download_file(f"{repo_url}/{filename}", folder / filename)
-        except ConfigError as err:
-            raise ConfigError(f"{err} {name} needs both config.json and model.safetensors from "
-                              f"https://huggingface.co/{HF_GPT2_REPOS[name]} in {folder}; or pass any "
-                              "folder holding them (--pretrained path/to/folder).") from None
+        except ConfigError:
+            pass  # not every repository has every tokenizer file; what is there is read
     return folder
+
+
+def _download_weights(repo_url: str, folder: Path) -> None:
+    """model.safetensors; a repository too large for one file has an index and shards instead."""
+    try:
+        download_file(f"{repo_url}/model.safetensors", folder / "model.safetensors")
+    except ConfigError as single:
+        try:
+            index = download_file(f"{repo_url}/model.safetensors.index.json", folder / "model.safetensors.index.json")
+        except ConfigError:
+            raise single from None
+        for shard in sorted(set(_read_index(index).values())):
+            download_file(f"{repo_url}/{shard}", folder / shard)
