@@ -33,10 +33,13 @@ DATA_FORMAT = "auto"  # how DATA is read: "auto" (by what it is), "text", "json"
 TEXT_FIELD = "text"   # the field of a JSON record, or the column of a dataset, that holds the text
 OUT = None            # None: runs/<task>-<mode> (a new -2, -3 ... directory if that one holds a run or
                       # another run is training there: a run's folder is its own, under a lock)
+EXPORT_HF = False     # True: after training, also hf/final and hf/best in the run directory, folders that
+                      # Hugging Face transformers loads whole (model and tokenizer; --export-hf)
 
 INIT = None           # where classify / sft / reward / dpo / ppo / grpo start: None = the mode's choice (quick: new weights; full: GPT-2,
-                      # downloaded once); "scratch"; "gpt2", "gpt2-medium", ...; or a run directory, e.g.
-                      # "runs/pretrain-full" (--checkpoint DIR / --pretrained NAME override it)
+                      # downloaded once); "scratch"; a published model: "gpt2", "gpt2-medium", ..., "smollm2-135m",
+                      # "qwen2.5-0.5b" (python main.py --help lists them); a Hugging Face model folder; or a run
+                      # directory, e.g. "runs/pretrain-full" (--checkpoint DIR / --pretrained NAME override it)
 
 SEED = 123            # fixes the initial weights, the data order and sampling: same seed, same losses
 LOG_EVERY = 10        # print a line with the recent loss and speed every this many steps

@@ -14,6 +14,8 @@ folder it runs in has one, and the built-in defaults (quick mode) otherwise.
     python main.py --task generate --checkpoint runs/pretrain-quick --prompt "Every effort moves you"
     python main.py --task generate --pretrained gpt2          # chat with OpenAI's GPT-2 (downloads 0.5 GB once)
     python main.py --task export --checkpoint runs/pretrain-quick --out exported/   # for transformers
+    python main.py --task generate --pretrained smollm2-135m --prompt "The capital of France"   # a Llama-family model
+    python main.py --task sft --pretrained smollm2-135m --trainable lora   # fine-tune it with minigpt
     python main.py --task evaluate --checkpoint runs/pretrain-quick      # loss, perplexity, bits per byte
     python main.py --task evaluate --pretrained gpt2 --choices hellaswag # GPT-2 on HellaSwag
     python main.py --task evaluate --checkpoint runs/a --checkpoint runs/b   # an ensemble and each member
@@ -40,7 +42,7 @@ import sys
 import types
 from pathlib import Path
 
-from minigpt.config import (DATA_FORMATS, DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PROMPT_STYLES,
+from minigpt.config import (DATA_FORMATS, DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PRETRAINED_MODELS, PROMPT_STYLES,
                             SAMPLINGS, TASKS, TOKENIZERS, TRAINABLE, ConfigError)
 from minigpt.data import NAMED_CORPORA
 from minigpt.runs import EXIT_ERROR, EXIT_FINISHED, EXIT_INTERRUPTED, EXIT_STOPPED, Stopped, resume_settings
@@ -101,9 +103,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "--task generate / evaluate: repeat it for an ensemble of runs")
     parser.add_argument("--ensemble-weights", type=float, nargs="+", metavar="W",
                         help="an ensemble's weights, one per --checkpoint (default: equal)")
-    parser.add_argument("--pretrained", metavar="NAME|DIR",
-                        help="OpenAI's GPT-2 to generate with or fine-tune: gpt2, gpt2-medium, gpt2-large, "
-                             "gpt2-xl, or a Hugging Face GPT-2 folder")
+    published = "; ".join(f"{name} ({model.parameters}, {model.download})" for name, model in PRETRAINED_MODELS.items())
+    parser.add_argument("--pretrained", metavar="NAME|REPO|DIR",
+                        help=f"a Hugging Face model to generate with, evaluate or fine-tune, downloaded once: "
+                             f"{published}; or a hub repository owner/name, or a folder (GPT-2, Llama and Qwen2 "
+                             "layouts, with their tokenizer)")
     parser.add_argument("--prompt", help="text to continue (--task generate); without it, an interactive loop")
     parser.add_argument("--choices", metavar="hellaswag|FILE",
                         help="--task evaluate: multiple-choice items, HellaSwag's validation set (downloaded "
@@ -205,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
                         help="the prompt of the sample after each epoch (default: 'Every effort moves you', or the "
                              "text's first words where the tokenizer cannot encode that)")
     parser.add_argument("--seed", type=int, help="config_run.SEED")
+    parser.add_argument("--export-hf", action="store_const", const=True,
+                        help="after training, write hf/final and hf/best in the run directory: folders transformers "
+                             "loads whole, model and tokenizer (config_run.EXPORT_HF)")
     parser.add_argument("--graph", metavar="FILE",
                         help="pretrain the model of a studio graph (a JSON file the studio exports)")
     for add_flags in (_add_studio_flags, _add_scale_flags, _add_model_flags, _add_decoding_flags,

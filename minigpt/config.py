@@ -443,6 +443,7 @@ class AlignConfig:
 TASKS = ("pretrain", "generate", "evaluate", "export", "classify", "sft", "reward", "dpo", "ppo", "grpo", "studio")
 FINETUNE_TASKS = ("classify", "sft")
 ALIGN_TASKS = ("reward", "dpo", "ppo", "grpo")
+EXPORTING_TASKS = ("pretrain", "sft", "dpo", "ppo", "grpo")  # the tasks that train a language model (EXPORT_HF)
 MODES = ("quick", "full", "custom")
 TOKENIZERS = ("gpt2", "bpe", "char", "train")
 DATA_FORMATS = ("auto", "text", "json", "tokens", "hf")  # how --data is read (minigpt.data.data_format)
@@ -506,7 +507,7 @@ class RunConfig:
     log_every: int = 10
     resume: str | None = None
     checkpoint: str | None = None  # a run directory to generate from or export
-    pretrained: str | None = None  # "gpt2" ... "gpt2-xl", or a Hugging Face GPT-2 folder, to generate from
+    pretrained: str | None = None  # a PRETRAINED_MODELS name, a hub repository (owner/name) or a Hugging Face folder
     prompt: str | None = None      # None with --task generate: an interactive loop
     generation: dict[str, Any] = field(default_factory=dict)
     finetune: FinetuneConfig | None = None  # --task classify / sft only
@@ -518,6 +519,7 @@ class RunConfig:
     show_probs: int = 0            # --task generate: print each token's k most likely candidates (0: off)
     text_field: str = "text"       # a .jsonl / .json corpus or a Hugging Face dataset: the field that holds each text
     data_format: str = "auto"      # how --data is read: DATA_FORMATS (auto: by what it is, minigpt.data.data_format)
+    export_hf: bool = False        # after training, hf/final and hf/best: folders transformers loads whole
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)

@@ -30,15 +30,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from minigpt.config import ALIGN_TASKS, PRETRAINED_NAMES, ConfigError, RunConfig, TrainConfig
+from minigpt.config import ALIGN_TASKS, PRETRAINED_MODELS, ConfigError, RunConfig, TrainConfig
 from minigpt.evaluate import perplexity
 from minigpt.finetune import build_model, merge_and_unload
 from minigpt.generation import Ensemble
+from minigpt.hub import load_pretrained, save_pretrained
 from minigpt.model import GPTModel
 from minigpt.rlhf import add_reward_head
 from minigpt.scale import Distributed, ScaledSetup, accumulation_steps, peak_memory_mib, precision_reason
-from minigpt.settings import RESUME_TRAIN_OVERRIDES
-from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec
+from minigpt.settings import RESUME_TRAIN_OVERRIDES, start_template
+from minigpt.tokenizer import tokenizer_from_spec
 from minigpt.train import Diverged, TrainState
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -627,10 +628,17 @@ def starting_point(run: RunConfig, device: torch.device) -> tuple[GPTModel | Non
                               f"--checkpoint {run.checkpoint} --prompt TEXT.")
         return model, tokenizer, f"the minigpt run {run.checkpoint} ({saved['model_name']})"
     if run.pretrained:
-        model = GPTModel.from_pretrained(run.pretrained).to(device)
-        where = f"OpenAI's {run.pretrained}" if run.pretrained in PRETRAINED_NAMES else f"the GPT-2 in {run.pretrained}"
-        return model, get_tokenizer("gpt2"), f"{where} ({model.num_parameters():,} parameters)"
+        model, tokenizer = load_pretrained(run.pretrained)
+        return model.to(device), tokenizer, describe_pretrained(run.pretrained, model, tokenizer)
     return None, None, f"new weights ({run.model_name})"
+
+
+def describe_pretrained(name: str, model: GPTModel, tokenizer) -> str:
+    """One line for a Hugging Face model a run reads: where from, its size, its architecture, its tokenizer."""
+    where = f"{PRETRAINED_MODELS[name].repo}" if name in PRETRAINED_MODELS else name
+    kind = model.cfg.architecture() or "GPT-2's architecture"
+    return (f"{where} ({model.num_parameters() / 1e6:,.0f}M parameters, {kind}; "
+            f"{tokenizer.name} tokenizer, {tokenizer.vocab_size:,} tokens)")
 
 
 def load_for_generation(run):
@@ -651,13 +659,8 @@ def load_for_generation(run):
                  saved["align"]["prompt_style"] if saved["task"] in ALIGN_TASKS else None)
         what = f", instruction-tuned ({style} template)" if style else ""
         return model, tokenizer, f"{run.checkpoint} ({saved['model_name']}, {tokenizer.name} tokenizer{what})", style
-    model = GPTModel.from_pretrained(run.pretrained).to(device)
-    if model.cfg.vocab_size != 50257:
-        raise ConfigError(f"{run.pretrained} has a vocabulary of {model.cfg.vocab_size} tokens, not GPT-2's "
-                          "50,257, so GPT-2's tokenizer does not fit it; generate from its minigpt run "
-                          "directory with --checkpoint instead.")
-    size = f"{model.num_parameters() / 1e6:.0f}M parameters"
-    return model, get_tokenizer("gpt2"), f"{run.pretrained} ({size}, gpt2 tokenizer)", None
+    model, tokenizer = load_pretrained(run.pretrained)
+    return model.to(device), tokenizer, describe_pretrained(run.pretrained, model, tokenizer), None
 
 
 def load_ensemble(run):
@@ -852,3 +855,33 @@ def typed_lines():
         if not line.strip():
             return
         yield line
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face folders beside a run (EXPORT_HF, --export-hf)
+# ---------------------------------------------------------------------------------------
+
+def export_run(path: str | Path, folder: str | Path) -> tuple[Path, GPTModel, dict[str, Any]]:
+    """A run's language model (its checkpoint.pt, or a weights file such as best.pt) written with its
+    tokenizer as a folder `transformers` loads whole; an instruction-tuned run's template goes with it."""
+    model, tokenizer, saved = load_model(path, "cpu")
+    if saved["task"] in ("classify", "reward"):
+        what = "a classifier, whose head scores classes" if saved["task"] == "classify" else \
+            "a reward model, whose head scores answers"
+        raise ConfigError(f"{path} holds {what}, not tokens; only language models (pretrained, "
+                          "instruction-tuned or aligned runs) export to Hugging Face's causal-LM classes.")
+    return save_pretrained(model, tokenizer, folder, start_template(saved)), model, saved
+
+
+def export_hf_folders(run: RunConfig, run_dir: Path, completed: bool) -> None:
+    """With EXPORT_HF, hf/final (the last weights) and hf/best (the lowest validation loss, where kept)
+    after a finished run, as a Hugging Face trainer leaves them."""
+    if not (run.export_hf and completed):
+        return
+    written = []
+    for name, source in (("final", CHECKPOINT_NAME), ("best", BEST_NAME)):
+        if (run_dir / source).is_file():
+            export_run(run_dir / source, run_dir / "hf" / name)
+            written.append(f"hf/{name}")
+    print(f"  exported           {run_dir}/: {', '.join(written)} (transformers loads each whole: "
+          "AutoModelForCausalLM, AutoTokenizer)")

@@ -14,8 +14,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from minigpt.config import (ALIGN_TASKS, DEVICES, FINETUNE_TASKS, GENERATION_DEFAULTS, MODEL_PRESETS, MODES,
-                            PRETRAINED_NAMES, TASKS, TOKENIZERS, DATA_FORMATS, AlignConfig, ConfigError, FinetuneConfig, GPTConfig,
+from minigpt.config import (ALIGN_TASKS, DEVICES, EXPORTING_TASKS, FINETUNE_TASKS, GENERATION_DEFAULTS, MODEL_PRESETS, MODES,
+                            PRETRAINED_MODELS, PRETRAINED_NAMES, TASKS, TOKENIZERS, DATA_FORMATS, AlignConfig, ConfigError, FinetuneConfig, GPTConfig,
                             RunConfig, TrainConfig, check_choice, check_float, check_generation, check_int,
                             check_keys, check_max_length, did_you_mean, model_config)
 
@@ -145,7 +145,7 @@ MODEL_OVERRIDE_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_siz
 
 # The names config_run.py may define.
 RUN_SETTINGS = ["TASK", "DEVICE", "QUICK_MODE", "CUSTOM_MODE", "MODEL", "TOKENIZER", "BPE_VOCAB_SIZE",
-                "DATA", "DATA_FORMAT", "TEXT_FIELD", "OUT", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
+                "DATA", "DATA_FORMAT", "TEXT_FIELD", "OUT", "EXPORT_HF", "SEED", "LOG_EVERY", "INIT", "custom_params", "generation_params",
                 "finetune_params", "align_params"]
 FINETUNE_PARAM_KEYS = [f.name for f in fields(FinetuneConfig)]
 ALIGN_PARAM_KEYS = [f.name for f in fields(AlignConfig)]
@@ -174,8 +174,11 @@ def resolve_run_config(settings: dict[str, Any], cli: dict[str, Any] | None = No
         finetune, align = _template_of_start(settings, cli, mode, checkpoint, finetune, align)
     values = _resolve_run_values(settings, cli)
     if task == "export" and not (checkpoint and values["out"]):
-        raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER "
-                          "(where config.json and model.safetensors for transformers are written).")
+        raise ConfigError("--task export needs --checkpoint DIR (a run directory) and --out FOLDER (where the "
+                          "model and its tokenizer are written, a folder transformers loads whole).")
+    if values["export_hf"] and task not in EXPORTING_TASKS:
+        raise ConfigError(f"EXPORT_HF (--export-hf) writes a language model for transformers after training; "
+                          f"--task {task} trains none. It is for {', '.join(EXPORTING_TASKS)}.")
     show_probs = _resolve_show_probs(cli, task, values["generation"])
     return _build("the run's settings", RunConfig, task=task, mode=mode, model_name=model_name, model=model,
                   train=train, **values, resume=cli.get("resume"), checkpoint=checkpoint, pretrained=pretrained,
@@ -254,11 +257,12 @@ def saved_run_config(path: str | None) -> dict[str, Any]:
 
 def _start_context_length(checkpoint: str | None, pretrained: str | None) -> int | None:
     """The context of the model a run starts from (None if unknown here)."""
-    if pretrained in PRETRAINED_NAMES:
-        return 1024  # every GPT-2 size
+    if pretrained in PRETRAINED_MODELS:
+        return PRETRAINED_MODELS[pretrained].context_length
     saved = saved_run_config(checkpoint or pretrained)
-    try:
-        return int(saved["model"]["context_length"] if checkpoint else saved["n_positions"])
+    try:  # a minigpt run's config.json, or a Hugging Face one (GPT-2's n_positions, Llama's max_position_embeddings)
+        return int(saved["model"]["context_length"] if checkpoint else
+                   saved.get("n_positions", saved.get("max_position_embeddings")))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -331,8 +335,12 @@ def _resolve_run_values(settings: dict[str, Any], cli: dict[str, Any]) -> dict[s
         raise ConfigError(f"TEXT_FIELD (or --text-field) must name a field, got {text_field!r}.")
     data_format = cli.get("data_format", settings.get("DATA_FORMAT", "auto"))
     check_choice("DATA_FORMAT (or --data-format)", data_format, DATA_FORMATS)
+    export_hf = cli.get("export_hf", settings.get("EXPORT_HF", False))
+    if not isinstance(export_hf, bool):
+        raise ConfigError(f"EXPORT_HF must be True or False, got {export_hf!r}.")
     return dict(tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, data=data, out=out, device=device, seed=seed,
-                log_every=log_every, generation=generation, text_field=text_field, data_format=data_format)
+                log_every=log_every, generation=generation, text_field=text_field, data_format=data_format,
+                export_hf=export_hf)
 
 
 def _resolve_models(settings: dict[str, Any], cli: dict[str, Any], task: str,
@@ -342,12 +350,12 @@ def _resolve_models(settings: dict[str, Any], cli: dict[str, Any], task: str,
     if task in FINETUNE_TASKS + ALIGN_TASKS:
         if checkpoint and pretrained:
             raise ConfigError("fine-tuning and alignment start from one model: give --checkpoint DIR (a "
-                              "minigpt run) or --pretrained NAME (GPT-2), not both.")
+                              "minigpt run) or --pretrained NAME (a Hugging Face model), not both.")
         checkpoint, pretrained = _resolve_init(settings, checkpoint, pretrained, base)
     if task in ("generate", "evaluate") and bool(checkpoint) == bool(pretrained):
         raise ConfigError(f"--task {task} needs one model: --checkpoint DIR (the run directory of a "
-                          "trained model, e.g. runs/pretrain-quick) or --pretrained gpt2 (OpenAI's GPT-2; "
-                          "also gpt2-medium, gpt2-large, gpt2-xl, or a Hugging Face GPT-2 folder).")
+                          "trained model, e.g. runs/pretrain-quick) or --pretrained NAME (a Hugging Face model: "
+                          f"{', '.join(PRETRAINED_MODELS)}; a hub repository owner/name; or a folder).")
     ensemble, weights = list(cli.get("ensemble", [])), cli.get("ensemble_weights")
     if ensemble and task not in ("generate", "evaluate"):
         raise ConfigError(f"--checkpoint once for --task {task}; several only for generate and evaluate "
@@ -394,8 +402,8 @@ def _resolve_init(settings: dict[str, Any], checkpoint: str | None, pretrained: 
                   base: dict[str, Any]) -> tuple[str | None, str | None]:
     """Where fine-tuning starts: --checkpoint / --pretrained, else INIT, else the mode's choice.
 
-    INIT is "scratch" (a new model), a GPT-2 name, a Hugging Face GPT-2 folder, or a minigpt
-    run directory (one holding checkpoint.pt).
+    INIT is "scratch" (a new model), a `PRETRAINED_MODELS` name, a Hugging Face model folder, or
+    a minigpt run directory (one holding checkpoint.pt).
     """
     if checkpoint or pretrained:
         return checkpoint, pretrained
@@ -403,7 +411,7 @@ def _resolve_init(settings: dict[str, Any], checkpoint: str | None, pretrained: 
     if init is None:
         return base.get("checkpoint"), base["pretrained"]
     if not isinstance(init, str) or not init:
-        raise ConfigError(f"INIT must be None, 'scratch', a GPT-2 name, or a directory, got {init!r}.")
+        raise ConfigError(f"INIT must be None, 'scratch', a pretrained model's name, or a directory, got {init!r}.")
     if init == "scratch":
         return None, None
     if init in PRETRAINED_NAMES:
@@ -412,8 +420,8 @@ def _resolve_init(settings: dict[str, Any], checkpoint: str | None, pretrained: 
         return init, None
     if (Path(init) / "config.json").is_file():
         return None, init
-    raise ConfigError(f"INIT is {init!r}: not 'scratch', not a GPT-2 name ({', '.join(PRETRAINED_NAMES)}), "
-                      "and not a directory holding a minigpt run (checkpoint.pt) or a Hugging Face GPT-2 "
+    raise ConfigError(f"INIT is {init!r}: not 'scratch', not a pretrained model ({', '.join(PRETRAINED_NAMES)}), "
+                      "and not a directory holding a minigpt run (checkpoint.pt) or a Hugging Face model "
                       f"(config.json).{did_you_mean(init, ('scratch',) + PRETRAINED_NAMES)}")
 
 

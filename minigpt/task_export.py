@@ -1,24 +1,25 @@
-"""The export pipeline behind `python main.py --task export`: a run's model as a folder that
-Hugging Face `transformers` loads."""
+"""The export pipeline behind `python main.py --task export`: a run's model and tokenizer as a
+folder that Hugging Face `transformers` loads whole."""
 
 from __future__ import annotations
 
-from minigpt.config import ConfigError, RunConfig
-from minigpt.model import save_hf_gpt2
-from minigpt.runs import load_model
+from minigpt.config import RunConfig
+from minigpt.model import hf_model_type
+from minigpt.runs import export_run
+
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def run_export(run: RunConfig) -> None:
-    """Write a run's language model as a Hugging Face GPT-2 folder (config.json, model.safetensors)."""
-    model, tokenizer, saved = load_model(run.checkpoint, "cpu")
-    if saved["task"] in ("classify", "reward"):
-        raise ConfigError(f"{run.checkpoint} holds a {'classifier' if saved['task'] == 'classify' else 'reward model'}; "
-                          "Hugging Face's GPT2LMHeadModel has a vocabulary head, so only language models "
-                          "(pretrained, instruction-tuned or aligned runs) export.")
-    folder = save_hf_gpt2(model, run.out)
-    print(f"wrote {folder}/config.json and {folder}/model.safetensors ({saved['model_name']}, "
-          f"{model.num_parameters():,} parameters); load them with "
-          f"transformers.GPT2LMHeadModel.from_pretrained({str(folder)!r}).")
-    if tokenizer.name != "gpt2":
-        print(f"note: this run used the {tokenizer.name} tokenizer, not GPT-2's; encode text with it "
-              f"(minigpt.runs.load_model({run.checkpoint!r})) before giving ids to transformers.")
+    """Write a run's language model as a Hugging Face folder: the model as GPT-2, Llama or Qwen2
+    (whichever computes its architecture), its tokenizer, and its chat template if it has one."""
+    folder, model, saved = export_run(run.checkpoint, run.out)
+    files = sorted(path.name for path in folder.iterdir())
+    print(f"wrote {folder}/: {', '.join(files)}")
+    print(f"  {saved['model_name']}, {model.num_parameters():,} parameters, as "
+          f"{HF_CLASSES[hf_model_type(model.cfg)]}; its tokenizer as tokenizer.json")
+    print("load it with:\n"
+          "  from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
+          f"  model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+          f"  tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+          f"  pipeline('text-generation', model={str(folder)!r})('Every effort moves you', max_new_tokens=20)")

@@ -30,7 +30,7 @@ from minigpt.lora import save_adapter
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.evaluate import perplexity
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
+from minigpt.runs import (export_hf_folders, BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
                           finished, fingerprint, load_checkpoint, load_model, make_metrics, optimizer_row, pick_device,
                           print_rows, print_summary, refuse_several_processes, restore_training, rng_states,
                           run_dir_row, save_checkpoint, save_weights, speed_row, starting_point, typed_lines,
@@ -241,6 +241,7 @@ def _finetune(run: RunConfig, checkpoint: dict[str, Any] | None, run_dir: Path,
     with stop.deferred("once the run's files are written"):
         files = _write_files(job, metrics, extra, answered)
     print_summary(metrics, run_dir, metrics["completed"], files)
+    export_hf_folders(run, run_dir, metrics["completed"])
     if metrics["completed"]:
         _print_task_summary(metrics, run.task)
     return model, job.tokenizer, metrics, run_dir

@@ -29,7 +29,7 @@ from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, 
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
-from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest,
+from minigpt.runs import (export_hf_folders, BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest,
                           check_same_data, device_row, finished, load_checkpoint, make_metrics, optimizer_row,
                           pick_device, print_rows, print_summary, restore_training, rng_states, run_dir_row,
                           save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json)
@@ -349,6 +349,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         metrics = files.write(completed and final is not None, final)
     if world.is_main:
         print_summary(metrics, run_dir, metrics["completed"])
+        export_hf_folders(run, run_dir, metrics["completed"])
     return model, tokenizer, metrics, run_dir
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -114,6 +115,22 @@ def split_into_chunks(text: str, pattern: str = GPT2_SPLIT_PATTERN,
     pieces = regex.split("|".join(map(regex.escape, specials)), text) if specials else [text]
     compiled = regex.compile(pattern)
     return [chunk for piece in pieces for chunk in compiled.findall(piece)]
+
+
+def split_isolated(text: str, pattern: regex.Pattern) -> list[str]:
+    """Cut `text` at `pattern`'s matches, keeping each match and each stretch between them as a
+    piece: what Hugging Face's Split pre-tokenizer calls "Isolated". For GPT-2's pattern, which
+    matches every character, this is the list of matches."""
+    pieces, end = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > end:
+            pieces.append(text[end:match.start()])
+        if match.end() > match.start():
+            pieces.append(match.group())
+        end = match.end()
+    if end < len(text):
+        pieces.append(text[end:])
+    return pieces
 
 
 def merge_priority(pair: tuple[int, int], count: int, token_bytes: list[bytes]) -> tuple:
@@ -294,23 +311,29 @@ class BPETokenizer:
     the merges were learned: encoding applies them in that order (earliest first). For a
     trained tokenizer the bytes have ids 0..255 and the merges 256, 257, ...; GPT-2's files
     number the bytes differently, which `byte_ids` records.
+
+    Before the merges, text is cut into chunks by `pattern` (GPT-2's by default), or by several
+    patterns in turn, each cutting the pieces of the one before (SmolLM's tokenizer first sets
+    every digit apart, then applies GPT-2's); `normalization` ("NFC", ...) is a Unicode form the
+    text takes first (Qwen2's tokenizer uses NFC). Both are what tokenizers made elsewhere need.
     """
 
     name = "bpe"
 
     def __init__(self, merges: dict[tuple[int, int], int], special_tokens: dict[str, int] | None = None,
-                 pattern: str = GPT2_SPLIT_PATTERN, byte_ids: list[int] | None = None,
-                 source: str | None = None) -> None:
+                 pattern: str | list[str] = GPT2_SPLIT_PATTERN, byte_ids: list[int] | None = None,
+                 source: str | None = None, normalization: str | None = None) -> None:
         self.merges = dict(merges)
         self.special_tokens = dict(special_tokens or {})
         self.pattern = pattern
+        self.normalization = normalization
         self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)
         self.source = source  # "gpt2" when loaded from GPT-2's files
         self.vocab = self._build_vocab()  # id -> the bytes it stands for
         self.vocab_size = len(self.vocab)
         self.eos_id = self.special_tokens.get(END_OF_TEXT)
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
-        self._split = regex.compile(pattern)
+        self._splits = [regex.compile(p) for p in ([pattern] if isinstance(pattern, str) else pattern)]
         self._cache: dict[str, list[int]] = {}
 
     def _build_vocab(self) -> dict[int, bytes]:
@@ -389,9 +412,18 @@ class BPETokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode treating special tokens as plain text."""
         ids = []
-        for chunk in self._split.findall(_replace_lone_surrogates(text)):
+        for chunk in self.pre_tokenize(_replace_lone_surrogates(text)):
             ids.extend(self.encode_chunk(chunk))
         return ids
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        """The chunks merges never cross: the text normalized, then cut by each pattern in turn."""
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
+        pieces = [text]
+        for split in self._splits:
+            pieces = [chunk for piece in pieces for chunk in split_isolated(piece, split)]
+        return pieces
 
     def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
                disallowed_special: Iterable[str] | str = "all") -> list[int]:
@@ -422,6 +454,7 @@ class BPETokenizer:
                  "# side become NEW, in this order; the quoted text is for reading only.",
                  f"pattern\t{json.dumps(self.pattern)}",
                  f"bytes\t{byte_ids}"]
+        lines += [f"normalize\t{self.normalization}"] if self.normalization else []
         lines += [f"special\t{token_id}\t{json.dumps(token)}" for token, token_id in self.special_tokens.items()]
         for (left, right), new_id in self.merges.items():
             readable = self.vocab[new_id].decode("utf-8", errors="backslashreplace")
@@ -437,7 +470,7 @@ class BPETokenizer:
             raise ConfigError(f"{where} is not a minigpt BPE tokenizer file: its first line is "
                               f"{first!r}, expected {BPE_FILE_VERSION!r}. Give a file written by "
                               "BPETokenizer.save (e.g. a run directory's tokenizer.bpe).")
-        pattern, byte_ids, specials, merges = GPT2_SPLIT_PATTERN, None, {}, {}
+        pattern, byte_ids, specials, merges, normalization = GPT2_SPLIT_PATTERN, None, {}, {}, None
         for number, line in enumerate(lines[1:], start=2):
             if not line.strip() or line.startswith("#"):
                 continue
@@ -445,7 +478,11 @@ class BPETokenizer:
             try:
                 if fields[0] == "pattern":
                     pattern = json.loads(fields[1])
-                    regex.compile(pattern)
+                    for one in [pattern] if isinstance(pattern, str) else pattern:
+                        regex.compile(one)
+                elif fields[0] == "normalize":
+                    unicodedata.normalize(fields[1], "")  # an unknown form raises ValueError
+                    normalization = fields[1]
                 elif fields[0] == "bytes":
                     byte_ids = None if fields[1] == "identity" else [int(x) for x in fields[1].split()]
                 elif fields[0] == "special":
@@ -458,7 +495,7 @@ class BPETokenizer:
                 raise ConfigError(f"{where}, line {number}: cannot read {line[:60]!r} ({err}); "
                                   "the file is corrupt. Save the tokenizer again.") from None
         try:
-            return cls(merges, specials, pattern, byte_ids)
+            return cls(merges, specials, pattern, byte_ids, normalization=normalization)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err} The file is corrupt; save the tokenizer again.") from None
 
@@ -526,7 +563,7 @@ class BPETokenizer:
         specials = dict(self.special_tokens)
         for token in tokens:
             specials.setdefault(token, self.vocab_size + len(specials) - len(self.special_tokens))
-        return BPETokenizer(self.merges, specials, self.pattern, self.byte_ids, self.source)
+        return BPETokenizer(self.merges, specials, self.pattern, self.byte_ids, self.source, self.normalization)
 
     def spec(self) -> dict[str, Any]:
         """GPT-2's vocabulary is named (its files are cached); any other BPE is stored whole."""
