@@ -478,6 +478,8 @@ PRETRAINED_MODELS: dict[str, PretrainedModel] = {
                                     "byte-level BPE, 49,152 tokens"),
     "qwen2.5-0.5b": PretrainedModel("Qwen/Qwen2.5-0.5B", "Qwen2ForCausalLM", "494M", "0.99 GB", 32768,
                                     "byte-level BPE, 151,665 tokens"),
+    "tinyllama-1.1b-chat": PretrainedModel("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "LlamaForCausalLM", "1.1B", "2.2 GB",
+                                           2048, "SentencePiece BPE, 32,000 tokens"),
 }
 PRETRAINED_NAMES = tuple(PRETRAINED_MODELS)
 

@@ -27,8 +27,8 @@ import regex
 from minigpt.config import PRETRAINED_MODELS, ConfigError
 from minigpt.data import ALPACA_PREAMBLE, CHAT_TOKENS
 from minigpt.model import GPTModel, download_hf_model, hf_config, save_hf_model
-from minigpt.tokenizer import (END_OF_TEXT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, bytes_to_unicode,
-                               get_tokenizer, tokenizer_from_spec)
+from minigpt.tokenizer import (GPT2_SPLIT_PATTERN, SENTENCEPIECE_SPACE, BPETokenizer, CharTokenizer,
+                               SentencePieceBPE, bytes_to_unicode, get_tokenizer, tokenizer_from_spec)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json")
@@ -40,10 +40,10 @@ EVERY_CHARACTER = r"[\s\S]"
 # Writing: a minigpt tokenizer as tokenizer.json and its companions
 # ---------------------------------------------------------------------------------------
 
-def as_bpe(tokenizer) -> BPETokenizer | CharTokenizer:
+def as_bpe(tokenizer) -> BPETokenizer | CharTokenizer | SentencePieceBPE:
     """The tokenizer in a form that maps onto tokenizer.json: tiktoken's GPT-2 becomes minigpt's own
     BPE with GPT-2's files (the same ids); a vocabulary read with pre-tokenized data is refused."""
-    if isinstance(tokenizer, (BPETokenizer, CharTokenizer)):
+    if isinstance(tokenizer, (BPETokenizer, CharTokenizer, SentencePieceBPE)):
         return tokenizer
     if tokenizer.name == "gpt2":
         return tokenizer_from_spec({**tokenizer.spec(), "name": "bpe"})
@@ -114,6 +114,32 @@ def char_tokenizer_json(tokenizer: CharTokenizer) -> dict[str, Any]:
     }
 
 
+def sentencepiece_tokenizer_json(tokenizer: SentencePieceBPE) -> dict[str, Any]:
+    """SentencePiece's BPE as tokenizer.json: "▁" for spaces and before the text, merges over the
+    whole text, bytes for what the vocabulary lacks; decoding undoes each step."""
+    space = {"type": "Replace", "pattern": {"String": " "}, "content": SENTENCEPIECE_SPACE}
+    if tokenizer.prepend == "always":  # before every stretch of text: a normalizer, run after the special tokens
+        normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SENTENCEPIECE_SPACE}, space]}
+        pre_tokenizer = None
+    else:  # only at the start of the text
+        normalizer = None
+        pre_tokenizer = {"type": "Metaspace", "replacement": SENTENCEPIECE_SPACE, "prepend_scheme": "first",
+                         "split": False}
+    unknown = tokenizer.tokens[tokenizer.unk_id] if tokenizer.unk_id is not None else None
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": _added_tokens(tokenizer.special_tokens),
+        "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": SENTENCEPIECE_SPACE}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unknown, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {token: i for i, token in enumerate(tokenizer.tokens)},
+                  "merges": [list(pair) for pair in tokenizer.merges]},
+    }
+
+
 def chat_template(style: str | None) -> str | None:
     """A Jinja chat template that writes a conversation as the run's prompt style did in training
     (`minigpt.data.format_prompt`), so `apply_chat_template` prompts the export the same way."""
@@ -137,14 +163,19 @@ def tokenizer_files(tokenizer, context_length: int, prompt_style: str | None = N
     """Every tokenizer file of an export, by name: tokenizer.json and its companions."""
     tokenizer = as_bpe(tokenizer)
     is_bpe = isinstance(tokenizer, BPETokenizer)
-    data = bpe_tokenizer_json(tokenizer) if is_bpe else char_tokenizer_json(tokenizer)
-    eos = END_OF_TEXT if tokenizer.eos_id is not None else None
+    data = bpe_tokenizer_json(tokenizer) if is_bpe else sentencepiece_tokenizer_json(tokenizer) \
+        if isinstance(tokenizer, SentencePieceBPE) else char_tokenizer_json(tokenizer)
+    special = {token_id: token for token, token_id in getattr(tokenizer, "special_tokens", {}).items()}
+    eos = special.get(tokenizer.eos_id)
     names = {"eos_token": eos, "bos_token": eos, "unk_token": eos} if eos else {}
+    if isinstance(tokenizer, SentencePieceBPE):  # Llama's names for them
+        names.update({key: special[i] for key, i in (("bos_token", tokenizer.special_tokens.get("<s>")),
+                                                     ("unk_token", tokenizer.unk_id)) if i in special})
     config = {"tokenizer_class": "GPT2Tokenizer" if is_bpe and tokenizer.pattern == GPT2_SPLIT_PATTERN
               and not tokenizer.normalization else "PreTrainedTokenizerFast",
               "model_max_length": context_length, "clean_up_tokenization_spaces": False,
               "add_bos_token": False, "add_prefix_space": False, **names,
-              "extra_special_tokens": [t for t in getattr(tokenizer, "special_tokens", {}) if t != END_OF_TEXT]}
+              "extra_special_tokens": [t for t in special.values() if t not in names.values()]}
     template = chat_template(prompt_style)
     if template:
         config["chat_template"] = template
@@ -286,7 +317,7 @@ def bpe_from_tokenizer_json(data: dict[str, Any]) -> BPETokenizer:
                         normalization=_normalization(data.get("normalizer")))
 
 
-def tokenizer_from_hf(folder: str | Path) -> BPETokenizer | CharTokenizer:
+def tokenizer_from_hf(folder: str | Path) -> BPETokenizer | CharTokenizer | SentencePieceBPE:
     """The tokenizer of a Hugging Face folder: tokenizer.json (or GPT-2's vocab.json + merges.txt)."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
@@ -304,9 +335,44 @@ def tokenizer_from_hf(folder: str | Path) -> BPETokenizer | CharTokenizer:
         tokens = sorted(data["model"]["vocab"], key=data["model"]["vocab"].get)
         return CharTokenizer("".join(tokens))
     if kind != "BPE":
-        raise ConfigError(f"{path} holds a {kind} tokenizer; minigpt reads byte-level BPEs (GPT-2, SmolLM, Qwen2) "
-                          "and its own character exports.")
-    return bpe_from_tokenizer_json(data)
+        raise ConfigError(f"{path} holds a {kind} tokenizer; minigpt reads BPEs (GPT-2's, SmolLM's, Qwen2's "
+                          "byte-level ones; Llama 2's and TinyLlama's SentencePiece ones) and its own character exports.")
+    prepend = _sentencepiece_prepend(data)
+    return sentencepiece_from_tokenizer_json(data, prepend) if prepend else bpe_from_tokenizer_json(data)
+
+
+def _sentencepiece_prepend(data: dict[str, Any]) -> str | None:
+    """Where a SentencePiece BPE's tokenizer.json puts the "▁" before the text ("always": a Prepend
+    normalizer, which runs between special tokens; "first": a Metaspace pre-tokenizer), or None for
+    any other tokenizer."""
+    normalizer, pre_tokenizer = data.get("normalizer") or {}, data.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
+    kinds = [(step.get("type"), step.get("prepend", step.get("content"))) for step in steps if step]
+    if kinds == [("Prepend", SENTENCEPIECE_SPACE), ("Replace", SENTENCEPIECE_SPACE)] and not pre_tokenizer:
+        return "always"
+    if pre_tokenizer.get("type") == "Metaspace" and not kinds:
+        scheme = pre_tokenizer.get("prepend_scheme", "always" if pre_tokenizer.get("add_prefix_space", True) else "never")
+        if pre_tokenizer.get("split", True) or scheme != "first":
+            raise ConfigError(f"this SentencePiece tokenizer cuts its text at every space, or puts its \"▁\" before "
+                              f"the text otherwise than Llama 2's ({json.dumps(pre_tokenizer)}); minigpt reads Llama "
+                              "2's kind: a Prepend normalizer, or a Metaspace with split false and prepend_scheme first.")
+        return scheme
+    return None
+
+
+def sentencepiece_from_tokenizer_json(data: dict[str, Any], prepend: str) -> SentencePieceBPE:
+    """Llama 2's and TinyLlama's tokenizer.json (SentencePiece's BPE) as minigpt's `SentencePieceBPE`."""
+    model = data["model"]
+    if model.get("dropout") or model.get("ignore_merges") or model.get("continuing_subword_prefix"):
+        raise ConfigError("this SentencePiece tokenizer works otherwise than minigpt's (dropout, ignore_merges or "
+                          "a subword prefix); minigpt reads BPEs that apply their merges in order.")
+    by_id = {i: token for token, i in model["vocab"].items()}
+    by_id.update({added["id"]: added["content"] for added in data.get("added_tokens", [])})
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ConfigError(f"the tokenizer's ids are not 0..{len(by_id) - 1} without gaps; minigpt cannot index them.")
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    specials = {added["content"]: added["id"] for added in data.get("added_tokens", []) if added.get("special", True)}
+    return SentencePieceBPE([by_id[i] for i in range(len(by_id))], merges, specials, prepend)
 
 
 def load_pretrained(name: str, cache: str | Path | None = None, **download: Any) -> tuple[GPTModel, Any]:

@@ -27,13 +27,14 @@ from typing import Any, Iterator
 
 import torch
 
-from minigpt.config import (FFNS, LR_SCHEDULES, MODEL_PRESETS, NORMS, POSITION_EMBEDDINGS, ConfigError, GPTConfig,
-                            model_config)
+from minigpt.config import (FFNS, LR_SCHEDULES, MODEL_PRESETS, NORMS, POSITION_EMBEDDINGS, PRETRAINED_NAMES,
+                            ConfigError, GPTConfig, model_config)
 from minigpt.data import NAMED_CORPORA, corpus_path, read_text
 from minigpt.generation import stream_text
+from minigpt.hub import load_pretrained
 from minigpt.memory import MIB, estimate_training_memory
 from minigpt.model import GPTModel
-from minigpt.tokenizer import CharTokenizer, get_tokenizer
+from minigpt.tokenizer import CharTokenizer
 from minigpt.runs import CHECKPOINT_NAME, StopRequest, load_model, resume_settings
 from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.task_pretrain import pretrain
@@ -463,12 +464,12 @@ class Studio:
 
     def model_for(self, request: dict[str, Any]) -> tuple[GPTModel, Any]:
         if request.get("pretrained") is not None:
-            if request["pretrained"] not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
-                raise ValueError("pretrained must be gpt2, gpt2-medium, gpt2-large or gpt2-xl")
+            if request["pretrained"] not in PRETRAINED_NAMES:
+                raise ValueError(f"pretrained must be one of {', '.join(PRETRAINED_NAMES)}")
             key = (request["pretrained"], 0.0)
             if key not in self._models:
                 try:
-                    self._models[key] = (GPTModel.from_pretrained(request["pretrained"]), get_tokenizer("gpt2"))
+                    self._models[key] = load_pretrained(request["pretrained"])
                 except ConfigError as err:  # offline: say so in a line, not with the whole download story
                     raise ValueError(f"{request['pretrained']}'s weights are not here and could not be downloaded "
                                      f"({str(err).splitlines()[0][:160]}); chat with one of your runs instead, or "

@@ -31,10 +31,11 @@ from minigpt.plot import plot_panels
 from minigpt.rlhf import (RLModels, RLSettings, Rollout, add_reward_head, arithmetic_records, bradley_terry_loss,
                           byte_tokenizer, dpo_batch_loss, evaluate_dpo, exact_match_rewards, grpo_update,
                           ppo_update, preference_accuracy, reward_scores, sample_responses, supervised_warmup)
-from minigpt.runs import (export_hf_folders, BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
                           finished, fingerprint, load_checkpoint, load_model, optimizer_row, pick_device, print_rows,
                           refuse_several_processes, restore_training, rng_states, run_dir_row, save_checkpoint,
-                          save_weights, speed_row, starting_point, write_atomically, write_config, write_json)
+                          save_weights, speed_row, starting_point, write_atomically, write_config, write_json,
+                          export_hf_folders)
 from minigpt.scale import Distributed, ScaledSetup, check_before_building, resolve_precision, scaled_setup
 from minigpt.settings import saved_run_config, start_template
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec

@@ -30,11 +30,12 @@ from minigpt.lora import save_adapter
 from minigpt.model import GPTModel
 from minigpt.plot import plot_accuracy, plot_losses
 from minigpt.evaluate import perplexity
-from minigpt.runs import (export_hf_folders, BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, RunDirectory, StopRequest, check_same_data, device_row,
                           finished, fingerprint, load_checkpoint, load_model, make_metrics, optimizer_row, pick_device,
                           print_rows, print_summary, refuse_several_processes, restore_training, rng_states,
                           run_dir_row, save_checkpoint, save_weights, speed_row, starting_point, typed_lines,
-                          write_atomically, write_config, write_json)
+                          write_atomically, write_config, write_json,
+                          export_hf_folders)
 from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
                            resolve_precision, scaled_setup)
 from minigpt.tokenizer import get_tokenizer, tokenizer_from_spec

@@ -29,10 +29,11 @@ from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, 
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
-from minigpt.runs import (export_hf_folders, BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest,
+from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest,
                           check_same_data, device_row, finished, load_checkpoint, make_metrics, optimizer_row,
                           pick_device, print_rows, print_summary, restore_training, rng_states, run_dir_row,
-                          save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json)
+                          save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json,
+                          export_hf_folders)
 from minigpt.runs import fingerprint as fingerprint_of  # (the runs' own word for it; `fingerprint` names values here)
 from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
                            resolve_precision, scaled_setup, start_distributed)

@@ -869,6 +869,116 @@ class VocabTokenizer:
 
 
 # ---------------------------------------------------------------------------------------
+# SentencePiece's BPE: the tokenizer of Llama 2 and TinyLlama
+# ---------------------------------------------------------------------------------------
+
+def merge_by_rank(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Join adjacent symbols, the pair of lowest rank first (the leftmost among equals), until no
+    pair has a rank. With no pre-tokenizer a whole text is one sequence, so instead of rescanning
+    it after every merge, a heap holds the candidate pairs and a linked list the symbols."""
+    symbols = list(symbols)
+    after = list(range(1, len(symbols))) + [-1]   # index of the next live symbol (-1: none)
+    before = list(range(-1, len(symbols) - 1))
+    heap = [(ranks[pair], i, *pair) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+        _, i, left, right = heapq.heappop(heap)
+        j = after[i]
+        if j == -1 or symbols[i] != left or symbols[j] != right:
+            continue  # stale: one side was merged since (symbols only grow, so a change shows)
+        symbols[i], symbols[j] = left + right, ""
+        after[i] = after[j]
+        if after[j] != -1:
+            before[after[j]] = i
+        for a, b in ((before[i], i), (i, after[i])):  # the new symbol's pairs with its neighbours
+            if a != -1 and b != -1 and (symbols[a], symbols[b]) in ranks:
+                heapq.heappush(heap, (ranks[(symbols[a], symbols[b])], a, symbols[a], symbols[b]))
+    return [symbol for symbol in symbols if symbol]
+
+
+class SentencePieceBPE:
+    """BPE over characters, as SentencePiece trains it for Llama 2 and TinyLlama: spaces are
+    written "▁" and one goes before the text; the merges join characters across the whole text
+    (nothing cuts it into chunks first), in the order they were learned; a character no token
+    covers falls back to its UTF-8 bytes, the tokens <0x00> ... <0xFF>.
+
+    `prepend` says where the "▁" goes: "always" (before every stretch of text between special
+    tokens, as the first conversions of Llama's tokenizer do) or "first" (only at the very start,
+    and not when the text starts with a space already: the later conversions).
+    """
+
+    name = "sentencepiece"
+
+    def __init__(self, tokens: list[str], merges: list[tuple[str, str]], special_tokens: dict[str, int],
+                 prepend: str = "always") -> None:
+        if prepend not in ("always", "first"):
+            raise ConfigError(f"prepend must be 'always' or 'first', got {prepend!r}.")
+        self.tokens, self.merges, self.prepend = list(tokens), [tuple(pair) for pair in merges], prepend
+        self._id_of = {token: i for i, token in enumerate(self.tokens)}
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self.special_tokens = dict(special_tokens)
+        self.vocab_size = len(self.tokens)
+        self.eos_id = next((self._id_of[t] for t in END_OF_TEXT_NAMES if t in self.special_tokens), None)
+        self.unk_id = next((self._id_of[t] for t in UNKNOWN_NAMES if t in self._id_of), None)
+        self._byte_of = {self._id_of[f"<0x{b:02X}>"]: b for b in range(256) if f"<0x{b:02X}>" in self._id_of}
+
+    def encode(self, text: str, allowed_special: Iterable[str] | str = frozenset(),
+               disallowed_special: Iterable[str] | str = "all") -> list[int]:
+        """Text to ids; special tokens follow tiktoken's rules (`resolve_special_tokens`)."""
+        allowed = resolve_special_tokens(text, self.special_tokens, allowed_special, disallowed_special)
+        pieces = regex.split(f"({'|'.join(map(regex.escape, sorted(allowed, key=len, reverse=True)))})", text) \
+            if allowed else [text]
+        ids = []
+        for i, piece in enumerate(pieces):  # even items are text, odd ones special tokens
+            ids.extend([self.special_tokens[piece]] if i % 2 else
+                       self.encode_ordinary(piece, start=i == 0 or self.prepend == "always"))
+        return ids
+
+    def encode_ordinary(self, text: str, start: bool = True) -> list[int]:
+        if not text:
+            return []
+        if self.prepend == "first" and text.startswith(" "):
+            start = False
+        text = (SENTENCEPIECE_SPACE if start else "") + text.replace(" ", SENTENCEPIECE_SPACE)
+        ids = []
+        for symbol in merge_by_rank(list(text), self._ranks):
+            if symbol in self._id_of:
+                ids.append(self._id_of[symbol])
+            else:  # a character the vocabulary lacks: its bytes
+                ids.extend(self._id_of.get(f"<0x{b:02X}>", self.unk_id) for b in symbol.encode("utf-8"))
+        if None in ids:
+            raise ConfigError(f"{text[:40]!r} holds a character this tokenizer has no token for (and no byte "
+                              "or unknown token either).")
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        pieces = []
+        for i in map(int, ids):
+            if not 0 <= i < self.vocab_size:
+                raise ConfigError(f"token id {i} is not in this tokenizer's vocabulary (ids 0..{self.vocab_size - 1}).")
+            token = self.tokens[i]
+            pieces.append(bytes([self._byte_of[i]]) if i in self._byte_of else
+                          token.encode("utf-8") if token in self.special_tokens else
+                          token.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8"))
+        data = b"".join(pieces)
+        return data[1:] if data.startswith(b" ") else data  # the "▁" put before the text
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def with_special_tokens(self, tokens: Iterable[str]) -> "SentencePieceBPE":
+        """This tokenizer plus new special tokens at the end (a chat format's); tokens it has keep their ids."""
+        added = [t for t in dict.fromkeys(tokens) if t not in self._id_of]
+        specials = {**self.special_tokens, **{t: self.vocab_size + i for i, t in enumerate(added)}}
+        specials.update({t: self._id_of[t] for t in tokens if t in self._id_of})
+        return SentencePieceBPE(self.tokens + added, self.merges, specials, self.prepend)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "tokens": self.tokens, "merges": [list(pair) for pair in self.merges],
+                "special_tokens": sorted(self.special_tokens), "prepend": self.prepend}
+
+
+# ---------------------------------------------------------------------------------------
 # Choosing one
 # ---------------------------------------------------------------------------------------
 
@@ -900,7 +1010,7 @@ def get_tokenizer(name: str, text: str | None = None,
                       f"path of a saved BPE tokenizer file.{did_you_mean(name, TOKENIZERS)}")
 
 
-def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | CharTokenizer | VocabTokenizer:
+def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | CharTokenizer | VocabTokenizer | SentencePieceBPE:
     """Rebuild a tokenizer from what `spec()` returned (stored in every checkpoint)."""
     if spec.get("name") == "char":
         return CharTokenizer(spec["chars"])
@@ -908,6 +1018,10 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> GPT2Tokenizer | BPETokenizer | 
         tokenizer = VocabTokenizer(spec["tokens"], spec["style"])
         tokenizer.special_tokens.update({t: tokenizer._id_of[t] for t in spec.get("special_tokens", [])})
         return tokenizer
+    if spec.get("name") == "sentencepiece":
+        tokens = spec["tokens"]
+        return SentencePieceBPE(tokens, spec["merges"], {t: tokens.index(t) for t in spec["special_tokens"]},
+                                spec["prepend"])
     if spec.get("name") == "bpe" and "saved" in spec:
         return BPETokenizer.from_text(spec["saved"], where="the checkpoint's tokenizer")
     if spec.get("name") in ("gpt2", "bpe"):

@@ -11,6 +11,8 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +63,8 @@ HF_MODELS = {
         **LLAMA_SHAPE, num_key_value_heads=2, attention_bias=True, mlp_bias=False)),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         **LLAMA_SHAPE, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        **LLAMA_SHAPE, num_key_value_heads=2, sliding_window=None)),
 }
 
 
@@ -118,6 +122,26 @@ def test_an_architecture_no_hugging_face_class_computes_is_refused_before_writin
     assert list(tmp_path.iterdir()) == []
 
 
+def train_sentencepiece(style, folder):
+    """A Llama 2-style tokenizer trained by the `tokenizers` library: "▁" for spaces, put before the text by
+    a Prepend normalizer ("always") or a Metaspace pre-tokenizer ("first"), bytes for unknown characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    theirs = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    if style == "always":
+        theirs.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        theirs.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    theirs.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    theirs.train_from_iterator(TEXT.splitlines(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                                                      show_progress=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    theirs.save(str(folder / "tokenizer.json"))
+    return theirs, tokenizer_from_hf(folder)
+
+
 TOKENIZER_KINDS = {
     "gpt2": lambda: get_tokenizer("gpt2"),
     "gpt2-chat": lambda: get_tokenizer("gpt2").with_special_tokens(CHAT),
@@ -128,6 +152,8 @@ TOKENIZER_KINDS = {
         TEXT, 500, pattern=r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                            r"""|\s*[\r\n]|\s+(?!\S)|\s+""", progress=False),
     "char": lambda: CharTokenizer.from_text(TEXT),
+    "sentencepiece": lambda: train_sentencepiece("always", Path(tempfile.mkdtemp()))[1],
+    "sentencepiece-first": lambda: train_sentencepiece("first", Path(tempfile.mkdtemp()))[1],
 }
 
 
@@ -146,7 +172,9 @@ def test_the_exported_tokenizer_encodes_and_decodes_as_minigpt_does(tmp_path, ki
     for text in strings:
         ids = ours.encode(text, allowed_special="all")
         assert theirs.encode(text, add_special_tokens=False) == ids, text
-        assert theirs.decode(ids) == ours.decode(ids) == text
+        # SentencePiece decodes by dropping the first space: the "▁" it put there, or the text's own ("first")
+        lost = kind == "sentencepiece-first" and text.startswith(" ")
+        assert theirs.decode(ids) == ours.decode(ids) == (text[1:] if lost else text)
         assert reread.encode(text, allowed_special="all") == ids
     assert len(strings) > 500
 
@@ -231,6 +259,17 @@ def test_tokenizers_made_by_the_tokenizers_library_are_read_exactly(tmp_path):
             ids = theirs.encode(text).ids
             assert ours.encode(text, allowed_special="all") == ids, (name, text)
             assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("style", ["always", "first"])
+def test_llama_2_style_sentencepiece_tokenizers_are_read_exactly(tmp_path, style):
+    theirs, ours = train_sentencepiece(style, tmp_path)
+    assert type(ours).__name__ == "SentencePieceBPE" and ours.eos_id == theirs.token_to_id("</s>")
+    for text in random_strings(seed=4, pieces=PIECES + ["<s>", "</s>", "\u02ac"]):
+        ids = theirs.encode(text).ids
+        assert ours.encode(text, allowed_special="all") == ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+    assert ours.encode(TEXT) == theirs.encode(TEXT).ids  # a whole text is one sequence of merges
 
 
 def test_what_minigpt_cannot_compute_is_refused_with_the_reason(tmp_path):
