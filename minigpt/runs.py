@@ -637,7 +637,7 @@ def describe_pretrained(name: str, model: GPTModel, tokenizer) -> str:
     """One line for a Hugging Face model a run reads: where from, its size, its architecture, its tokenizer."""
     where = f"{PRETRAINED_MODELS[name].repo}" if name in PRETRAINED_MODELS else name
     kind = model.cfg.architecture() or "GPT-2's architecture"
-    return (f"{where} ({model.num_parameters() / 1e6:,.0f}M parameters, {kind}; "
+    return (f"{where} ({model.num_parameters():,} parameters, {kind}; "
             f"{tokenizer.name} tokenizer, {tokenizer.vocab_size:,} tokens)")
 
 
