@@ -1,8 +1,9 @@
-"""Decoding speed of the 124M GPT-2 architecture: KV cache vs no cache vs `transformers`.
+"""Decoding speed of GPT-2 124M (or SmolLM2-135M's Llama architecture): KV cache vs no cache vs `transformers`.
 
-One process builds a GPT-2 124M with random weights (speed does not depend on what the
-weights say), copies the same weights into `transformers.GPT2LMHeadModel`, and decodes
-greedily `--new-tokens` tokens after a short prompt with:
+One process builds the model with random weights (speed does not depend on what the weights
+say), copies the same weights into `transformers`' class for it (`GPT2LMHeadModel`, or
+`LlamaForCausalLM` with `--model smollm2-135m`: 30 layers, 9 query and 3 key/value heads,
+SwiGLU, RoPE), and decodes greedily `--new-tokens` tokens after a short prompt with:
 
     minigpt, cache      minigpt.generation.generate(..., use_cache=True)   (the default)
     minigpt, no cache   the same with use_cache=False: the whole text goes through every step
@@ -14,6 +15,7 @@ must produce the same tokens, which the script checks.
 
     python benchmarks/bench_generate.py                       # 512 tokens, 1 thread, 3 repeats
     python benchmarks/bench_generate.py --threads 2 --new-tokens 128 --device cuda
+    python benchmarks/bench_generate.py --model smollm2-135m --new-tokens 256
 """
 
 from __future__ import annotations
@@ -28,13 +30,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def build_models(device: str):
+# SmolLM2-135M's config.json, as published (HuggingFaceTB/SmolLM2-135M).
+SMOLLM2_135M = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+                "tie_word_embeddings": True}
+
+
+def build_llama(device: str):
+    """SmolLM2-135M's architecture in both libraries, with the same random weights."""
+    import torch
+    import transformers
+
+    from minigpt.model import GPTModel, config_from_hf, hf_config, to_hf_state_dict
+
+    torch.manual_seed(0)
+    ours = GPTModel(config_from_hf(SMOLLM2_135M))
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config(ours.cfg).items()
+                                         if k not in ("architectures", "model_type", "bos_token_id", "eos_token_id")})
+    theirs = transformers.LlamaForCausalLM(config)
+    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
+    assert not unexpected and all(name == "lm_head.weight" for name in missing), (missing, unexpected)
+    theirs.tie_weights()
+    return ours.to(device).eval(), theirs.to(device).eval()
+
+
+def build_models(device: str, model: str = "gpt2"):
     import torch
     import transformers
 
     from minigpt.config import model_config
     from minigpt.model import GPTModel, hf_gpt2_config, to_hf_gpt2_state_dict
 
+    if model == "smollm2-135m":
+        return build_llama(device)
     torch.manual_seed(0)
     ours = GPTModel(model_config("gpt2-small", qkv_bias=True, tie_weights=True, drop_rate=0.0))
     config = transformers.GPT2Config(**{k: v for k, v in hf_gpt2_config(ours.cfg).items()
@@ -66,6 +95,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=["gpt2", "smollm2-135m"], default="gpt2",
+                        help="the architecture: GPT-2 124M, or SmolLM2-135M's (Llama: RMSNorm, RoPE, SwiGLU, GQA)")
     parser.add_argument("--skip-no-cache", action="store_true", help="leave out the slow uncached run")
     args = parser.parse_args()
 
@@ -76,8 +107,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    ours, theirs = build_models(args.device)
-    prompt = torch.randint(0, 50257, (1, args.prompt_tokens), device=args.device)
+    ours, theirs = build_models(args.device, args.model)
+    prompt = torch.randint(0, ours.cfg.vocab_size, (1, args.prompt_tokens), device=args.device)
     n = args.new_tokens
 
     def minigpt_cached():
@@ -91,7 +122,8 @@ def main() -> None:
             return theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                    min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-    print(f"GPT-2 124M (random weights), greedy, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens | "
+    title = "GPT-2 124M" if args.model == "gpt2" else "SmolLM2-135M's architecture (Llama)"
+    print(f"{title} (random weights, {ours.num_parameters():,} parameters), greedy, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens | "
           f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}, "
           f"transformers {transformers.__version__}", flush=True)
     minigpt_cached(), hf_greedy()  # warm-up: allocator, kernels, lazy imports
