@@ -32,6 +32,7 @@ from minigpt.tokenizer import (GPT2_SPLIT_PATTERN, SENTENCEPIECE_SPACE, BPEToken
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json")
+EXPORT_FILES = {"config.json", "model.safetensors", *TOKENIZER_FILES}  # what an export writes
 # One character per piece: how tokenizer.json says "every character is a token" (`.` skips newlines).
 EVERY_CHARACTER = r"[\s\S]"
 
@@ -209,6 +210,7 @@ def save_pretrained(model: GPTModel, tokenizer, folder: str | Path, prompt_style
     files["generation_config.json"] = json.dumps(
         {"bos_token_id": eos_id, "eos_token_id": eos_id} if eos_id is not None else {}, indent=2)
     folder = Path(folder)
+    _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -220,6 +222,16 @@ def save_pretrained(model: GPTModel, tokenizer, folder: str | Path, prompt_style
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """An export replaces an earlier export, never a folder that holds anything else (a run directory)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file; give --out a folder for the export.")
+    others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES) if folder.is_dir() else []
+    if others:
+        raise ConfigError(f"{folder} holds other files than an export ({', '.join(others[:4])}); an export replaces "
+                          "the whole folder, so give a new or empty one (or an earlier export).")
 
 
 def check_tokenizer_files(folder: Path, tokenizer) -> None:
@@ -244,8 +256,6 @@ def _replace_folder(new: Path, folder: Path) -> None:
     """Put `new` where `folder` is: the old export (if any) moves aside, the new one takes its name."""
     old = None
     if folder.exists():
-        if not folder.is_dir():
-            raise ConfigError(f"{folder} is a file; give --out a folder for the export.")
         old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
         os.replace(folder, old / folder.name)
     os.replace(new, folder)

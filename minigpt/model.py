@@ -583,11 +583,18 @@ def hf_model_type(cfg: GPTConfig) -> str:
 
 def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     """The `GPTConfig` of a Hugging Face config.json of any layout minigpt reads."""
+    if "model_type" not in hf and "n_embd" not in hf:
+        raise ConfigError("this config.json is not a Hugging Face model's (it names no model_type): a minigpt "
+                          "run directory is read with --checkpoint DIR, not --pretrained.")
     model_type = hf.get("model_type", "gpt2")
-    if model_type == "gpt2":
-        return config_from_hf_gpt2(hf)
-    if model_type in LLAMA_FAMILY:
-        return config_from_hf_llama(hf)
+    try:
+        if model_type == "gpt2":
+            return config_from_hf_gpt2(hf)
+        if model_type in LLAMA_FAMILY:
+            return config_from_hf_llama(hf)
+    except KeyError as err:
+        raise ConfigError(f"this {model_type} config.json lacks {err.args[0]!r}; the file is incomplete: download "
+                          "it again.") from None
     raise ConfigError(f"this is a {model_type!r} model; minigpt reads GPT-2 (model_type 'gpt2') and the Llama "
                       f"family ({', '.join(map(repr, LLAMA_FAMILY))}): the architectures its GPTModel computes.")
 

@@ -228,6 +228,10 @@ def test_an_export_never_writes_a_tokenizer_it_cannot_write_exactly(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == before  # the last good export is untouched
     assert transformers.AutoTokenizer.from_pretrained(folder).encode("bad") == [1, 0, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "vocab.json"]  # nothing half-written
+    (folder / "checkpoint.pt").write_text("a run's weights")  # an export never replaces a folder of other things
+    with pytest.raises(ConfigError, match="checkpoint.pt"):
+        save_pretrained(model, CharTokenizer("abcde"), folder)
+    assert (folder / "checkpoint.pt").read_text() == "a run's weights"
 
 
 def test_tokenizers_made_by_the_tokenizers_library_are_read_exactly(tmp_path):
