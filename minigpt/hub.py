@@ -41,7 +41,7 @@ EVERY_CHARACTER = r"[\s\S]"
 # Writing: a minigpt tokenizer as tokenizer.json and its companions
 # ---------------------------------------------------------------------------------------
 
-def as_bpe(tokenizer) -> BPETokenizer | CharTokenizer | SentencePieceBPE:
+def exportable(tokenizer) -> BPETokenizer | CharTokenizer | SentencePieceBPE:
     """The tokenizer in a form that maps onto tokenizer.json: tiktoken's GPT-2 becomes minigpt's own
     BPE with GPT-2's files (the same ids); a vocabulary read with pre-tokenized data is refused."""
     if isinstance(tokenizer, (BPETokenizer, CharTokenizer, SentencePieceBPE)):
@@ -94,8 +94,8 @@ def bpe_tokenizer_json(tokenizer: BPETokenizer) -> dict[str, Any]:
         "post_processor": None,
         "decoder": {**byte_level, "trim_offsets": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": vocabulary,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": tokenizer.ignore_merges, "vocab": vocabulary,
                   # In the order they were learned: a merge's place is its priority.
                   "merges": [f"{text_of[left]} {text_of[right]}" for left, right in tokenizer.merges]},
     }
@@ -162,7 +162,7 @@ def chat_template(style: str | None) -> str | None:
 
 def tokenizer_files(tokenizer, context_length: int, prompt_style: str | None = None) -> dict[str, str]:
     """Every tokenizer file of an export, by name: tokenizer.json and its companions."""
-    tokenizer = as_bpe(tokenizer)
+    tokenizer = exportable(tokenizer)
     is_bpe = isinstance(tokenizer, BPETokenizer)
     data = bpe_tokenizer_json(tokenizer) if is_bpe else sentencepiece_tokenizer_json(tokenizer) \
         if isinstance(tokenizer, SentencePieceBPE) else char_tokenizer_json(tokenizer)
@@ -302,7 +302,6 @@ def bpe_from_tokenizer_json(data: dict[str, Any]) -> BPETokenizer:
     """A byte-level BPE tokenizer.json (GPT-2's, SmolLM's, Qwen2's, an export's) as minigpt's `BPETokenizer`."""
     model = data["model"]
     different = {"byte_fallback": model.get("byte_fallback"), "dropout": model.get("dropout"),
-                 "ignore_merges": model.get("ignore_merges"),
                  "continuing_subword_prefix": model.get("continuing_subword_prefix"),
                  "end_of_word_suffix": model.get("end_of_word_suffix")}
     unsupported = [f"{key}={value!r}" for key, value in different.items() if value]
@@ -324,7 +323,8 @@ def bpe_from_tokenizer_json(data: dict[str, Any]) -> BPETokenizer:
     specials = {token: token_id for token, token_id in vocab.items() if token_id not in made}
     specials.update({added["content"]: added["id"] for added in data.get("added_tokens", [])})
     return BPETokenizer(merges, specials, patterns[0] if len(patterns) == 1 else patterns, byte_ids,
-                        normalization=_normalization(data.get("normalizer")))
+                        normalization=_normalization(data.get("normalizer")),
+                        ignore_merges=bool(model.get("ignore_merges")))
 
 
 def tokenizer_from_hf(folder: str | Path) -> BPETokenizer | CharTokenizer | SentencePieceBPE:
@@ -411,4 +411,5 @@ def _same_as_gpt2(tokenizer) -> bool:
         return False
     gpt2 = get_tokenizer("bpe")
     return (tokenizer.merges, tokenizer.byte_ids, tokenizer.special_tokens, tokenizer.pattern) == \
-        (gpt2.merges, gpt2.byte_ids, gpt2.special_tokens, gpt2.pattern) and not tokenizer.normalization
+        (gpt2.merges, gpt2.byte_ids, gpt2.special_tokens, gpt2.pattern) and not tokenizer.normalization \
+        and not tokenizer.ignore_merges

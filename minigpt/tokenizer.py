@@ -315,18 +315,21 @@ class BPETokenizer:
     Before the merges, text is cut into chunks by `pattern` (GPT-2's by default), or by several
     patterns in turn, each cutting the pieces of the one before (SmolLM's tokenizer first sets
     every digit apart, then applies GPT-2's); `normalization` ("NFC", ...) is a Unicode form the
-    text takes first (Qwen2's tokenizer uses NFC). Both are what tokenizers made elsewhere need.
+    text takes first (Qwen2's tokenizer uses NFC); with `ignore_merges`, a chunk that is a token
+    as a whole is that token, whatever the merges would make of it (Llama 3's tokenizer). All
+    three are what tokenizers made elsewhere need.
     """
 
     name = "bpe"
 
     def __init__(self, merges: dict[tuple[int, int], int], special_tokens: dict[str, int] | None = None,
                  pattern: str | list[str] = GPT2_SPLIT_PATTERN, byte_ids: list[int] | None = None,
-                 source: str | None = None, normalization: str | None = None) -> None:
+                 source: str | None = None, normalization: str | None = None, ignore_merges: bool = False) -> None:
         self.merges = dict(merges)
         self.special_tokens = dict(special_tokens or {})
         self.pattern = pattern
         self.normalization = normalization
+        self.ignore_merges = ignore_merges
         self.byte_ids = list(range(256)) if byte_ids is None else list(byte_ids)
         self.source = source  # "gpt2" when loaded from GPT-2's files
         self.vocab = self._build_vocab()  # id -> the bytes it stands for
@@ -335,6 +338,8 @@ class BPETokenizer:
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._splits = [regex.compile(p) for p in ([pattern] if isinstance(pattern, str) else pattern)]
         self._cache: dict[str, list[int]] = {}
+        specials = set(self.special_tokens.values())
+        self._whole = {token: i for i, token in self.vocab.items() if i not in specials} if ignore_merges else {}
 
     def _build_vocab(self) -> dict[int, bytes]:
         """Every id's bytes, checking that the ids are 0..N-1, each used once."""
@@ -399,6 +404,8 @@ class BPETokenizer:
         if cached is not None:
             return cached
         ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        if chunk.encode("utf-8") in self._whole:
+            ids = [self._whole[chunk.encode("utf-8")]]
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
             if pair not in self._ranks:
@@ -455,6 +462,7 @@ class BPETokenizer:
                  f"pattern\t{json.dumps(self.pattern)}",
                  f"bytes\t{byte_ids}"]
         lines += [f"normalize\t{self.normalization}"] if self.normalization else []
+        lines += ["ignore_merges\ttrue"] if self.ignore_merges else []
         lines += [f"special\t{token_id}\t{json.dumps(token)}" for token, token_id in self.special_tokens.items()]
         for (left, right), new_id in self.merges.items():
             readable = self.vocab[new_id].decode("utf-8", errors="backslashreplace")
@@ -470,7 +478,7 @@ class BPETokenizer:
             raise ConfigError(f"{where} is not a minigpt BPE tokenizer file: its first line is "
                               f"{first!r}, expected {BPE_FILE_VERSION!r}. Give a file written by "
                               "BPETokenizer.save (e.g. a run directory's tokenizer.bpe).")
-        pattern, byte_ids, specials, merges, normalization = GPT2_SPLIT_PATTERN, None, {}, {}, None
+        pattern, byte_ids, specials, merges, normalization, whole = GPT2_SPLIT_PATTERN, None, {}, {}, None, False
         for number, line in enumerate(lines[1:], start=2):
             if not line.strip() or line.startswith("#"):
                 continue
@@ -483,6 +491,8 @@ class BPETokenizer:
                 elif fields[0] == "normalize":
                     unicodedata.normalize(fields[1], "")  # an unknown form raises ValueError
                     normalization = fields[1]
+                elif fields[0] == "ignore_merges":
+                    whole = fields[1] == "true"
                 elif fields[0] == "bytes":
                     byte_ids = None if fields[1] == "identity" else [int(x) for x in fields[1].split()]
                 elif fields[0] == "special":
@@ -495,7 +505,7 @@ class BPETokenizer:
                 raise ConfigError(f"{where}, line {number}: cannot read {line[:60]!r} ({err}); "
                                   "the file is corrupt. Save the tokenizer again.") from None
         try:
-            return cls(merges, specials, pattern, byte_ids, normalization=normalization)
+            return cls(merges, specials, pattern, byte_ids, normalization=normalization, ignore_merges=whole)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err} The file is corrupt; save the tokenizer again.") from None
 
@@ -563,7 +573,8 @@ class BPETokenizer:
         specials = dict(self.special_tokens)
         for token in tokens:
             specials.setdefault(token, self.vocab_size + len(specials) - len(self.special_tokens))
-        return BPETokenizer(self.merges, specials, self.pattern, self.byte_ids, self.source, self.normalization)
+        return BPETokenizer(self.merges, specials, self.pattern, self.byte_ids, self.source, self.normalization,
+                            self.ignore_merges)
 
     def spec(self) -> dict[str, Any]:
         """GPT-2's vocabulary is named (its files are cached); any other BPE is stored whole."""

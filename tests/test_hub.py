@@ -235,7 +235,8 @@ def test_an_export_never_writes_a_tokenizer_it_cannot_write_exactly(tmp_path):
 
 
 def test_tokenizers_made_by_the_tokenizers_library_are_read_exactly(tmp_path):
-    """SmolLM's kind (every digit apart, then GPT-2's pattern) and Qwen2's (NFC, its own pattern)."""
+    """SmolLM's kind (every digit apart, then GPT-2's pattern), Qwen2's (NFC, its own pattern) and Llama 3's
+    (a chunk that is a token as a whole is that token: ignore_merges); each read, then exported, exactly."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     qwen_pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -246,9 +247,12 @@ def test_tokenizers_made_by_the_tokenizers_library_are_read_exactly(tmp_path):
         "qwen2": (normalizers.NFC(), pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(qwen_pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+        "llama3": (None, pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(qwen_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
     }
     for name, (normalizer, pre_tokenizer) in kinds.items():
-        theirs = Tokenizer(models.BPE())
+        theirs = Tokenizer(models.BPE(ignore_merges=name == "llama3"))
         if normalizer is not None:
             theirs.normalizer = normalizer
         theirs.pre_tokenizer, theirs.decoder = pre_tokenizer, decoders.ByteLevel()
@@ -259,10 +263,31 @@ def test_tokenizers_made_by_the_tokenizers_library_are_read_exactly(tmp_path):
         theirs.save(str(tmp_path / name / "tokenizer.json"))
         ours = tokenizer_from_hf(tmp_path / name)
         assert ours.vocab_size == theirs.get_vocab_size()
-        for text in random_strings(seed=3, pieces=PIECES + ["<|im_start|>"]):
+        model = GPTModel(GPTConfig(vocab_size=ours.vocab_size, context_length=32, emb_dim=16, n_heads=2, n_layers=1))
+        exported = tokenizers.Tokenizer.from_file(str(save_pretrained(model, ours, tmp_path / f"{name}-out")
+                                                      / "tokenizer.json"))
+        for text in random_strings(seed=3, pieces=PIECES + ["<|im_start|>", " résumé", "2024"]):
             ids = theirs.encode(text).ids
             assert ours.encode(text, allowed_special="all") == ids, (name, text)
             assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False)
+            assert exported.encode(text).ids == ids
+
+
+def test_ignore_merges_takes_a_chunk_that_is_a_token_whole(tmp_path):
+    """A hand-worked case: merges b+c, a+b, ab+c. For "abc" the merges give a, bc (b+c goes first and
+    a+bc is no merge), but "abc" is in the vocabulary, and with ignore_merges (Llama 3's) that wins."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {**{char: i for i, char in enumerate(alphabet)}, "bc": 256, "ab": 257, "abc": 258}
+    for whole in (False, True):
+        theirs = Tokenizer(models.BPE(vocab=vocab, merges=[("b", "c"), ("a", "b"), ("ab", "c")], ignore_merges=whole))
+        theirs.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        (tmp_path / str(whole)).mkdir()
+        theirs.save(str(tmp_path / str(whole) / "tokenizer.json"))
+        ours = tokenizer_from_hf(tmp_path / str(whole))
+        assert ours.encode("abc") == theirs.encode("abc").ids == ([258] if whole else [vocab["a"], 256])
+        assert ours.encode("abc abcd") == theirs.encode("abc abcd").ids
 
 
 @pytest.mark.parametrize("style", ["always", "first"])
