@@ -677,8 +677,9 @@ def download_hf_model(name: str, cache: str | Path | None = None, base_url: str 
             for shard in sorted(set(_read_index(folder / "model.safetensors.index.json").values())):
                 download_file(f"{repo_url}/{shard}", folder / shard)
     except ConfigError as err:
-        raise ConfigError(f"{err} {name} needs config.json and model.safetensors from https://huggingface.co/{repo} "
-                          f"in {folder}; or pass any folder holding them (--pretrained path/to/folder).") from None
+        files = "config.json, model.safetensors" + (" and tokenizer.json" if "tokenizer.json" in extra_files else "")
+        raise ConfigError(f"{err} {name} needs {files} from https://huggingface.co/{repo} in {folder}; or pass "
+                          "any folder holding them (--pretrained path/to/folder).") from None
     for filename in extra_files:
         try:
             download_file(f"{repo_url}/{filename}", folder / filename)
