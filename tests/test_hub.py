@@ -201,18 +201,22 @@ def test_the_chat_template_writes_the_prompt_the_run_was_trained_on(tmp_path, st
     assert list(ids) == tokenizer.encode(prompt, allowed_special="all")
 
 
-def test_pipeline_text_generation_continues_as_minigpt_does(tmp_path, trained_bpe):
-    model = randomize(GPTModel(GPTConfig(vocab_size=400, context_length=64, emb_dim=32, n_heads=4, n_layers=2,
-                                         norm="rmsnorm", pos_emb="rope", ffn="swiglu", n_kv_heads=2, bias=False)))
+@pytest.mark.parametrize("kind", ["llama+bpe", "gpt2+char"])
+def test_pipeline_text_generation_continues_as_minigpt_does(tmp_path, trained_bpe, kind):
+    tokenizer = trained_bpe if kind == "llama+bpe" else CharTokenizer.from_text(TEXT)
+    llama = dict(norm="rmsnorm", pos_emb="rope", ffn="swiglu", n_kv_heads=2, bias=False) if kind == "llama+bpe" else {}
+    model = randomize(GPTModel(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, emb_dim=32, n_heads=4,
+                                         n_layers=2, drop_rate=0.0, **llama)))
     with torch.no_grad():  # small weights: a random model's greedy tokens then vary instead of repeating
         for param in model.parameters():
             param.mul_(0.2)
-    folder = save_pretrained(model, trained_bpe, tmp_path / "export")
+    folder = save_pretrained(model, tokenizer, tmp_path / "export")
     generator = transformers.pipeline("text-generation", model=str(folder))
     out = generator("I had always thought", max_new_tokens=12, do_sample=False, return_tensors=True)
-    prompt = trained_bpe.encode("I had always thought")
-    ours = generate(model, torch.tensor([prompt]), 12, eos_id=trained_bpe.eos_id)[0].tolist()
+    prompt = tokenizer.encode("I had always thought")
+    ours = generate(model, torch.tensor([prompt]), 12, eos_id=tokenizer.eos_id)[0].tolist()
     assert out[0]["generated_token_ids"] == ours
+    assert len(set(ours[len(prompt):])) > 1
 
 
 def test_an_export_never_writes_a_tokenizer_it_cannot_write_exactly(tmp_path):
