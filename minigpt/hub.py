@@ -141,6 +141,15 @@ def sentencepiece_tokenizer_json(tokenizer: SentencePieceBPE) -> dict[str, Any]:
     }
 
 
+def tokenizer_json(tokenizer: BPETokenizer | CharTokenizer | SentencePieceBPE) -> dict[str, Any]:
+    """tokenizer.json's content for each kind of tokenizer an export can carry."""
+    if isinstance(tokenizer, BPETokenizer):
+        return bpe_tokenizer_json(tokenizer)
+    if isinstance(tokenizer, SentencePieceBPE):
+        return sentencepiece_tokenizer_json(tokenizer)
+    return char_tokenizer_json(tokenizer)
+
+
 def chat_template(style: str | None) -> str | None:
     """A Jinja chat template that writes a conversation as the run's prompt style did in training
     (`minigpt.data.format_prompt`), so `apply_chat_template` prompts the export the same way."""
@@ -164,8 +173,7 @@ def tokenizer_files(tokenizer, context_length: int, prompt_style: str | None = N
     """Every tokenizer file of an export, by name: tokenizer.json and its companions."""
     tokenizer = exportable(tokenizer)
     is_bpe = isinstance(tokenizer, BPETokenizer)
-    data = bpe_tokenizer_json(tokenizer) if is_bpe else sentencepiece_tokenizer_json(tokenizer) \
-        if isinstance(tokenizer, SentencePieceBPE) else char_tokenizer_json(tokenizer)
+    data = tokenizer_json(tokenizer)
     special = {token_id: token for token, token_id in getattr(tokenizer, "special_tokens", {}).items()}
     eos = special.get(tokenizer.eos_id)
     names = {"eos_token": eos, "bos_token": eos, "unk_token": eos} if eos else {}
@@ -176,7 +184,10 @@ def tokenizer_files(tokenizer, context_length: int, prompt_style: str | None = N
               and not tokenizer.normalization else "PreTrainedTokenizerFast",
               "model_max_length": context_length, "clean_up_tokenization_spaces": False,
               "add_bos_token": False, "add_prefix_space": False, **names,
-              "extra_special_tokens": [t for t in special.values() if t not in names.values()]}
+              "extra_special_tokens": [t for t in special.values() if t not in names.values()],
+              # the same special tokens for tools that read them here rather than from tokenizer.json
+              "added_tokens_decoder": {str(added["id"]): {key: value for key, value in added.items() if key != "id"}
+                                       for added in data["added_tokens"]}}
     template = chat_template(prompt_style)
     if template:
         config["chat_template"] = template
