@@ -9,6 +9,8 @@ SwiGLU, RoPE), and decodes greedily `--new-tokens` tokens after a short prompt w
     minigpt, no cache   the same with use_cache=False: the whole text goes through every step
     transformers        GPT2LMHeadModel.generate(do_sample=False), its own KV cache
 
+`transformers` gets the model the way users do, saved and read back with `from_pretrained`, and
+decodes with no end-of-text id, so both sides produce every token asked for.
 The runs alternate (cache, transformers, cache, transformers, ...) so that a busy neighbour
 slows both alike, and the table reports medians; the slow no-cache run goes once. All three
 must produce the same tokens, which the script checks.
@@ -37,6 +39,16 @@ SMOLLM2_135M = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, 
                 "tie_word_embeddings": True}
 
 
+def as_users_load_it(model):
+    """The `transformers` model saved and read back with `from_pretrained`, the way users get one
+    (it picks its attention kernel and dtype there, not when built from a config)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return type(model).from_pretrained(folder)
+
+
 def build_llama(device: str):
     """SmolLM2-135M's architecture in both libraries, with the same random weights."""
     import torch
@@ -48,11 +60,12 @@ def build_llama(device: str):
     ours = GPTModel(config_from_hf(SMOLLM2_135M))
     config = transformers.LlamaConfig(**{k: v for k, v in hf_config(ours.cfg).items()
                                          if k not in ("architectures", "model_type", "bos_token_id", "eos_token_id")})
+    config.eos_token_id = config.bos_token_id = None  # decode every one of the tokens asked for
     theirs = transformers.LlamaForCausalLM(config)
     missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
     assert not unexpected and all(name == "lm_head.weight" for name in missing), (missing, unexpected)
     theirs.tie_weights()
-    return ours.to(device).eval(), theirs.to(device).eval()
+    return ours.to(device).eval(), as_users_load_it(theirs).to(device).eval()
 
 
 def build_models(device: str, model: str = "gpt2"):
@@ -73,7 +86,7 @@ def build_models(device: str, model: str = "gpt2"):
     missing, unexpected = theirs.load_state_dict(to_hf_gpt2_state_dict(ours), strict=False)
     assert not unexpected and all(name == "lm_head.weight" for name in missing), (missing, unexpected)
     theirs.tie_weights()
-    return ours.to(device).eval(), theirs.to(device).eval()
+    return ours.to(device).eval(), as_users_load_it(theirs).to(device).eval()
 
 
 def timed(fn, device: str):
@@ -120,7 +133,7 @@ def main() -> None:
     def hf_greedy():
         with torch.no_grad():
             return theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
+                                   do_sample=False, pad_token_id=0)  # no end-of-text id: all n tokens
 
     title = "GPT-2 124M" if args.model == "gpt2" else "SmolLM2-135M's architecture (Llama)"
     print(f"{title} (random weights, {ours.num_parameters():,} parameters), greedy, batch 1, {args.prompt_tokens}-token prompt, {n} new tokens | "
