@@ -9,8 +9,9 @@ SwiGLU, RoPE), and decodes greedily `--new-tokens` tokens after a short prompt w
     minigpt, no cache   the same with use_cache=False: the whole text goes through every step
     transformers        GPT2LMHeadModel.generate(do_sample=False), its own KV cache
 
-`transformers` gets the model the way users do, saved and read back with `from_pretrained`, and
-decodes with no end-of-text id, so both sides produce every token asked for.
+`transformers` gets the model the way users get one: minigpt's export, loaded with
+`AutoModelForCausalLM.from_pretrained`; neither side has an end-of-text id, so both produce every
+token asked for.
 The runs alternate (cache, transformers, cache, transformers, ...) so that a busy neighbour
 slows both alike, and the table reports medians; the slow no-cache run goes once. All three
 must produce the same tokens, which the script checks.
@@ -39,54 +40,28 @@ SMOLLM2_135M = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, 
                 "tie_word_embeddings": True}
 
 
-def as_users_load_it(model):
-    """The `transformers` model saved and read back with `from_pretrained`, the way users get one
-    (it picks its attention kernel and dtype there, not when built from a config)."""
+def build_models(device: str, model: str = "gpt2"):
+    """The architecture as a `GPTModel` with random weights, and the same weights in `transformers`,
+    read the way users get a hub model: written as a folder (minigpt's export) and loaded with
+    `AutoModelForCausalLM.from_pretrained`, which picks its attention kernel and dtype there."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        return type(model).from_pretrained(folder)
-
-
-def build_llama(device: str):
-    """SmolLM2-135M's architecture in both libraries, with the same random weights."""
-    import torch
-    import transformers
-
-    from minigpt.model import GPTModel, config_from_hf, hf_config, to_hf_state_dict
-
-    torch.manual_seed(0)
-    ours = GPTModel(config_from_hf(SMOLLM2_135M))
-    config = transformers.LlamaConfig(**{k: v for k, v in hf_config(ours.cfg).items()
-                                         if k not in ("architectures", "model_type", "bos_token_id", "eos_token_id")})
-    config.eos_token_id = config.bos_token_id = None  # decode every one of the tokens asked for
-    theirs = transformers.LlamaForCausalLM(config)
-    missing, unexpected = theirs.load_state_dict(to_hf_state_dict(ours), strict=False)
-    assert not unexpected and all(name == "lm_head.weight" for name in missing), (missing, unexpected)
-    theirs.tie_weights()
-    return ours.to(device).eval(), as_users_load_it(theirs).to(device).eval()
-
-
-def build_models(device: str, model: str = "gpt2"):
     import torch
     import transformers
 
     from minigpt.config import model_config
-    from minigpt.model import GPTModel, hf_gpt2_config, to_hf_gpt2_state_dict
+    from minigpt.model import GPTModel, config_from_hf, save_hf_model
 
-    if model == "smollm2-135m":
-        return build_llama(device)
     torch.manual_seed(0)
-    ours = GPTModel(model_config("gpt2-small", qkv_bias=True, tie_weights=True, drop_rate=0.0))
-    config = transformers.GPT2Config(**{k: v for k, v in hf_gpt2_config(ours.cfg).items()
-                                        if k not in ("architectures", "model_type")})
-    config.eos_token_id = config.bos_token_id = None  # decode every one of the tokens asked for
-    theirs = transformers.GPT2LMHeadModel(config)
-    missing, unexpected = theirs.load_state_dict(to_hf_gpt2_state_dict(ours), strict=False)
-    assert not unexpected and all(name == "lm_head.weight" for name in missing), (missing, unexpected)
-    theirs.tie_weights()
-    return ours.to(device).eval(), as_users_load_it(theirs).to(device).eval()
+    cfg = config_from_hf(SMOLLM2_135M) if model == "smollm2-135m" else \
+        model_config("gpt2-small", qkv_bias=True, tie_weights=True, drop_rate=0.0)
+    ours = GPTModel(cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf_model(ours, folder)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    for config in (theirs.config, theirs.generation_config):  # decode every one of the tokens asked for
+        config.eos_token_id = config.bos_token_id = None
+    return ours.to(device).eval(), theirs.to(device).eval()
 
 
 def timed(fn, device: str):
