@@ -506,9 +506,14 @@ def _llama_names(cfg: GPTConfig) -> dict[str, tuple[str, ...]]:
     return names
 
 
+def _qkv_rows(cfg: GPTConfig) -> list[int]:
+    """The rows of the fused qkv that are q_proj's, k_proj's and v_proj's."""
+    return [cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+
+
 def _llama_biases(cfg: GPTConfig, family: str, attention_bias: bool, mlp_bias: bool) -> dict[str, int]:
     """The biases a Hugging Face model of this `family` has: name -> length."""
-    q, kv, width, hidden = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.emb_dim, cfg.hidden_dim
+    (q, kv, _), width, hidden = _qkv_rows(cfg), cfg.emb_dim, cfg.hidden_dim
     sizes = {}
     for i in range(cfg.n_layers):
         at = f"model.layers.{i}."
@@ -532,8 +537,7 @@ def to_hf_llama_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     for our_name, hf_names in _llama_names(cfg).items():
         value = ours[our_name].detach()
         if len(hf_names) == 3:  # (q, k, v) rows of the fused projection
-            q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-            state.update(zip(hf_names, (part.contiguous() for part in value.split([q, kv, kv]))))
+            state.update(zip(hf_names, (part.contiguous() for part in value.split(_qkv_rows(cfg)))))
         else:
             state[hf_names[0]] = value.contiguous()
     dtype = model.tok_emb.weight.dtype
@@ -559,8 +563,9 @@ def load_hf_llama_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor
     ours = dict(model.named_parameters())
     with torch.no_grad():
         for our_name, hf_names in names.items():
-            parts = [theirs[n] if n in theirs else torch.zeros(ours[our_name].shape[0] // len(hf_names))
-                     for n in hf_names]  # a bias the file lacks is zeros
+            sizes = _qkv_rows(cfg) if len(hf_names) == 3 else [ours[our_name].shape[0]]
+            parts = [theirs[n] if n in theirs else torch.zeros(size)  # a bias the file lacks is zeros
+                     for n, size in zip(hf_names, sizes)]
             value = torch.cat(parts) if len(parts) > 1 else parts[0]
             if value.shape != ours[our_name].shape:
                 raise ConfigError(f"{hf_names[0]} and its kin give shape {tuple(value.shape)}, but {our_name} "
@@ -671,11 +676,7 @@ def download_hf_model(name: str, cache: str | Path | None = None, base_url: str 
     repo_url = f"{base_url.rstrip('/')}/{repo}/resolve/main"
     try:
         download_file(f"{repo_url}/config.json", folder / "config.json")
-        if not (folder / "model.safetensors.index.json").is_file():
-            _download_weights(repo_url, folder)
-        else:
-            for shard in sorted(set(_read_index(folder / "model.safetensors.index.json").values())):
-                download_file(f"{repo_url}/{shard}", folder / shard)
+        _download_weights(repo_url, folder)
     except ConfigError as err:
         files = "config.json, model.safetensors" + (" and tokenizer.json" if "tokenizer.json" in extra_files else "")
         raise ConfigError(f"{err} {name} needs {files} from https://huggingface.co/{repo} in {folder}; or pass "
@@ -690,12 +691,15 @@ def download_hf_model(name: str, cache: str | Path | None = None, base_url: str 
 
 def _download_weights(repo_url: str, folder: Path) -> None:
     """model.safetensors; a repository too large for one file has an index and shards instead."""
-    try:
-        download_file(f"{repo_url}/model.safetensors", folder / "model.safetensors")
-    except ConfigError as single:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():  # (a cached index means a sharded model: no need to ask for one file)
         try:
-            index = download_file(f"{repo_url}/model.safetensors.index.json", folder / "model.safetensors.index.json")
-        except ConfigError:
-            raise single from None
-        for shard in sorted(set(_read_index(index).values())):
-            download_file(f"{repo_url}/{shard}", folder / shard)
+            download_file(f"{repo_url}/model.safetensors", folder / "model.safetensors")
+            return
+        except ConfigError as single:
+            try:
+                download_file(f"{repo_url}/{index.name}", index)
+            except ConfigError:
+                raise single from None
+    for shard in sorted(set(_read_index(index).values())):
+        download_file(f"{repo_url}/{shard}", folder / shard)
