@@ -320,22 +320,13 @@ def bpe_from_tokenizer_json(data: dict[str, Any]) -> BPETokenizer:
         raise ConfigError(f"this BPE tokenizer works otherwise than minigpt's ({', '.join(unsupported)}); minigpt "
                           "reads byte-level BPEs that apply their merges in order and nothing else.")
     patterns = _split_patterns(data.get("pre_tokenizer"))
-    vocab, char_of = model["vocab"], bytes_to_unicode()
-    try:
-        byte_ids = [vocab[char_of[b]] for b in range(256)]
-        merges = {}
-        for merge in model["merges"]:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            merges[(vocab[left], vocab[right])] = vocab[left + right]
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"tokenizer.json is not a byte-level BPE minigpt can read ({err!r} is missing from its "
-                          "vocabulary); its tokens must spell bytes the way GPT-2's files do.") from None
-    made = set(byte_ids) | set(merges.values())
-    specials = {token: token_id for token, token_id in vocab.items() if token_id not in made}
-    specials.update({added["content"]: added["id"] for added in data.get("added_tokens", [])})
-    return BPETokenizer(merges, specials, patterns[0] if len(patterns) == 1 else patterns, byte_ids,
-                        normalization=_normalization(data.get("normalizer")),
-                        ignore_merges=bool(model.get("ignore_merges")))
+    pairs = [merge.split(" ") if isinstance(merge, str) else merge for merge in model["merges"]]
+    # Added tokens (some beyond the model's vocabulary, as Qwen2's) are neither bytes nor merges: specials.
+    vocab = {**model["vocab"], **{added["content"]: added["id"] for added in data.get("added_tokens", [])}}
+    return BPETokenizer.from_vocab(vocab, pairs, "tokenizer.json's vocabulary and merges",
+                                   pattern=patterns[0] if len(patterns) == 1 else patterns,
+                                   normalization=_normalization(data.get("normalizer")),
+                                   ignore_merges=bool(model.get("ignore_merges")))
 
 
 def tokenizer_from_hf(folder: str | Path) -> BPETokenizer | CharTokenizer | SentencePieceBPE:

@@ -403,9 +403,8 @@ class BPETokenizer:
         cached = self._cache.get(chunk)
         if cached is not None:
             return cached
-        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
-        if chunk.encode("utf-8") in self._whole:
-            ids = [self._whole[chunk.encode("utf-8")]]
+        data = chunk.encode("utf-8")
+        ids = [self._whole[data]] if data in self._whole else [self.byte_ids[b] for b in data]
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
             if pair not in self._ranks:
@@ -551,21 +550,28 @@ class BPETokenizer:
         except (OSError, ValueError) as err:
             raise ConfigError(f"could not read the BPE files {vocab_json} and {merges_txt} "
                               f"({type(err).__name__}: {err}); give the right paths, or download them again.") from None
+        pairs = [line.split(" ") for line in merge_lines if line.strip() and not line.startswith("#version")]
+        return cls.from_vocab(encoder, pairs, f"the BPE files {vocab_json}, {merges_txt}", source=source)
+
+    @classmethod
+    def from_vocab(cls, encoder: dict[str, int], pairs: Iterable[Iterable[str]], where: str,
+                   **options: Any) -> "BPETokenizer":
+        """A byte-level BPE from its vocabulary (token text -> id) and its merges as pairs of token
+        texts, in order; `options` go to the constructor (source, pattern, normalization ...)."""
         char_of = bytes_to_unicode()
         try:
             byte_ids = [encoder[char_of[b]] for b in range(256)]
             merges = {}
-            for line in merge_lines:
-                if line.startswith("#version") or not line.strip():
-                    continue
-                left, right = line.split(" ")
+            for pair in pairs:
+                left, right = pair
                 merges[(encoder[left], encoder[right])] = encoder[left + right]
         except (KeyError, ValueError) as err:
-            raise ConfigError(f"the BPE files do not fit together ({err!r} is missing or malformed): "
-                              f"{vocab_json}, {merges_txt}. Give a vocabulary and the merges saved with it.") from None
+            raise ConfigError(f"{where} do not fit together ({err!r} is missing or malformed): every byte and "
+                              "every merge's two sides and result must be in the vocabulary, written the way "
+                              "GPT-2's files write bytes. Give a vocabulary and the merges saved with it.") from None
         made = set(byte_ids) | set(merges.values())
         specials = {token: token_id for token, token_id in encoder.items() if token_id not in made}
-        return cls(merges, specials, GPT2_SPLIT_PATTERN, byte_ids, source=source)
+        return cls(merges, specials, byte_ids=byte_ids, **options)
 
     def with_special_tokens(self, tokens: Iterable[str]) -> "BPETokenizer":
         """This tokenizer plus new special tokens (ids after the last one), e.g. a chat format's
