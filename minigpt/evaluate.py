@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minigpt.config import ConfigError
-from minigpt.data import cache_dir, create_dataloader, download_file, read_text
+from minigpt.data import create_dataloader, read_text
+from minigpt.download import cache_dir, download_file
 from minigpt.model import GPTModel
 
 

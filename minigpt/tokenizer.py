@@ -31,7 +31,7 @@ import regex
 from tqdm.auto import tqdm
 
 from minigpt.config import TOKENIZERS, ConfigError, did_you_mean
-from minigpt.data import cache_dir, download_file
+from minigpt.download import cache_dir, download_file
 
 END_OF_TEXT = "<|endoftext|>"
 UNKNOWN = "<|unk|>"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minigpt.config import ConfigError
-from minigpt.data import GPTDataset, SeededSampler, create_dataloader, download_file, read_text, split_text
+from minigpt.data import GPTDataset, SeededSampler, create_dataloader, read_text, split_text
+from minigpt.download import download_file
 
 
 def test_windows_are_shifted_by_one_and_start_every_stride():

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import loopback_server
 from minigpt.config import ConfigError
-from minigpt.data import download_file
+from minigpt.download import download_file
 
 PAYLOAD = os.urandom(2_500_000)  # over 1 MB, so the progress-bar path runs too
 

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "minigpt"
 
 # The chapter modules in reading order, each with its chapter (0: the foundation every chapter uses).
 # A chapter module may import only the modules before it in this list.
-CHAPTERS = [("config", 0), ("plot", 0), ("data", 2), ("tokenizer", 2), ("attention", 3), ("blocks", 4),
+CHAPTERS = [("config", 0), ("plot", 0), ("download", 0), ("data", 2), ("tokenizer", 2), ("attention", 3), ("blocks", 4),
             ("model", 4), ("train", 5), ("generation", 6), ("hub", 6), ("lora", 7), ("finetune", 7), ("rlhf", 8),
             ("memory", 9), ("scale", 9), ("evaluate", 9)]
 RUN_LAYER = ["settings", "runs"]   # what every run needs: config_run resolution, run directories, checkpoints ...

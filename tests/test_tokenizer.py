@@ -2,6 +2,9 @@
 the naive trainer, and round trips on arbitrary Unicode (hypothesis)."""
 
 import hashlib
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -9,7 +12,7 @@ import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
 from minigpt.config import ConfigError
 from minigpt.tokenizer import (END_OF_TEXT, GPT2_FILES, UNKNOWN, BPETokenizer, CharTokenizer, WordTokenizer,
                                bytes_to_unicode, count_pairs, download_gpt2_files, get_tokenizer, gpt2_encoding,
@@ -71,6 +74,19 @@ def test_bpe_matches_tiktoken_on_arbitrary_unicode(gpt2_bpe, tiktoken_gpt2, text
     ids = gpt2_bpe.encode(text, disallowed_special=())
     assert ids == tiktoken_gpt2.encode(text, disallowed_special=())
     assert gpt2_bpe.decode(ids) == text
+
+
+def test_the_tokenizer_module_imports_and_encodes_without_torch():
+    # Chapter 2 needs no PyTorch: a fresh interpreter imports minigpt.tokenizer and encodes
+    # with GPT-2's vocabulary, and torch is still not loaded.
+    program = ("import sys; from minigpt.tokenizer import get_tokenizer; "
+               "ids = get_tokenizer('bpe').encode('Hello, world'); "
+               "assert 'torch' not in sys.modules, 'torch was imported'; print(ids)")
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}  # TIKTOKEN_CACHE_DIR, MINIGPT_CACHE_DIR pass through
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=environment,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[15496, 11, 995]"
 
 
 def test_lone_surrogates_and_cut_characters_decode_like_tiktoken(gpt2_bpe, tiktoken_gpt2):
