@@ -1,59 +1,69 @@
-"""BPE training and encoding speed: minigpt's trainer against the naive algorithm, HF
-`tokenizers` (Rust) when installed, and tiktoken for encoding.
+"""BPE training and encoding speed, minigpt against the real libraries, side by side in one run.
 
-Training, for each vocabulary size:
-- minigpt's fast trainer (`BPETokenizer.train`: chunk-frequency table, incremental pair
-  counts, a heap) on the whole corpus, and on a slice of it;
-- the naive trainer (`BPETokenizer.train(..., algorithm="naive")`, the readable reference
-  that recounts every pair after every merge, the algorithm of the best-known readable BPE)
-  on the same slice, since on the whole corpus it takes many minutes (`--naive-full` does it);
-  the two must learn identical merges, and the benchmark checks that they do;
-- HF `tokenizers`' byte-level BPE trainer (GPT-2's pre-tokenization, Rust), if installed.
-Each time includes pre-tokenization. Encoding: MB/s of GPT-2's vocabulary through minigpt's
-BPE (cold: a fresh tokenizer, so its chunk cache starts empty; warm: the cache filled by a
-first pass) against tiktoken's, on the whole corpus, checking that the ids are identical.
+Training: minigpt's `BPETokenizer.train(text, vocab_size)` against Hugging Face `tokenizers`'
+byte-level BPE trainer as its documentation sets it up (GPT-2's ByteLevel pre-tokenizer, a
+`BpeTrainer`, `train_from_iterator`), on the-verdict (20 KB) and Tiny Shakespeare (1.1 MB).
+Both times include pre-tokenization. The merges are checked: minigpt's equal its readable
+naive trainer's (`algorithm="naive"`, on the 20 KB text, where it takes seconds), and the
+column "= HF" counts the first merges that equal HF's, in order (the two break ties between
+equally frequent pairs differently: HF takes the smaller pair, minigpt the greater bytes).
 
-Everything runs on one thread (HF's trainer is told so through RAYON_NUM_THREADS).
+Encoding: `encode_ordinary` of the whole text with GPT-2's vocabulary, minigpt's BPE (cold: a
+fresh tokenizer, its chunk cache empty; warm: the cache filled by an earlier pass) against
+tiktoken's "gpt2", checking that the ids are identical.
 
-    python benchmarks/bench_tokenizer.py                          # Tiny Shakespeare, vocab 512, 1024, 4096
-    python benchmarks/bench_tokenizer.py --naive-chars 200000 --repeats 5
-    python benchmarks/bench_tokenizer.py --vocab-sizes 512,1024 --naive-full   # slow: minutes
+The timings alternate (minigpt, peer, peer, minigpt, ...) so that both see the same noise, and
+each figure is a median. Everything runs on one thread: HF's trainer with
+TOKENIZERS_PARALLELISM=false (its one-thread path; RAYON_NUM_THREADS=1 alone still hands the
+work to a pool thread, slower on a busy machine).
+
+    python benchmarks/bench_tokenizer.py                  # both texts, vocab 512 and 1024 (about a minute)
+    python benchmarks/bench_tokenizer.py --vocab-sizes 512,1024,4096 --repeats 9
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before tokenizers loads: one thread, like the rest
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before tokenizers loads: one thread
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-from minigpt.tokenizer import END_OF_TEXT, BPETokenizer, gpt2_files  # noqa: E402
+from minigpt.tokenizer import END_OF_TEXT, BPETokenizer, bytes_to_unicode, gpt2_files  # noqa: E402
 
 
-def seconds(function, repeats: int = 1) -> tuple[float, object]:
-    """Median wall time of `repeats` calls, and the last call's result."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed(function) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def race(ours, theirs, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of `ours` and `theirs`, run alternately (ABBA...), and their last results."""
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    results = {}
+    for i in range(repeats):
+        order = [("ours", ours), ("theirs", theirs)]
+        for name, function in order if i % 2 == 0 else order[::-1]:
+            elapsed, results[name] = timed(function)
+            times[name].append(elapsed)
+    return (statistics.median(times["ours"]), statistics.median(times["theirs"]),
+            results["ours"], results["theirs"])
 
 
 def train_hf(text: str, vocab_size: int):
-    """HF tokenizers' byte-level BPE with GPT-2's pre-tokenization, or None if not installed."""
-    try:
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    except ImportError:
-        return None
+    """HF tokenizers' byte-level BPE, set up as its documentation does for GPT-2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
@@ -62,72 +72,90 @@ def train_hf(text: str, vocab_size: int):
     return tokenizer
 
 
-def load_corpus(path: str | None) -> tuple[str, str]:
-    if path is None:
-        candidate = SHARED_DATA / "tinyshakespeare.txt"
-        if not candidate.is_file():
-            sys.exit(f"no corpus: {candidate} is missing; pass --data PATH (e.g. Tiny Shakespeare).")
-        path = str(candidate)
-    return Path(path).name, Path(path).read_text(encoding="utf-8")
+def merges_equal_to_hf(ours: BPETokenizer, hf) -> int:
+    """How many of the first merges are the same pair of tokens in both, in the same order."""
+    char_of = bytes_to_unicode()
+    as_text = ["".join(char_of[b] for b in ours.vocab[left]) + " " + "".join(char_of[b] for b in ours.vocab[right])
+               for left, right in ours.merges]
+    theirs = [m if isinstance(m, str) else " ".join(m) for m in json.loads(hf.to_str())["model"]["merges"]]
+    same = 0
+    while same < min(len(as_text), len(theirs)) and as_text[same] == theirs[same]:
+        same += 1
+    return same
+
+
+def load_corpora(paths: list[str] | None) -> list[tuple[str, str]]:
+    if not paths:
+        paths = [str(ROOT / "the-verdict.txt"), str(SHARED_DATA / "tinyshakespeare.txt")]
+    for path in paths:
+        if not Path(path).is_file():
+            sys.exit(f"no corpus at {path}; pass --data PATH [PATH ...] (e.g. Tiny Shakespeare).")
+    return [(Path(path).name, Path(path).read_text(encoding="utf-8")) for path in paths]
+
+
+def bench_training(corpora, sizes: list[int], repeats: int, naive_chars: int) -> None:
+    print(f"\nBPE training, seconds (median of {repeats}, alternating)")
+    print(f"{'text':<20} {'vocab':>6} {'minigpt':>9} {'HF tokenizers':>13} {'minigpt vs HF':>13} "
+          f"{'= naive':>8} {'= HF':>9}")
+    for name, text in corpora:
+        for vocab_size in sizes:
+            ours_s, hf_s, ours, hf = race(lambda: BPETokenizer.train(text, vocab_size), lambda: train_hf(text, vocab_size),
+                                          repeats)
+            naive = "-"
+            if len(text) <= naive_chars:
+                reference = BPETokenizer.train(text, vocab_size, algorithm="naive")
+                naive = "yes" if list(reference.merges.items()) == list(ours.merges.items()) else "NO"
+            same = f"{merges_equal_to_hf(ours, hf)}/{len(ours.merges)}"
+            print(f"{name:<20} {vocab_size:>6} {ours_s:>9.4f} {hf_s:>13.4f} {hf_s / ours_s:>12.2f}x {naive:>8} {same:>9}")
+    print("'minigpt vs HF' = HF time / minigpt time (above 1: minigpt is faster); '= naive': the same merges "
+          "as the naive trainer; '= HF': first merges equal to HF's.")
+
+
+def bench_encoding(corpora, repeats: int) -> None:
+    import tiktoken
+
+    reference = tiktoken.get_encoding("gpt2")
+    reference.encode_ordinary(corpora[0][1])  # its first call builds what it keeps: outside the timing
+    files = gpt2_files()
+    print(f"\nencoding with GPT-2's vocabulary (encode_ordinary), MB/s (median of {repeats}, alternating)")
+    print(f"{'text':<20} {'tiktoken':>9} {'minigpt cold':>12} {'cold vs tiktoken':>16} {'minigpt warm':>12} "
+          f"{'warm vs tiktoken':>16} {'same ids':>8}")
+    for name, text in corpora:
+        mb = len(text.encode("utf-8")) / 1e6
+        fresh = iter([BPETokenizer.from_gpt2(*files) for _ in range(repeats)])  # loaded outside the timing
+        cold_s, tiktoken_s, cold_ids, expected = race(lambda: next(fresh).encode_ordinary(text),
+                                                      lambda: reference.encode_ordinary(text), repeats)
+        warm = BPETokenizer.from_gpt2(*files)
+        warm.encode_ordinary(text)
+        warm_s, tiktoken_warm_s, warm_ids, _ = race(lambda: warm.encode_ordinary(text),
+                                                    lambda: reference.encode_ordinary(text), repeats)
+        same = "yes" if cold_ids == expected and warm_ids == expected else "NO"
+        print(f"{name:<20} {mb / tiktoken_s:>9.2f} {mb / cold_s:>12.2f} {tiktoken_s / cold_s:>15.2f}x "
+              f"{mb / warm_s:>12.2f} {tiktoken_warm_s / warm_s:>15.2f}x {same:>8}")
+    print("'vs tiktoken' = tiktoken time / minigpt time, each against the tiktoken runs it alternated with.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", help="UTF-8 corpus (default: ../shared/data/tinyshakespeare.txt)")
-    parser.add_argument("--vocab-sizes", default="512,1024,4096")
-    parser.add_argument("--naive-chars", type=int, default=100_000,
-                        help="characters of the corpus the naive trainer runs on (default 100,000)")
-    parser.add_argument("--naive-full", action="store_true", help="run the naive trainer on the whole corpus")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per fast/HF/encode timing (median)")
+    parser.add_argument("--data", nargs="+", help="UTF-8 texts (default: the-verdict.txt and "
+                                                  "../shared/data/tinyshakespeare.txt)")
+    parser.add_argument("--vocab-sizes", default="512,1024")
+    parser.add_argument("--repeats", type=int, default=7, help="runs of each side per timing (median)")
+    parser.add_argument("--naive-chars", type=int, default=30_000,
+                        help="check against the naive trainer on texts up to this many characters")
     args = parser.parse_args()
 
-    name, text = load_corpus(args.data)
-    sizes = [int(v) for v in args.vocab_sizes.split(",")]
-    naive_text = text if args.naive_full else text[:args.naive_chars]
-    mb = len(text.encode("utf-8")) / 1e6
-    have_hf = train_hf("warm up", 300) is not None
-    print(f"Python {sys.version.split()[0]}, 1 thread; corpus {name}: {len(text):,} characters ({mb:.2f} MB); "
-          f"HF tokenizers {'installed' if have_hf else 'not installed'}")
-
-    print(f"\nBPE training, seconds (fast and HF: median of {args.repeats}; naive: 1 run)")
-    print(f"{'vocab':>6} {'input':>18} {'minigpt fast':>12} {'naive':>9} {'fast vs naive':>13} "
-          f"{'same merges':>11} {'HF tokenizers':>13} {'fast vs HF':>10}")
-    inputs = [("whole corpus", text)]
-    if len(naive_text) < len(text):
-        inputs.append((f"first {len(naive_text):,} ch", naive_text))
-    for vocab_size in sizes:
-        for label, corpus in inputs:
-            fast_s, fast = seconds(lambda: BPETokenizer.train(corpus, vocab_size, progress=False), args.repeats)
-            naive_cells = f"{'-':>9} {'-':>13} {'-':>11}"
-            if corpus is naive_text:
-                naive_s, naive = seconds(lambda: BPETokenizer.train(corpus, vocab_size, algorithm="naive"))
-                same = "yes" if list(naive.merges.items()) == list(fast.merges.items()) else "NO"
-                naive_cells = f"{naive_s:>9.2f} {naive_s / fast_s:>12.0f}x {same:>11}"
-            hf_cells = f"{'-':>13} {'-':>10}"
-            if have_hf:
-                hf_s, _ = seconds(lambda: train_hf(corpus, vocab_size), args.repeats)
-                hf_cells = f"{hf_s:>13.2f} {hf_s / fast_s:>9.2f}x"
-            print(f"{vocab_size:>6} {label:>18} {fast_s:>12.2f} {naive_cells} {hf_cells}")
-    print("'fast vs naive' = naive time / fast time on the same input; 'fast vs HF' = HF time / fast time "
-          "(below 1: HF is faster).")
-
-    print(f"\nencoding the whole corpus with GPT-2's vocabulary (50,257 tokens), median of {args.repeats}")
     import tiktoken
+    import tokenizers
 
-    reference = tiktoken.get_encoding("gpt2")
-    files = gpt2_files()
-    tiktoken_s, expected = seconds(lambda: reference.encode(text), args.repeats)
-    fresh = iter([BPETokenizer.from_gpt2(*files) for _ in range(args.repeats)])  # loaded outside the timing
-    cold_s, cold_ids = seconds(lambda: next(fresh).encode(text), args.repeats)
-    warm = BPETokenizer.from_gpt2(*files)
-    warm.encode(text)
-    warm_s, warm_ids = seconds(lambda: warm.encode(text), args.repeats)
-    print(f"{'encoder':<32} {'MB/s':>7} {'vs tiktoken':>11} {'same ids':>8}")
-    for label, elapsed, ids in (("tiktoken gpt2 (Rust)", tiktoken_s, expected),
-                                ("minigpt BPE, cold chunk cache", cold_s, cold_ids),
-                                ("minigpt BPE, warm chunk cache", warm_s, warm_ids)):
-        same = "yes" if ids == expected else "NO"
-        print(f"{label:<32} {mb / elapsed:>7.2f} {tiktoken_s / elapsed:>10.2f}x {same:>8}")
+    corpora = load_corpora(args.data)
+    sizes = [int(v) for v in args.vocab_sizes.split(",")]
+    described = ", ".join(f"{name} ({len(text.encode('utf-8')) / 1e6:.2f} MB)" for name, text in corpora)
+    print(f"Python {sys.version.split()[0]}, one thread; tokenizers {tokenizers.__version__}, "
+          f"tiktoken {tiktoken.__version__}; texts: {described}")
+    train_hf("warm up the library", 300)
+    bench_training(corpora, sizes, args.repeats, args.naive_chars)
+    bench_encoding(corpora, args.repeats)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import json
+import re
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -40,6 +42,12 @@ UNKNOWN = "<|unk|>"
 # with one leading space, runs of digits, runs of other symbols, whitespace), and merges
 # never cross a chunk boundary. So " dog" and " dog." share the token " dog".
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The same pattern for ASCII text, where a letter is A-Z or a-z, a number 0-9, and whitespace one
+# of " \t\n\v\f\r": no Unicode classes, so Python's built-in `re`, faster than `regex`, can run it.
+# It cuts ASCII text into the same chunks (a test checks it).
+_SPACE, _NOT_SPACE = r"[\t\n\x0b\x0c\r ]", r"[^\t\n\x0b\x0c\r ]"
+GPT2_ASCII_SPLIT = re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"""
+                              rf"""|{_SPACE}+(?!{_NOT_SPACE})|{_SPACE}+""")
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,19 +116,28 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     return merged
 
 
+def find_chunks(text: str, pattern: regex.Pattern) -> list[str]:
+    """`pattern.findall(text)`; ASCII text and GPT-2's pattern go through its ASCII twin."""
+    if pattern.pattern == GPT2_SPLIT_PATTERN and text.isascii():
+        return GPT2_ASCII_SPLIT.findall(text)
+    return pattern.findall(text)
+
+
 def split_into_chunks(text: str, pattern: str = GPT2_SPLIT_PATTERN,
                       special_tokens: Iterable[str] = ()) -> list[str]:
     """Pre-tokenize: special tokens removed, the rest cut into chunks that merges never cross."""
     specials = sorted(special_tokens, key=len, reverse=True)
     pieces = regex.split("|".join(map(regex.escape, specials)), text) if specials else [text]
     compiled = regex.compile(pattern)
-    return [chunk for piece in pieces for chunk in compiled.findall(piece)]
+    return [chunk for piece in pieces for chunk in find_chunks(piece, compiled)]
 
 
 def split_isolated(text: str, pattern: regex.Pattern) -> list[str]:
     """Cut `text` at `pattern`'s matches, keeping each match and each stretch between them as a
     piece: what Hugging Face's Split pre-tokenizer calls "Isolated". For GPT-2's pattern, which
     matches every character, this is the list of matches."""
+    if pattern.pattern == GPT2_SPLIT_PATTERN:
+        return find_chunks(text, pattern)  # it matches every character: nothing lies between matches
     pieces, end = [], 0
     for match in pattern.finditer(text):
         if match.start() > end:
@@ -160,17 +177,64 @@ def learn_merges_naive(chunks: list[str], num_merges: int) -> list[tuple[int, in
     return merges
 
 
-class _Candidate:
-    """A heap entry: a pair and its count when pushed. heapq pops the smallest entry, so
-    "smaller" here means "merges first" (see `merge_priority`)."""
+_COMPLEMENT = bytes(range(255, -1, -1))  # byte b -> 255 - b
+_MAX_VOCAB = 0x110000  # the fast trainer writes token ids as characters: at most Unicode's 1,114,112
 
-    __slots__ = ("key",)
 
-    def __init__(self, key) -> None:
-        self.key = key
+def reversed_order_key(data: bytes) -> str:
+    """A key that sorts byte strings the other way round (b"b" before b"a", b"ab" before b"a"):
+    each byte complemented, then a character above them all. Python's heap pops its smallest
+    entry, and the fast trainer wants the greatest byte strings first."""
+    return data.translate(_COMPLEMENT).decode("latin-1") + "\u0100"
 
-    def __lt__(self, other: "_Candidate") -> bool:
-        return self.key > other.key
+
+def heap_entry(pair: str, count: int, order_keys: list[str]) -> tuple:
+    """The fast trainer's heap entry for `pair` (two tokens, one character each): `merge_priority`
+    turned around, so that the smallest entry is the pair that merges first; the pair last."""
+    left, right = ord(pair[0]), ord(pair[1])
+    return -count, order_keys[left], order_keys[right], -left, -right, pair
+
+
+def count_chunk_pairs(chunks: list[str], freqs: list[int]) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """Each adjacent pair's count (chunk i counted `freqs[i]` times), and the chunks that hold it."""
+    pair_counts: dict[str, int] = defaultdict(int)
+    where: dict[str, set[int]] = defaultdict(set)
+    for c, chunk in enumerate(chunks):
+        for i in range(len(chunk) - 1):
+            pair = chunk[i:i + 2]
+            pair_counts[pair] += freqs[c]
+            where[pair].add(c)
+    return pair_counts, where
+
+
+def merge_everywhere(pair: str, new_token: str, chunks: list[str], freqs: list[int],
+                     pair_counts: dict[str, int], where: dict[str, set[int]]) -> list[str]:
+    """Merge `pair` into `new_token` in every chunk that holds it, and update the pair counts
+    where the chunk changes: an occurrence with x on its left turns (x, a) into (x, new), one
+    with y on its right turns (b, y) into (new, y). Returns the new pairs (those with new_token)."""
+    made: dict[str, set[int]] = defaultdict(set)
+    for c in where.pop(pair):
+        chunk, freq = chunks[c], freqs[c]
+        at, end = chunk.find(pair), -1  # end: where the occurrence before this one ended
+        if at < 0:
+            continue  # an earlier merge took the pair from this chunk
+        while at >= 0:
+            if at > 0:  # x is the new token itself when the occurrence before ends here ("abab")
+                pair_counts[chunk[at - 1:at + 1]] -= freq
+                left = (new_token if at == end else chunk[at - 1]) + new_token
+                pair_counts[left] += freq
+                made[left].add(c)
+            end = at + 2
+            if end < len(chunk) and not chunk.startswith(pair, end):  # (if it does, see the line above)
+                pair_counts[chunk[end - 1:end + 1]] -= freq
+                right = new_token + chunk[end]
+                pair_counts[right] += freq
+                made[right].add(c)
+            at = chunk.find(pair, end)
+        chunks[c] = chunk.replace(pair, new_token)  # left to right, like merge_pair
+    del pair_counts[pair]
+    where.update(made)  # pairs with the new token are new: no chunk held them before
+    return list(made)
 
 
 def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool = True) -> list[tuple[int, int]]:
@@ -179,20 +243,19 @@ def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool =
     Three ideas make it scale with the corpus rather than corpus x merges:
     1. each distinct chunk is stored once with its frequency (" the" occurs thousands of times);
     2. pair counts are kept up to date: a merge only touches the chunks that contain the pair
-       (`where` remembers them), subtracting their old pairs and adding their new ones;
+       (`where` remembers them), and in them only the pairs beside each occurrence;
     3. a heap finds the most frequent pair. Counts only fall, except for pairs with the new
        token, so an entry whose count went stale is fixed when it reaches the top.
+    A chunk is kept as a string with one character per token, the character's number being the
+    token's id (bytes read as Latin-1 are characters 0..255), so that Python's `str.find` and
+    `str.replace` find and merge a pair, in C.
     """
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    chunks = [chunk.encode("utf-8").decode("latin-1") for chunk in chunk_counts]
     freqs = list(chunk_counts.values())
+    pair_counts, where = count_chunk_pairs(chunks, freqs)
     token_bytes = [bytes([b]) for b in range(256)]
-    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> chunks that (may) hold it
-    for w, ids in enumerate(words):
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += freqs[w]
-            where[pair].add(w)
-    heap = [_Candidate(merge_priority(pair, count, token_bytes)) for pair, count in pair_counts.items()]
+    order_keys = [reversed_order_key(data) for data in token_bytes]
+    heap = [heap_entry(pair, count, order_keys) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
 
     merges = []
@@ -200,35 +263,21 @@ def learn_merges(chunk_counts: dict[str, int], num_merges: int, progress: bool =
                        disable=not progress, delay=1.0, leave=False):
         best = None
         while heap:
-            count, _, _, pair = heapq.heappop(heap).key
-            current = pair_counts.get(pair, 0)
-            if count == current:
+            entry = heapq.heappop(heap)
+            pair, current = entry[-1], pair_counts.get(entry[-1], 0)
+            if -entry[0] == current:
                 best = pair
                 break
             if current > 0:  # stale: the pair lost occurrences since this entry was pushed
-                heapq.heappush(heap, _Candidate(merge_priority(pair, current, token_bytes)))
+                heapq.heappush(heap, heap_entry(pair, current, order_keys))
         if best is None:
             break  # every chunk is a single token: nothing left to merge
-        merges.append(best)
-        token_bytes.append(token_bytes[best[0]] + token_bytes[best[1]])
-
-        new_pairs = set()
-        for w in where.pop(best):
-            ids, freq = words[w], freqs[w]
-            merged = merge_pair(ids, best, new_id)
-            if len(merged) == len(ids):
-                continue  # an earlier merge already removed the pair from this chunk
-            for pair in zip(ids, ids[1:]):
-                pair_counts[pair] -= freq
-            for pair in zip(merged, merged[1:]):
-                pair_counts[pair] += freq
-                where[pair].add(w)
-                if new_id in pair:
-                    new_pairs.add(pair)
-            words[w] = merged
-        del pair_counts[best]
-        for pair in new_pairs:
-            heapq.heappush(heap, _Candidate(merge_priority(pair, pair_counts[pair], token_bytes)))
+        left, right = ord(best[0]), ord(best[1])
+        merges.append((left, right))
+        token_bytes.append(token_bytes[left] + token_bytes[right])
+        order_keys.append(reversed_order_key(token_bytes[-1]))
+        for pair in merge_everywhere(best, chr(new_id), chunks, freqs, pair_counts, where):
+            heapq.heappush(heap, heap_entry(pair, pair_counts[pair], order_keys))
     return merges
 
 
@@ -336,6 +385,7 @@ class BPETokenizer:
         self.vocab_size = len(self.vocab)
         self.eos_id = self.special_tokens.get(END_OF_TEXT)
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._merged = list(self.merges.values())  # rank -> the id its merge makes
         self._splits = [regex.compile(p) for p in ([pattern] if isinstance(pattern, str) else pattern)]
         self._cache: dict[str, list[int]] = {}
         specials = set(self.special_tokens.values())
@@ -376,9 +426,9 @@ class BPETokenizer:
         """
         special_tokens = list(dict.fromkeys(special_tokens))
         smallest = 256 + len(special_tokens)
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < smallest:
-            raise ConfigError(f"vocab_size must be a whole number of at least {smallest} (256 byte "
-                              f"tokens + {len(special_tokens)} special), got {vocab_size!r}.")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not smallest <= vocab_size <= _MAX_VOCAB:
+            raise ConfigError(f"vocab_size must be a whole number of at least {smallest} (256 byte tokens + "
+                              f"{len(special_tokens)} special) and at most {_MAX_VOCAB:,}, got {vocab_size!r}.")
         if algorithm not in ("fast", "naive"):
             raise ConfigError(f"algorithm must be 'fast' or 'naive', got {algorithm!r}.")
         num_merges = vocab_size - smallest
@@ -399,35 +449,48 @@ class BPETokenizer:
     # -- encoding and decoding ---------------------------------------------------------
 
     def encode_chunk(self, chunk: str) -> list[int]:
-        """BPE on one chunk: apply the earliest-learned merge present until none applies."""
+        """BPE on one chunk: apply the earliest-learned merge present (the leftmost, if it occurs
+        twice) until none applies. `ranks[i]` is the rank of the pair (ids[i], ids[i + 1]), so a
+        merge only looks up the two pairs beside it, and `min` and `index` search in C."""
         cached = self._cache.get(chunk)
         if cached is not None:
             return cached
         data = chunk.encode("utf-8")
         ids = [self._whole[data]] if data in self._whole else [self.byte_ids[b] for b in data]
-        while len(ids) >= 2:
-            pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
-            if pair not in self._ranks:
+        no_merge = len(self._merged)  # the rank of a pair that is no merge: after every real one
+        ranks = [self._ranks.get(pair, no_merge) for pair in zip(ids, ids[1:])]
+        while ranks:
+            rank = min(ranks)
+            if rank == no_merge:
                 break
-            ids = merge_pair(ids, pair, self.merges[pair])
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
+            i = ranks.index(rank)
+            new_id = self._merged[rank]
+            ids[i:i + 2] = [new_id]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = self._ranks.get((ids[i - 1], new_id), no_merge)
+            if i < len(ranks):
+                ranks[i] = self._ranks.get((new_id, ids[i + 1]), no_merge)
+        if len(self._cache) >= _CACHE_LIMIT:  # full: forget the older half (dicts keep insertion order)
+            for old in list(itertools.islice(self._cache, _CACHE_LIMIT // 2)):
+                del self._cache[old]
         self._cache[chunk] = ids
         return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encode treating special tokens as plain text."""
-        ids = []
+        """Encode treating special tokens as plain text. Natural text repeats its chunks (" the"),
+        so most are found in the cache of chunks already encoded."""
+        ids, cache = [], self._cache
         for chunk in self.pre_tokenize(_replace_lone_surrogates(text)):
-            ids.extend(self.encode_chunk(chunk))
+            ids.extend(cache.get(chunk) or self.encode_chunk(chunk))
         return ids
 
     def pre_tokenize(self, text: str) -> list[str]:
         """The chunks merges never cross: the text normalized, then cut by each pattern in turn."""
         if self.normalization:
             text = unicodedata.normalize(self.normalization, text)
-        pieces = [text]
-        for split in self._splits:
+        pieces = split_isolated(text, self._splits[0])
+        for split in self._splits[1:]:
             pieces = [chunk for piece in pieces for chunk in split_isolated(piece, split)]
         return pieces
 

@@ -8,16 +8,18 @@ import sys
 from collections import Counter
 
 import pytest
+import regex
 import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, SHARED_DATA
+import minigpt.tokenizer as tokenizer_module
 from minigpt.config import ConfigError
-from minigpt.tokenizer import (END_OF_TEXT, GPT2_FILES, UNKNOWN, BPETokenizer, CharTokenizer, WordTokenizer,
-                               bytes_to_unicode, count_pairs, download_gpt2_files, get_tokenizer, gpt2_encoding,
-                               gpt2_files, learn_merges, learn_merges_naive, merge_pair, split_into_chunks,
-                               tokenizer_from_spec)
+from minigpt.tokenizer import (END_OF_TEXT, GPT2_ASCII_SPLIT, GPT2_FILES, GPT2_SPLIT_PATTERN, UNKNOWN, BPETokenizer,
+                               CharTokenizer, WordTokenizer, bytes_to_unicode, count_pairs, download_gpt2_files,
+                               get_tokenizer, gpt2_encoding, gpt2_files, learn_merges, learn_merges_naive, merge_pair,
+                               split_into_chunks, tokenizer_from_spec)
 
 # Pieces of text where tokenizers tend to differ, mixed by hypothesis with arbitrary Unicode.
 AWKWARD = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "don't", "I'M", "  ", "   x", "\n\n", "\t",
@@ -110,6 +112,21 @@ def test_bytes_to_unicode_is_gpt2s_table(gpt2_bpe):
 # ---------------------------------------------------------------------------------------
 # The algorithm by hand, and the fast trainer against the naive one
 # ---------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.characters(max_codepoint=127)) | st.lists(st.sampled_from(
+    ["'s", "'ll", "  ", " \n ", "\t\n", "\x0b", "\x1c", "x1", " 42", "..", " ?!", "\r\n", "a"]), max_size=15).map("".join))
+def test_gpt2s_ascii_pattern_cuts_ascii_text_like_the_unicode_one(text):
+    assert GPT2_ASCII_SPLIT.findall(text) == regex.findall(GPT2_SPLIT_PATTERN, text)
+
+
+def test_a_full_chunk_cache_forgets_its_older_half_only(monkeypatch, tiktoken_gpt2):
+    monkeypatch.setattr(tokenizer_module, "_CACHE_LIMIT", 4)
+    tokenizer = BPETokenizer.from_gpt2(*gpt2_files())  # a fresh one: its cache starts empty
+    text = " one two three four five"
+    assert tokenizer.encode(text) == tiktoken_gpt2.encode(text)
+    assert list(tokenizer._cache) == [" three", " four", " five"]  # " one", " two" went when " five" came
+
 
 def test_the_two_helpers_on_a_hand_example():
     assert count_pairs([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}
