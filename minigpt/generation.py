@@ -98,6 +98,10 @@ def iter_next_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: 
     invalidates cached keys; the cached loop instead starts again from the most recent half
     of the context, so it recomputes once per context_length / 2 tokens rather than at
     every step. The two agree exactly until the context is full.
+
+    The model is called as `model(ids, cache, last_only=True)`: only the last position's scores
+    are needed, so a GPTModel runs its output head on that position alone (a 50,257-way head on
+    every one of 512 positions would be most of an uncached step's work).
     """
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     context_length = model.cfg.context_length
@@ -108,12 +112,12 @@ def iter_next_tokens(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: 
         unseen = idx[:, -context_length:]  # tokens whose keys and values are not cached yet
         for _ in range(max_new_tokens):
             if cache is None:
-                logits = model(idx[:, -context_length:])[:, -1, :]  # (B, V): the last position's scores
+                logits = model(idx[:, -context_length:], last_only=True)[:, -1, :]  # (B, V): the last position's scores
             else:
                 if cache.length + unseen.shape[1] > cache.max_tokens:  # full: keep the recent half
                     cache.reset()
                     unseen = idx[:, -max(context_length // 2, 1):]
-                logits = model(unseen, cache)[:, -1, :]
+                logits = model(unseen, cache, last_only=True)[:, -1, :]
             probs = torch.softmax(logits.float(), dim=-1) if details else None
             logits = apply_repetition_penalty(logits, idx, repetition_penalty)
             next_id = choose_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
@@ -231,7 +235,7 @@ def beam_search(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, 
     cache = model.new_kv_cache(batch * num_beams, prompt_length + max_new_tokens) if use_cache else None
     unseen = beams
     for step in range(1, max_new_tokens + 1):
-        logits = model(unseen, cache)[:, -1, :] if cache is not None else model(beams)[:, -1, :]
+        logits = model(unseen if cache is not None else beams, cache, last_only=True)[:, -1, :]
         logits = apply_repetition_penalty(logits, beams, repetition_penalty)
         log_probs = torch.log_softmax(logits.float(), dim=-1)            # (B*K, V)
         vocab = log_probs.shape[-1]
@@ -351,10 +355,10 @@ class Ensemble(torch.nn.Module):
         """The config of the member with the smallest context: every member must see the whole input."""
         return min((model.cfg for model in self.models), key=lambda cfg: cfg.context_length)
 
-    def forward(self, idx: torch.Tensor, cache: EnsembleCache | None = None) -> torch.Tensor:
-        """sum_i w_i log_softmax(model_i(idx)), (B, T, V), in float32."""
+    def forward(self, idx: torch.Tensor, cache: EnsembleCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """sum_i w_i log_softmax(model_i(idx)), (B, T, V), in float32 (T = 1 with `last_only`)."""
         caches = cache.caches if cache is not None else [None] * len(self.models)
-        return sum(weight * torch.log_softmax(model(idx, member_cache).float(), dim=-1)
+        return sum(weight * torch.log_softmax(model(idx, member_cache, last_only=last_only).float(), dim=-1)
                    for weight, model, member_cache in zip(self.weights, self.models, caches))
 
     def new_kv_cache(self, batch_size: int, max_tokens: int | None = None) -> EnsembleCache:

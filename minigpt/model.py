@@ -101,15 +101,17 @@ class GPTModel(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None,
-                details: bool = False) -> torch.Tensor | ModelOutput:
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, details: bool = False,
+                last_only: bool = False) -> torch.Tensor | ModelOutput:
         """Logits (B, T, vocab_size) for token ids (B, T); with `details`, a `ModelOutput` that
         also holds what the training loss adds (a mixture of experts' balancing terms, the
         halting units' ponder cost) and the blocks each token ran.
 
         With a `cache` (generation, chapter 6), `in_idx` holds only the tokens that follow
         the cached ones: they take positions cache.length, cache.length + 1, ... and their
-        keys and values join the cache.
+        keys and values join the cache. With `last_only`, only the last position is scored,
+        (B, 1, vocab_size): all that choosing the next token needs, and the output head is the
+        largest matrix product of a small model's step.
         """
         batch_size, num_tokens = in_idx.shape
         past = 0 if cache is None else cache.length
@@ -138,6 +140,8 @@ class GPTModel(nn.Module):
         if adaptive is not None:  # the states weighted by their halting probabilities, and the ponder cost
             x = adaptive.output
             aux.append(self.cfg.ponder_coef * adaptive.ponder_cost.mean())
+        if last_only:
+            x = x[:, -1:]                                   # (B, 1, C)
         logits = self.out_head(self.final_norm(x))          # (B, T, vocab_size)
         if not details:
             return logits

@@ -31,8 +31,8 @@ class DepthRecorder(torch.nn.Module):
     def new_kv_cache(self, batch_size: int, max_tokens: int | None = None):
         return self.model.new_kv_cache(batch_size, max_tokens)
 
-    def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        output = self.model(idx, cache, details=True)
+    def forward(self, idx: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        output = self.model(idx, cache, details=True, last_only=last_only)
         self.depths.append(output.depth[:, -1])
         return output.logits
 

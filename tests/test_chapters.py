@@ -119,7 +119,7 @@ def best_two_beams_probability() -> str:
     class TableModel(torch.nn.Module):
         cfg = SimpleNamespace(context_length=8, vocab_size=3)
 
-        def forward(self, idx, cache=None):
+        def forward(self, idx, cache=None, last_only=False):
             return torch.log(table)[idx]
 
     path = beam_search(TableModel(), torch.tensor([[0]]), 2, num_beams=2, length_penalty=0.0,

@@ -40,7 +40,7 @@ class FixedLogits(torch.nn.Module):
     def new_kv_cache(self, batch_size, max_tokens=None):
         return CountingCache(min(max_tokens or self.cfg.context_length, self.cfg.context_length))
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, last_only=False):
         batch, num_tokens = idx.shape
         length = num_tokens + (cache.length if cache is not None else 0)
         if cache is not None:
@@ -100,6 +100,23 @@ def test_cached_logits_equal_full_forward_logits(tiny_cfg):
     with pytest.raises(ValueError, match="context_length"):
         model(ids[:, :1], cache)  # position 16 does not exist
 
+
+
+@pytest.mark.parametrize("overrides", [{}, {"halting": True}], ids=["gpt", "halting"])
+def test_last_only_scores_the_last_position_alone(tiny_cfg, overrides):
+    from dataclasses import replace
+
+    model = GPTModel(replace(tiny_cfg, **overrides)).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    full = model(ids)
+    last = model(ids, last_only=True)
+    assert last.shape == (2, 1, 97)
+    assert torch.allclose(last, full[:, -1:], atol=1e-6, rtol=0)
+    calls = []
+    model.out_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    generate(model, ids, max_new_tokens=3, use_cache=False)
+    generate(model, ids, max_new_tokens=3, use_cache=True)
+    assert calls == [1] * 6  # the head scores one position per step, with or without the cache
 
 def test_cached_and_uncached_decoding_give_the_same_tokens(tiny_cfg):
     model = GPTModel(tiny_cfg)
@@ -273,7 +290,7 @@ class TableModel(torch.nn.Module):
     def new_kv_cache(self, batch_size, max_tokens=None):
         return CountingCache(max_tokens or 32)
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, last_only=False):
         if cache is not None:
             cache.length += idx.shape[1]
         return self.table[idx]  # (B, T, V)
