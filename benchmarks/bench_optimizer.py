@@ -1,10 +1,12 @@
-"""AdamW's update: PyTorch's fused implementation (what `make_optimizer` uses) against its
-default multi-tensor one (`foreach`), on the weights of three minigpt models.
+"""AdamW's update: PyTorch's fused implementation (what `make_optimizer` uses) against what
+`torch.optim.AdamW(params)` gives with no flags on a CPU (the single-tensor loop: PyTorch picks
+its multi-tensor `foreach` version only for CUDA tensors) and against `foreach=True`, on the
+weights of three minigpt models.
 
 The update itself is the same arithmetic (the script checks the weights agree after the
 timed steps); the fused kernel reads and writes each tensor once per step instead of once
-per elementary operation. The two optimizers take turns, step by step, in one process, so
-a busy neighbour slows both alike; the table reports medians.
+per elementary operation. The three optimizers take turns, step by step, in one process, so
+a busy neighbour slows all alike; the table reports medians.
 
     python benchmarks/bench_optimizer.py              # 1 thread
     python benchmarks/bench_optimizer.py --threads 2
@@ -28,38 +30,42 @@ from minigpt.model import GPTModel  # noqa: E402
 
 # name -> (preset, overrides)
 MODELS = {
-    "shakespeare-char (0.8M)": ("gpt-mini", dict(vocab_size=65, context_length=64, tie_weights=True, bias=False)),
+    "gpt-char, Shakespeare (0.8M)": ("gpt-char", dict(vocab_size=65)),
     "gpt-mini (13.7M)": ("gpt-mini", {}),
     "gpt2-small (163M)": ("gpt2-small", {}),
 }
 
 
-def adamw(model: GPTModel, fused: bool) -> torch.optim.AdamW:
+KINDS = {"default": {}, "foreach": dict(foreach=True), "fused": dict(fused=True)}  # AdamW's flags
+
+
+def adamw(model: GPTModel, kind: str) -> torch.optim.AdamW:
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(groups, lr=1e-3, **KINDS[kind])
 
 
 def measure(preset: str, overrides: dict, steps: int) -> dict:
     torch.manual_seed(0)
-    models = {kind: GPTModel(model_config(preset, **overrides)) for kind in ("foreach", "fused")}
-    models["fused"].load_state_dict(models["foreach"].state_dict())
-    optimizers = {kind: adamw(model, fused=kind == "fused") for kind, model in models.items()}
+    models = {kind: GPTModel(model_config(preset, **overrides)) for kind in KINDS}
+    for model in models.values():
+        model.load_state_dict(models["default"].state_dict())
+    optimizers = {kind: adamw(model, kind) for kind, model in models.items()}
     generator = torch.Generator().manual_seed(1)
-    grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in models["foreach"].parameters()]
+    grads = [torch.randn(p.shape, generator=generator) * 1e-3 for p in models["default"].parameters()]
     for model in models.values():
         for p, g in zip(model.parameters(), grads):
             p.grad = g.clone()
     times = {kind: [] for kind in models}
     for step in range(steps + 2):
-        for kind in (("foreach", "fused") if step % 2 == 0 else ("fused", "foreach")):
+        for kind in (list(KINDS) if step % 2 == 0 else reversed(KINDS)):
             start = time.perf_counter()
             optimizers[kind].step()
             if step >= 2:  # the first steps allocate the moments
                 times[kind].append(time.perf_counter() - start)
-    difference = max((a - b).abs().max().item() for a, b in zip(models["foreach"].parameters(),
-                                                                  models["fused"].parameters()))
+    difference = max((a - b).abs().max().item() for other in ("foreach", "fused")
+                     for a, b in zip(models["default"].parameters(), models[other].parameters()))
     return {"params": models["fused"].num_parameters(), "difference": difference,
             **{kind: 1000 * statistics.median(t) for kind, t in times.items()}}
 
@@ -72,12 +78,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s); AdamW steps alternated, "
           f"median of {args.steps}")
-    print(f"{'model':<26} {'parameters':>12} {'foreach ms':>11} {'fused ms':>9} {'speed-up':>9} {'max |diff|':>11}")
+    print("| model | parameters | default (single-tensor) | foreach | fused | fused vs default | "
+          "fused vs foreach | max \\|diff\\| |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (preset, overrides) in MODELS.items():
         steps = args.steps if "gpt2" not in preset else max(5, args.steps // 4)
         r = measure(preset, overrides, steps)
-        print(f"{name:<26} {r['params']:>12,} {r['foreach']:>11.2f} {r['fused']:>9.2f} "
-              f"{r['foreach'] / r['fused']:>8.1f}x {r['difference']:>11.1e}")
+        print(f"| {name} | {r['params']:,} | {r['default']:.2f} ms | {r['foreach']:.2f} ms | {r['fused']:.2f} ms | "
+              f"{r['default'] / r['fused']:.1f}x | {r['foreach'] / r['fused']:.1f}x | {r['difference']:.1e} |")
 
 
 if __name__ == "__main__":

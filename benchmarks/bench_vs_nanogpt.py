@@ -1,351 +1,288 @@
-"""A speed and quality race with nanoGPT on Tiny Shakespeare, character by character.
+"""A race with the real nanoGPT on its own headline CPU run: Tiny Shakespeare, character by character.
 
-nanoGPT's README gives a CPU run of its Shakespeare character model (n_layer 4, n_head 4,
-n_embd 128, block 64, batch 12, lr 1e-3, no dropout, 2000 iterations, 100 warm-up, min lr
-1e-4, weight decay 0.1, beta2 0.99) and reports a validation loss of about 1.88 after it.
-This script trains, at that configuration and on the same data:
+nanoGPT's README trains its Shakespeare character model on a CPU with
 
-- minigpt: `pretrain` itself, the code `python main.py` runs (char tokenizer, random
-  windows, warm-up + cosine, clipping at 1.0), set up as nanoGPT's model is: a tied head,
-  no biases (`bias=False`), the exact GELU (`activation="gelu"`);
-- "nanoGPT": a re-implementation, written here from nanoGPT's description, of its model
-  (pre-norm blocks without biases, exact GELU, fused Q/K/V with PyTorch's attention kernel,
-  tied head, N(0, 0.02) init with the scaled residual projections) and of its training step
-  and schedule (AdamW fused only on CUDA, as nanoGPT does).
+    python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
+        --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
+        --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
 
-Both are then scored the same way, on every 64-token window of the validation split. Time:
-each run's ms/iteration over its 2000 iterations, then the two training steps alternated in
-one process (blocks of iterations, medians), so a busy neighbour slows both alike; a third
-entry times the re-implementation with the fused AdamW minigpt uses, to show where the
-difference comes from.
+and minigpt's README gives the same run as one `python main.py` command (MINIGPT_ARGS below:
+the `gpt-char` preset is nanoGPT's model, with its tied head, no biases and exact GELU). This
+script runs both commands as users run them, each in a fresh process, on the same text, with
+the same seeds and threads, taking turns (nanoGPT first for one seed, minigpt first for the
+next), and reports for each:
 
-    python benchmarks/bench_vs_nanogpt.py                  # 1 thread, 2000 iterations
-    python benchmarks/bench_vs_nanogpt.py --iters 200      # a quick look
+- the whole process's wall time (start-up, data, training, evaluations, files), and the
+  milliseconds per training iteration, evaluations excluded;
+- the validation loss of the final weights on every 64-token window of the validation split,
+  and on the same 20 fixed batches of 12 random windows (nanoGPT's estimate, drawn once);
+- the evaluation work each run did on its own (windows scored while training and at the end).
+
+Get nanoGPT with `git clone https://github.com/karpathy/nanoGPT` (it needs numpy and requests);
+the script copies what it runs into a temporary folder and prepares nanoGPT's data there with
+nanoGPT's own prepare.py, from minigpt's copy of Tiny Shakespeare (no download). nanoGPT has
+no seed setting: its `torch.manual_seed(1337)` is redirected to each seed in turn (1337 itself
+runs it untouched).
+
+    python benchmarks/bench_vs_nanogpt.py --nanogpt ~/nanoGPT                  # 3 seeds, 1 thread
+    python benchmarks/bench_vs_nanogpt.py --nanogpt ~/nanoGPT --seeds 1337 --iters 300   # a quick look
+
+Without --nanogpt, a re-implementation of nanoGPT written in benchmarks/nanogpt_reimplementation.py
+races instead, in one process: a fallback, labelled as such in its table, not the peer itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minigpt.settings import resolve_run_config  # noqa: E402
-from minigpt.data import corpus_path, create_dataloader, read_text, split_text  # noqa: E402
-from minigpt.model import GPTModel  # noqa: E402
-from minigpt.tokenizer import CharTokenizer  # noqa: E402
-from minigpt.task_pretrain import pretrain
-from minigpt.train import StepSetup, calc_loss_loader, learning_rate_at, make_optimizer, train_step  # noqa: E402
+from minigpt.data import corpus_path, read_text, split_text  # noqa: E402
+from minigpt.runs import load_model  # noqa: E402
 
-# nanoGPT's README command for a CPU: config/train_shakespeare_char.py with these overrides.
-NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3,
-                   dropout=0.0, max_iters=2000, warmup_iters=100, min_lr=1e-4, weight_decay=0.1,
-                   beta1=0.9, beta2=0.99, grad_clip=1.0)
-NANOGPT_REPORTED_VAL_LOSS = 1.88
+BLOCK, BATCH, EVAL_BATCHES = 64, 12, 20
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                "--n_embd=128", "--dropout=0.0"]
+# The README's command (README.md, "Shakespeare character by character, as nanoGPT trains it").
+MINIGPT_ARGS = ["--data", "tinyshakespeare", "--tokenizer", "char", "--model", "gpt-char", "--context-length", "64",
+                "--batch-size", "12", "--lr", "1e-3", "--epochs", "2", "--sampling", "random", "--warmup-steps", "100",
+                "--min-lr", "1e-4", "--beta2", "0.99", "--eval-freq", "250", "--eval-iter", "20"]
 
-
-# ---------------------------------------------------------------------------------------
-# The re-implementation of nanoGPT's model and training step
-# ---------------------------------------------------------------------------------------
-
-class NanoLayerNorm(nn.Module):
-    """LayerNorm with an optional bias (nanoGPT trains without biases by default)."""
-
-    def __init__(self, dim: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+# Runs nanoGPT's train.py unchanged in this process, its seed redirected, then keeps its final weights.
+NANOGPT_WRAPPER = """
+import runpy, sys, torch
+seed, out = int(sys.argv[1]), sys.argv[2]
+manual_seed = torch.manual_seed
+torch.manual_seed = lambda value: manual_seed(seed if value == 1337 else value)
+sys.argv = ["train.py", *sys.argv[3:]]
+run = runpy.run_path("train.py", run_name="__main__")
+torch.save({"model_args": run["model_args"], "model": run["raw_model"].state_dict()}, out + "/final.pt")
+"""
 
 
-class NanoAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, bias: bool) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+@dataclass
+class Race:
+    """One side's run: what it printed, how long it took, and its final weights' losses."""
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class NanoBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, bias: bool) -> None:
-        super().__init__()
-        self.ln_1 = NanoLayerNorm(n_embd, bias)
-        self.attn = NanoAttention(n_embd, n_head, bias)
-        self.ln_2 = NanoLayerNorm(n_embd, bias)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd, bias=bias))
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 bias: bool = False) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList(NanoBlock(n_embd, n_head, bias) for _ in range(n_layer))
-        self.ln_f = NanoLayerNorm(n_embd, bias)
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight  # tied
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, 0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name.endswith("attn.c_proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(param, 0.0, 0.02 / math.sqrt(2 * n_layer))
-
-    def forward(self, idx):
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(positions)
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
-def nano_optimizer(model: nn.Module, fused: bool) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": NANOGPT_CPU["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=NANOGPT_CPU["learning_rate"],
-                             betas=(NANOGPT_CPU["beta1"], NANOGPT_CPU["beta2"]), fused=fused)
-
-
-def nano_lr(it: int, max_iters: int) -> float:
-    """nanoGPT's schedule: linear warm-up, cosine down to min_lr at lr_decay_iters (= max_iters)."""
-    lr, warmup, min_lr = NANOGPT_CPU["learning_rate"], NANOGPT_CPU["warmup_iters"], NANOGPT_CPU["min_lr"]
-    if it < warmup:
-        return lr * (it + 1) / (warmup + 1)
-    if it > max_iters:
-        return min_lr
-    ratio = (it - warmup) / (max_iters - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def random_batch(data: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """nanoGPT's get_batch: batch_size windows at random starts, and the same shifted by one."""
-    block = NANOGPT_CPU["block_size"]
-    ix = torch.randint(len(data) - block, (NANOGPT_CPU["batch_size"],), generator=generator)
-    return (torch.stack([data[i:i + block] for i in ix]), torch.stack([data[i + 1:i + 1 + block] for i in ix]))
-
-
-class NanoRun:
-    """nanoGPT's training loop, one iteration at a time: a random batch, forward, backward,
-    clip, step (and loss.item() every iteration, as its CPU command logs every iteration)."""
-
-    def __init__(self, train_ids: torch.Tensor, vocab_size: int, max_iters: int, fused: bool, seed: int = 1337):
-        torch.manual_seed(seed)
-        c = NANOGPT_CPU
-        self.model = NanoGPT(vocab_size, c["block_size"], c["n_layer"], c["n_head"], c["n_embd"])
-        self.optimizer = nano_optimizer(self.model, fused)
-        self.data, self.max_iters, self.it = train_ids, max_iters, 0
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def step(self) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = nano_lr(self.it, self.max_iters)
-        x, y = random_batch(self.data, self.generator)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), NANOGPT_CPU["grad_clip"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.it += 1
-        return loss.item()
+    wall_s: float
+    ms_per_iter: float
+    windows_evaluated: int
+    val_every_window: float = float("nan")
+    val_fixed_batches: float = float("nan")
+    own_estimate: float = float("nan")   # the run's own final validation number, as it printed it
 
 
 # ---------------------------------------------------------------------------------------
-# minigpt at the same configuration
+# Running each side as its users do
 # ---------------------------------------------------------------------------------------
 
-def minigpt_settings(iters: int, out: Path, seed: int = 1337) -> tuple[dict, dict]:
-    c = NANOGPT_CPU
-    settings = dict(
-        QUICK_MODE=False, CUSTOM_MODE=True, MODEL="gpt-mini", TOKENIZER="char", SEED=seed, LOG_EVERY=10**9,
-        custom_params=dict(
-            num_epochs=100, max_steps=iters, batch_size=c["batch_size"], learning_rate=c["learning_rate"],
-            weight_decay=c["weight_decay"], beta1=c["beta1"], beta2=c["beta2"], grad_clip=c["grad_clip"],
-            lr_schedule="cosine", warmup_steps=c["warmup_iters"], min_lr=c["min_lr"], sampling="random",
-            max_length=c["block_size"], stride=c["block_size"], eval_freq=10**9, eval_iter=20,
-            start_context="ROMEO:", precision="fp32",
-            model_overrides=dict(n_layers=c["n_layer"], n_heads=c["n_head"], emb_dim=c["n_embd"],
-                                 context_length=c["block_size"], drop_rate=c["dropout"], tie_weights=True,
-                                 activation="gelu", bias=False)))
-    return settings, {"data": "tinyshakespeare", "out": str(out), "device": "cpu"}
+def prepare_nanogpt(checkout: Path, work: Path, text: str) -> None:
+    """nanoGPT's files in `work`, and its data made by its own prepare.py from `text`."""
+    for name in ("train.py", "model.py", "configurator.py"):
+        if not (checkout / name).is_file():
+            raise SystemExit(f"error: {checkout} has no {name}; --nanogpt takes a checkout of "
+                             "https://github.com/karpathy/nanoGPT")
+        shutil.copy(checkout / name, work / name)
+    shutil.copytree(checkout / "config", work / "config")
+    data = work / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    shutil.copy(checkout / "data" / "shakespeare_char" / "prepare.py", data / "prepare.py")
+    (data / "input.txt").write_text(text, encoding="utf-8")  # prepare.py downloads only when it is missing
+    subprocess.run([sys.executable, str(data / "prepare.py")], check=True, cwd=work, stdout=subprocess.DEVNULL)
 
 
-class MinigptSteps:
-    """minigpt's own training step (`train_step` over its DataLoader's batches), for the
-    interleaved timing: what `train_loop` runs each iteration."""
+def run_timed(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
+    """Run `command` to the end, its output to `log`; the wall time in seconds."""
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        done = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"error: {' '.join(command[:3])} ... failed; its output is in {log}:\n"
+                         + log.read_text(encoding="utf-8")[-2000:])
+    return seconds
 
-    def __init__(self, train_ids: list[int], vocab_size: int, iters: int):
-        settings, _ = minigpt_settings(iters, Path("unused"))
-        run = resolve_run_config(settings, {"data": "tinyshakespeare"})
-        self.cfg = run.train
-        torch.manual_seed(1337)
-        self.model = GPTModel(replace(run.model, vocab_size=vocab_size)).train()
-        self.optimizer = make_optimizer(self.model, self.cfg)
-        loader = create_dataloader(train_ids, batch_size=self.cfg.batch_size, max_length=self.cfg.max_length,
-                                   stride=self.cfg.stride, random_windows=True, seed=1337)
-        self.loader, self.batches, self.setup = loader, iter(loader), StepSetup(torch.device("cpu"))
-        self.iters, self.step_index = iters, 0
 
-    def step(self) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate_at(self.step_index, self.cfg, self.iters)
-        try:
-            batch = [next(self.batches)]
-        except StopIteration:
-            self.batches = iter(self.loader)
-            batch = [next(self.batches)]
-        self.step_index += 1
-        return train_step(self.model, self.optimizer, batch, self.setup, self.cfg.grad_clip).loss.item()
+def run_nanogpt(work: Path, seed: int, iters: int, env: dict[str, str], out: Path) -> tuple[Race, torch.nn.Module]:
+    out.mkdir(parents=True)
+    args = [*NANOGPT_ARGS, f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--out_dir={out}"]
+    wall = run_timed([sys.executable, "-c", NANOGPT_WRAPPER, str(seed), str(out), *args], work, env, out / "log.txt")
+    log = (out / "log.txt").read_text(encoding="utf-8")
+    evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", log)
+    eval_steps = {int(step) for step, _ in evals}
+    times = [float(ms) for it, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", log)
+             if int(it) not in eval_steps]  # an iteration's time includes the evaluation before it
+    race = Race(wall, statistics.mean(times), len(evals) * 2 * EVAL_BATCHES * BATCH, own_estimate=float(evals[-1][1]))
+    return race, load_nanogpt_model(work, out / "final.pt")
+
+
+def load_nanogpt_model(work: Path, path: Path) -> torch.nn.Module:
+    """nanoGPT's own GPT class (its model.py), with the weights its run ended with."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", work / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = torch.load(path, map_location="cpu")
+    with contextlib.redirect_stdout(io.StringIO()):  # its constructor prints the parameter count
+        model = module.GPT(module.GPTConfig(**saved["model_args"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def run_minigpt(seed: int, iters: int, env: dict[str, str], out: Path) -> tuple[Race, torch.nn.Module, object]:
+    command = [sys.executable, str(ROOT / "main.py"), *MINIGPT_ARGS, "--max-steps", str(iters), "--seed", str(seed),
+               "--out", str(out)]
+    wall = run_timed(command, ROOT, env, out.parent / f"{out.name}.log")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    model, tokenizer, _ = load_model(out / "checkpoint.pt")
+    windows = len(metrics["eval_steps"]) * 2 * EVAL_BATCHES * BATCH + final_windows(out.parent / f"{out.name}.log")
+    race = Race(wall, 1000 * metrics["train_time_s"] / metrics["steps"], windows,
+                own_estimate=metrics["final_val_loss"])
+    return race, model, tokenizer
+
+
+def final_windows(log: Path) -> int:
+    """The windows minigpt's final evaluation scored, from its header's evaluation row."""
+    row = re.search(r"every validation window \(([\d,]+)\) and (?:every )?([\d,]+) training windows",
+                    log.read_text(encoding="utf-8"))
+    return sum(int(number.replace(",", "")) for number in row.groups()) if row else 0
 
 
 # ---------------------------------------------------------------------------------------
-# Measuring
+# Scoring both the same way
 # ---------------------------------------------------------------------------------------
 
-def val_loss(model: nn.Module, val_ids: list[int]) -> float:
-    """Mean loss over every non-overlapping 64-token window of the validation split."""
-    loader = create_dataloader(val_ids, batch_size=64, max_length=NANOGPT_CPU["block_size"],
-                               stride=NANOGPT_CPU["block_size"], shuffle=False, drop_last=False)
-    model.eval()
-    loss = calc_loss_loader(loader, model, "cpu")
-    model.train()
-    return loss
+def logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits at every position: nanoGPT's forward gives them all only when given targets."""
+    if hasattr(model, "transformer"):  # nanoGPT's GPT
+        return model(x, torch.zeros_like(x))[0]
+    return model(x)
 
 
 @torch.no_grad()
-def nanogpt_style_estimate(model: nn.Module, val_ids: list[int], seed: int = 1337) -> float:
-    """nanoGPT's own estimate: the mean loss of eval_iters = 20 batches of 12 random windows
-    (its README's CPU command), drawn here with a fixed generator."""
-    data = torch.tensor(val_ids)
+def every_window_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean loss per token over every non-overlapping 64-token window of `ids`."""
+    starts = torch.arange(0, len(ids) - BLOCK, BLOCK)
+    total, count = 0.0, 0
+    for chunk in starts.split(64):
+        x = torch.stack([ids[s:s + BLOCK] for s in chunk])
+        y = torch.stack([ids[s + 1:s + 1 + BLOCK] for s in chunk])
+        total += F.cross_entropy(logits_of(model, x).flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    return total / count
+
+
+@torch.no_grad()
+def fixed_batches_loss(model: torch.nn.Module, ids: torch.Tensor, seed: int = 1337) -> float:
+    """nanoGPT's estimate: the mean loss of 20 batches of 12 random windows, drawn here once for both."""
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    model.eval()
-    for _ in range(20):
-        x, y = random_batch(data, generator)
-        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
-    model.train()
+    for _ in range(EVAL_BATCHES):
+        ix = torch.randint(len(ids) - BLOCK, (BATCH,), generator=generator)
+        x = torch.stack([ids[i:i + BLOCK] for i in ix])
+        y = torch.stack([ids[i + 1:i + 1 + BLOCK] for i in ix])
+        losses.append(F.cross_entropy(logits_of(model, x).flatten(0, 1), y.flatten()).item())
     return sum(losses) / len(losses)
 
 
-def interleaved_ms(runners: dict, rounds: int, block: int) -> dict[str, list[float]]:
-    """ms/iteration of each runner over `rounds` blocks of `block` iterations, taking turns."""
-    times = {name: [] for name in runners}
-    for r in range(rounds):
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for name in order:
-            start = time.perf_counter()
-            for _ in range(block):
-                runners[name].step()
-            times[name].append(1000 * (time.perf_counter() - start) / block)
-    return times
+def score(race: Race, model: torch.nn.Module, val_ids: torch.Tensor) -> Race:
+    race.val_every_window = every_window_loss(model, val_ids)
+    race.val_fixed_batches = fixed_batches_loss(model, val_ids)
+    return race
 
 
-def summary(runs: list[dict]) -> dict:
-    """Means over seeds (one seed: that run)."""
-    return {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+# ---------------------------------------------------------------------------------------
+# The race
+# ---------------------------------------------------------------------------------------
+
+def race(args: argparse.Namespace) -> dict[str, list[Race]]:
+    text = read_text(corpus_path("tinyshakespeare"))
+    val_text = split_text(text, 0.9)[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "PYTHONPATH": str(ROOT)}
+    results: dict[str, list[Race]] = {"nanoGPT": [], "minigpt": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "nanogpt"
+        work.mkdir()
+        prepare_nanogpt(Path(args.nanogpt).expanduser(), work, text)
+        nano_val = torch.from_numpy(np.fromfile(work / "data/shakespeare_char/val.bin", dtype=np.uint16).astype(np.int64))
+        for index, seed in enumerate(args.seeds):
+            sides = ["nanoGPT", "minigpt"] if index % 2 == 0 else ["minigpt", "nanoGPT"]
+            for side in sides:
+                if side == "nanoGPT":
+                    result, model = run_nanogpt(work, seed, args.iters, env, Path(tmp) / f"nanogpt-{seed}")
+                    results[side].append(score(result, model, nano_val))
+                else:
+                    result, model, tokenizer = run_minigpt(seed, args.iters, env, Path(tmp) / f"minigpt-{seed}")
+                    results[side].append(score(result, model, torch.tensor(tokenizer.encode(val_text))))
+                r = results[side][-1]
+                print(f"  seed {seed:>5} {side:<8} wall {r.wall_s:6.1f} s  {r.ms_per_iter:5.1f} ms/iter  "
+                      f"val {r.val_every_window:.4f} (every window) / {r.val_fixed_batches:.4f} (fixed batches)",
+                      flush=True)
+    return results
+
+
+def spread(values: list[float], digits: int) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]" if len(values) > 1 \
+        else f"{mean:.{digits}f}"
+
+
+def print_table(results: dict[str, list[Race]], seeds: list[int], iters: int) -> None:
+    nano = results["nanoGPT"]
+    print(f"\nmean [min-max] over seeds {', '.join(map(str, seeds))}; {iters} iterations of 12 x 64 characters")
+    print("| run | wall time, s | ms/iteration | validation loss, every window | on 20 fixed batches | "
+          "own final estimate | windows evaluated | nanoGPT wall ÷ this |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        ratios = [n.wall_s / r.wall_s for n, r in zip(nano, runs)]
+        print(f"| {name} | {spread([r.wall_s for r in runs], 1)} | {spread([r.ms_per_iter for r in runs], 1)} | "
+              f"{spread([r.val_every_window for r in runs], 4)} | {spread([r.val_fixed_batches for r in runs], 4)} | "
+              f"{spread([r.own_estimate for r in runs], 4)} | {runs[0].windows_evaluated:,} | "
+              f"{spread(ratios, 2)}× |")
+    gap = statistics.mean(r.val_every_window for r in results["minigpt"]) - \
+        statistics.mean(r.val_every_window for r in nano)
+    print(f"\nminigpt's validation loss minus nanoGPT's (every window, mean over seeds): {gap:+.4f}. "
+          "Wall time is the whole process; ms/iteration leaves out the evaluations. nanoGPT's own estimate "
+          "is its last 20-batch validation number (before its 2,001st step); minigpt's is every window.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iters", type=int, default=NANOGPT_CPU["max_iters"])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (printed; default 1)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing blocks per entry")
-    parser.add_argument("--block", type=int, default=50, help="iterations per timing block")
-    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[1337],
-                        help="comma-separated seeds for the training runs (default 1337)")
-    parser.add_argument("--skip-timing", action="store_true", help="train and score only")
+    parser.add_argument("--nanogpt", metavar="DIR", help="a checkout of karpathy/nanoGPT (without it: the fallback)")
+    parser.add_argument("--iters", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every run (default 1)")
+    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[1337, 1, 2],
+                        help="comma-separated seeds (default 1337,1,2)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    text = read_text(corpus_path("tinyshakespeare"))
-    tokenizer = CharTokenizer.from_text(text)  # nanoGPT's prepare.py: the sorted set of characters
-    train_text, val_text = split_text(text, 0.9)
-    train_ids, val_ids = tokenizer.encode(train_text), tokenizer.encode(val_text)
-    print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} thread(s); Tiny Shakespeare: "
-          f"{len(text):,} characters, vocabulary {tokenizer.vocab_size}, train {len(train_ids):,} / "
-          f"validation {len(val_ids):,} tokens; {args.iters} iterations of 12 x 64 tokens")
-
-    results = {"minigpt": [], "nanoGPT re-implementation": []}
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
-            settings, cli = minigpt_settings(args.iters, Path(tmp) / "run", seed)
-            model, _, metrics, _ = pretrain(resolve_run_config(settings, cli))
-            results["minigpt"].append(dict(
-                val=val_loss(model, val_ids), estimate=nanogpt_style_estimate(model, val_ids),
-                ms=1000 * metrics["train_time_s"] / metrics["steps"], params=model.num_parameters()))
-        nano = NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, fused=False, seed=seed)
-        started = time.perf_counter()
-        for _ in range(args.iters):
-            nano.step()
-        seconds = time.perf_counter() - started
-        results["nanoGPT re-implementation"].append(dict(
-            val=val_loss(nano.model, val_ids), estimate=nanogpt_style_estimate(nano.model, val_ids),
-            ms=1000 * seconds / args.iters, params=sum(p.numel() for p in nano.model.parameters())))
-    print("\nseed by seed (validation loss on every window / nanoGPT's 20-batch estimate):")
-    for name, runs in results.items():
-        print(f"  {name:<27} " + "  ".join(f"seed {seed}: {r['val']:.4f} / {r['estimate']:.4f}"
-                                            for seed, r in zip(args.seeds, runs)))
-    if args.skip_timing:
+    if args.nanogpt is None:
+        from nanogpt_reimplementation import fallback_race
+        print("no --nanogpt checkout: racing the in-script re-implementation of nanoGPT (a fallback, "
+              "not the peer; git clone https://github.com/karpathy/nanoGPT and pass --nanogpt DIR)")
+        fallback_race(args)
         return
-    mini, nano_result = (summary(results[name]) for name in ("minigpt", "nanoGPT re-implementation"))
-
-    runners = {"minigpt": MinigptSteps(train_ids, tokenizer.vocab_size, args.iters),
-               "nanoGPT re-implementation": NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, False),
-               "nanoGPT re-implementation + fused AdamW": NanoRun(torch.tensor(train_ids), tokenizer.vocab_size,
-                                                                   args.iters, True)}
-    interleaved_ms(runners, 1, 10)  # warm-up
-    times = interleaved_ms(runners, args.rounds, args.block)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    reference = times["nanoGPT re-implementation"]
-
-    seeds = f" (mean of {len(args.seeds)} seeds)" if len(args.seeds) > 1 else ""
-    print(f"\n{'model':<42} {'params':>8} {'val loss':>9} {'20-batch est.':>13} {'ms/iter (run)':>14} "
-          f"{'ms/iter (interleaved)':>22} {'nanoGPT / this [range]':>24}")
-    rows = [("minigpt", mini), ("nanoGPT re-implementation", nano_result),
-            ("nanoGPT re-implementation + fused AdamW", None)]
-    for name, result in rows:
-        ratios = [r / t for r, t in zip(reference, times[name])]
-        ratio = f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
-        if result is None:
-            print(f"{name:<42} {'':>8} {'':>9} {'':>13} {'':>14} {medians[name]:>22.1f} {ratio:>24}")
-        else:
-            print(f"{name:<42} {result['params']:>8,.0f} {result['val']:>9.4f} {result['estimate']:>13.4f} "
-                  f"{result['ms']:>14.1f} {medians[name]:>22.1f} {ratio:>24}")
-    print(f"\nlosses and run times{seeds}. nanoGPT's README reports a validation loss of about "
-          f"{NANOGPT_REPORTED_VAL_LOSS} for this run, "
-          f"from its estimate on 20 random batches. 'val loss' scores every 64-token window of the "
-          f"validation split; '20-batch est.' is nanoGPT's estimate, the same 20 batches for both models. "
-          f"Interleaved: {args.rounds} blocks of {args.block} iterations each, taking turns; the ratio is "
-          f"per block, median [range].")
+    print(f"torch {torch.__version__}, cpu, {args.threads} thread(s) per run; nanoGPT from {args.nanogpt}")
+    results = race(args)
+    print_table(results, args.seeds, args.iters)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,12 @@ def _add_scale_flags(parser: argparse.ArgumentParser) -> None:
     scale.add_argument("--warmup-steps", type=int, metavar="N")
     scale.add_argument("--min-lr", type=float, help="where the cosine schedule ends (default: lr / 10)")
     scale.add_argument("--grad-clip", type=float, help="clip the gradient norm to this")
+    scale.add_argument("--weight-decay", type=float, help="AdamW's decay of the weight matrices")
+    scale.add_argument("--beta2", type=float, help="AdamW's momentum of the squared gradient (0.95-0.99 for small batches)")
     scale.add_argument("--sampling", choices=SAMPLINGS,
                        help="sliding: each window once per epoch; random: random windows (auto: random for token files)")
     scale.add_argument("--eval-freq", type=int, metavar="N", help="evaluate every N steps")
+    scale.add_argument("--eval-iter", type=int, metavar="N", help="batches per split in each evaluation")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:

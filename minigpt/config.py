@@ -219,6 +219,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),      # 1558M
     "gpt-mini": dict(emb_dim=128, n_layers=4, n_heads=4, context_length=128),
     "gpt-nano": dict(emb_dim=32, n_layers=2, n_heads=2, context_length=64),
+    # nanoGPT's Shakespeare character model at the size its README trains on a CPU: a tied head,
+    # no biases, the exact GELU, no dropout (the benchmark against nanoGPT, chapter 9).
+    "gpt-char": dict(emb_dim=128, n_layers=4, n_heads=4, context_length=64, drop_rate=0.0, tie_weights=True,
+                     bias=False, activation="gelu"),
     # Llama-style (chapter 10): RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
     "llama-tiny": dict(emb_dim=128, n_layers=4, n_heads=4, n_kv_heads=2, context_length=128, norm="rmsnorm",
                        pos_emb="rope", ffn="swiglu", bias=False),

@@ -130,8 +130,8 @@ MODE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 # The TrainConfig values that have a command-line flag (they override every mode).
 TRAIN_FLAGS = ("num_epochs", "batch_size", "learning_rate", "max_steps", "micro_batch_size", "precision",
-               "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "sampling", "eval_freq",
-               "start_context", "max_length", "val_fraction")
+               "compile", "lr_schedule", "warmup_steps", "min_lr", "grad_clip", "weight_decay", "beta2", "sampling",
+               "eval_freq", "eval_iter", "start_context", "max_length", "val_fraction")
 # The FinetuneConfig values that have a command-line flag.
 # (--task sft also takes --max-new-tokens for the responses it generates.)
 FINETUNE_FLAGS = ("trainable", "last_blocks", "lora_rank", "lora_alpha", "prompt_style", "mask_prompt", "judge")

@@ -44,6 +44,9 @@ from minigpt.train import Loaders, LoopEvents, TrainState, evaluate_model, make_
 BPE_SAMPLE_CHARS = 10_000_000
 # The final evaluation of a token-file corpus reads this many batches (of batch_size windows) of each split.
 FINAL_EVAL_BATCHES = 200
+# The training split's loss is measured on at most this many windows, spread evenly over the split:
+# every window of Tiny Shakespeare's would take a fifth of a 2,000-step run to score (chapter 9).
+TRAIN_EVAL_WINDOWS = 2_000
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,12 +257,17 @@ def make_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int
     micro = micro_batch_size(cfg, world)
     per_batch = cfg.batch_size // micro  # evaluations read eval_iter batches of batch_size windows, in micro-batches
     evaluation = dict(batch_size=micro, shuffle=False, drop_last=False, **shape)
+    train_eval = create_dataloader(corpus.train_ids, name="the training split", **evaluation)
+    spread = -(-len(train_eval.dataset) // TRAIN_EVAL_WINDOWS)  # windows this far apart: at most TRAIN_EVAL_WINDOWS
+    if spread > 1:
+        train_eval = create_dataloader(corpus.train_ids, name="the training split",
+                                       **{**evaluation, "stride": cfg.stride * spread})
     loaders = Loaders(
         train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
                                 rank=world.rank, world_size=world.world_size, random_windows=random_windows,
                                 shuffle=True, drop_last=True, name=f"the training split ({1 - cfg.val_fraction:.0%})",
                                 **shape),
-        train_eval=create_dataloader(corpus.train_ids, name="the training split", **evaluation),
+        train_eval=train_eval,
         val=create_dataloader(corpus.val_ids, name=f"the validation split ({cfg.val_fraction:.0%}; --val-fraction)",
                               **evaluation),
         accumulation=cfg.batch_size // (micro * world.world_size), eval_batches=cfg.eval_iter * per_batch)
@@ -340,7 +348,7 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
         completed = train_loop(model, optimizer, loaders, cfg, state, setup, events, run.log_every)
         files.save_checkpoint()  # the last step's, before the final evaluation (minutes on a large text)
     final = None
-    if completed:  # measure the finished model on every window of both splits (a sample of a token file's)
+    if completed:  # measure the finished model: every validation window, training windows spread over the split
         def evaluate() -> tuple[float, float]:
             with setup.autocast():
                 return evaluate_model(model, loaders.train_eval, loaders.val, device, final_eval_batches)
@@ -486,11 +494,21 @@ def print_header(run: RunConfig, model: GPTModel, setup: ScaledSetup, state: Tra
         ("training", optimizer_row(cfg, header.total_steps)),
         ("memory", header.memory_note),
         ("evaluation", f"every {cfg.eval_freq} steps on {cfg.eval_iter} batches per split, at the end on "
-                       f"{'every window' if final is None else f'{final * micro:,} windows'}; "
-                       f"sample from {cfg.start_context!r} each epoch"),
+                       f"{final_windows(header.loaders, final, micro)}; sample from {cfg.start_context!r} each epoch"),
         ("seed", str(run.seed)),
         ("run directory", run_dir_row(run_dir, state.global_step)),
     ])
+
+
+def final_windows(loaders: Loaders, batches: int | None, micro: int) -> str:
+    """What the final evaluation reads: a sample of a token file's splits, or every validation window
+    and the training windows (every one, or TRAIN_EVAL_WINDOWS at most, spread over the split)."""
+    if batches is not None:
+        return f"{batches * micro:,} windows of each split"
+    train, val = len(loaders.train_eval.dataset), len(loaders.val.dataset)
+    spread = loaders.train_eval.dataset.starts.step > loaders.val.dataset.starts.step
+    return (f"every validation window ({val:,}) and {'' if spread else 'every '}{train:,} training windows"
+            f"{' spread over the split' if spread else ''}")
 
 
 # ---------------------------------------------------------------------------------------

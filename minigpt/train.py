@@ -303,7 +303,7 @@ def train_loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loaders
             batch = [next(micro_batches) for _ in range(loaders.accumulation)]
             result, stopping = _step(model, optimizer, batch, cfg, state, setup, events.should_stop(), started)
             bar.update(1)
-            bar.set_postfix(loss=f"{state.batch_losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{state.batch_losses[-1]:.3f}", refresh=False)  # drawn at the bar's own pace
             losses = _evaluate_if_due(model, loaders, cfg, state, setup, events)
             log.step(state.epoch + 1, lr, result.depth, model, losses, force=losses is not None)
             stopping = stopping or state.global_step >= total_steps

@@ -152,3 +152,17 @@ def test_chinese_bpe_snippet_prints_the_numbers_quoted():
     numbers = re.findall(r"\d+\.\d\d tokens per character", quoted)
     assert len(numbers) == 4
     assert "1.27" in section.split("```", 6)[-1] and "143" in section
+
+
+def test_the_readme_shakespeare_command_is_the_one_raced_against_nanogpt():
+    """benchmarks/bench_vs_nanogpt.py times the README's command: the two must not drift apart."""
+    import ast
+
+    source = (ROOT / "benchmarks" / "bench_vs_nanogpt.py").read_text(encoding="utf-8")
+    raced = next(ast.literal_eval(node.value) for node in ast.parse(source).body
+                 if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "MINIGPT_ARGS")
+    readme = [args for args in map(main_py_arguments, shell_commands(read("README.md")))
+              if args and "gpt-char" in args]
+    assert readme, "README.md has no python main.py command with --model gpt-char"
+    flags = lambda args: dict(zip(args[::2], args[1::2]))  # every flag here takes one value
+    assert flags(readme[0]) == flags(raced + ["--max-steps", "2000"])
