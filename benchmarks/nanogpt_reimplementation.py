@@ -201,7 +201,8 @@ class MinigptSteps:
             group["lr"] = learning_rate_at(self.step_index, self.cfg, self.iters)
         try:
             batch = [next(self.batches)]
-        except StopIteration:
+        except StopIteration:  # the next epoch, in its own order (as train_loop does)
+            self.loader.sampler.set_epoch(self.loader.sampler.epoch + 1)
             self.batches = iter(self.loader)
             batch = [next(self.batches)]
         self.step_index += 1

@@ -23,7 +23,7 @@ from torch import nn
 from minigpt.attention import KVCache, RotaryEmbedding
 from minigpt.blocks import AdaptiveDepth, HaltingUnit, TransformerBlock, make_norm
 from minigpt.config import PRETRAINED_MODELS, ConfigError, GPTConfig, did_you_mean
-from minigpt.data import cache_dir, download_file
+from minigpt.download import cache_dir, download_file
 
 HF_BASE_URL = "https://huggingface.co"
 

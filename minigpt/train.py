@@ -111,7 +111,8 @@ def make_optimizer(model: torch.nn.Module | Iterable[torch.nn.Module], cfg: Trai
     free of weight decay. Give several models (a policy and its value model) to train them together.
 
     The fused implementation updates every tensor in one kernel per step instead of a dozen
-    small ones per tensor: the same arithmetic, 4-7x faster on a CPU (chapter 9).
+    small ones per tensor: the same arithmetic, 3-5x faster on a CPU than PyTorch's default
+    there (benchmarks/bench_optimizer.py).
     """
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
     params = list({id(p): p for m in models for p in m.parameters() if p.requires_grad}.values())

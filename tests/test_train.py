@@ -264,3 +264,35 @@ def test_a_jsonl_corpus_trains_and_the_validation_share_is_a_setting(tmp_path, v
     text = "\n\n".join(paragraphs)
     assert saved["train_tokens"] + saved["val_tokens"] == len(text)  # one token per character, all of them
     assert saved["val_tokens"] == len(text) - int(0.8 * len(text))
+
+
+def test_the_final_training_loss_reads_windows_spread_over_the_whole_split(tmp_path, text_file, monkeypatch, capsys):
+    import minigpt.task_pretrain as task_pretrain
+    from minigpt.train import calc_loss_loader
+
+    monkeypatch.setattr(task_pretrain, "TRAIN_EVAL_WINDOWS", 20)
+    model, _, metrics, _ = pretrain(tiny_run(tmp_path, "run", text_file, custom_params={
+        **TINY_SETTINGS["custom_params"], "num_epochs": 1}))
+    run = tiny_run(tmp_path, "unused", text_file)
+    corpus = task_pretrain.prepare_corpus(run, None, task_pretrain.Distributed())
+    loaders, _ = task_pretrain.make_loaders(corpus, run.train, task_pretrain.Distributed(), run.seed)
+    every = range(0, len(corpus.train_ids) - 32, 32)  # every training window (stride 32)
+    starts = loaders.train_eval.dataset.starts
+    assert len(every) > 20 >= len(starts) > 10  # at most TRAIN_EVAL_WINDOWS, not a handful
+    assert starts[0] == 0 and starts[-1] >= every[-1] - starts.step  # from the start to the end of the split
+    assert len(loaders.val.dataset) == len(range(0, len(corpus.val_ids) - 32, 32))  # validation: every window
+    assert metrics["final_train_loss"] == pytest.approx(calc_loss_loader(loaders.train_eval, model.eval(), "cpu"),
+                                                        abs=1e-5)
+    assert f"and {len(starts)} training windows spread over the split" in capsys.readouterr().out
+
+
+def test_adamw_and_evaluation_flags_reach_the_run(tmp_path, text_file):
+    from minigpt.cli import parse_args
+
+    cli = parse_args(["--data", str(text_file), "--weight-decay", "0.05", "--beta2", "0.98", "--eval-iter", "7",
+                      "--model", "gpt-char", "--tokenizer", "char"])
+    run = resolve_run_config({"QUICK_MODE": True}, cli)
+    assert (run.train.weight_decay, run.train.beta2, run.train.eval_iter) == (0.05, 0.98, 7)
+    assert (run.model.tie_weights, run.model.bias, run.model.activation) == (True, False, "gelu")
+    with pytest.raises(ConfigError, match="beta2"):
+        resolve_run_config({"QUICK_MODE": True}, parse_args(["--beta2", "1.5"]))
