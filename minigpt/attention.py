@@ -295,21 +295,24 @@ class MultiHeadAttention(nn.Module):
             queries = queries / self.tau(x).to(queries.dtype)
         if cache is not None:
             keys, values = cache.append(keys, values)       # each (B, kv heads, past + T, D)
-        if self.num_kv_heads != self.num_heads:  # each K/V head serves a group of query heads
+        # With fewer K/V heads, each serves a group of query heads (query head h reads K/V head
+        # h // group). Training copies each one group times (the copies chapter 9 counts among
+        # the activations); decoding lets the kernel read them in place (enable_gqa), since a
+        # copy there would copy the whole cache at every step.
+        shared = self.num_kv_heads != self.num_heads and cache is not None
+        if self.num_kv_heads != self.num_heads and not shared:
             group = self.num_heads // self.num_kv_heads
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         # Fast path: the same masked, scaled softmax attention as ExplicitMultiHeadAttention,
         # fused into one kernel (flash / memory-efficient attention where available).
-        dropout_p = self.dropout if self.training else 0.0
+        fused = dict(dropout_p=self.dropout if self.training else 0.0, enable_gqa=shared)
         if past == 0:
-            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True,
-                                                     dropout_p=dropout_p)
+            context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, **fused)
         elif num_tokens == 1:  # one new token after the cached ones: it may see them all
-            context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
+            context = F.scaled_dot_product_attention(queries, keys, values, **fused)
         else:  # several new tokens after cached ones: new token i sees positions <= past + i
             visible = torch.ones(num_tokens, past + num_tokens, dtype=torch.bool, device=x.device)
             visible = visible.tril(diagonal=past)
-            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible,
-                                                     dropout_p=dropout_p)
+            context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, **fused)
         context = context.transpose(1, 2).reshape(batch, num_tokens, -1)  # (B, T, d_out)
         return self.out_proj(context)
