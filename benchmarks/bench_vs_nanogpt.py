@@ -165,9 +165,10 @@ def run_minigpt(seed: int, iters: int, env: dict[str, str], out: Path) -> tuple[
 
 def final_windows(log: Path) -> int:
     """The windows minigpt's final evaluation scored, from its header's evaluation row."""
-    row = re.search(r"every validation window \(([\d,]+)\) and (?:every )?([\d,]+) training windows",
+    row = re.search(r"every validation window \(([\d,]+)\) and ([\d,]+) training windows|"
+                    r"every window of both splits \(([\d,]+) validation, ([\d,]+) training\)",
                     log.read_text(encoding="utf-8"))
-    return sum(int(number.replace(",", "")) for number in row.groups()) if row else 0
+    return sum(int(number.replace(",", "")) for number in row.groups() if number) if row else 0
 
 
 # ---------------------------------------------------------------------------------------

@@ -507,8 +507,9 @@ def final_windows(loaders: Loaders, batches: int | None, micro: int) -> str:
         return f"{batches * micro:,} windows of each split"
     train, val = len(loaders.train_eval.dataset), len(loaders.val.dataset)
     spread = loaders.train_eval.dataset.starts.step > loaders.val.dataset.starts.step
-    return (f"every validation window ({val:,}) and {'' if spread else 'every '}{train:,} training windows"
-            f"{' spread over the split' if spread else ''}")
+    if not spread:
+        return f"every window of both splits ({val:,} validation, {train:,} training)"
+    return f"every validation window ({val:,}) and {train:,} training windows spread over the split"
 
 
 # ---------------------------------------------------------------------------------------
