@@ -29,7 +29,7 @@ from minigpt.model import GPTModel
 from minigpt.settings import resolve_run_config
 from minigpt.task_pretrain import pretrain
 from minigpt.tokenizer import CharTokenizer
-from minigpt.train import StepSetup, calc_loss_loader, learning_rate_at, make_optimizer, train_step
+from minigpt.train import StepSetup, learning_rate_at, make_optimizer, train_step
 
 # nanoGPT's README command for a CPU: config/train_shakespeare_char.py with these overrides.
 NANOGPT_CPU = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3,
@@ -213,29 +213,16 @@ class MinigptSteps:
 # Measuring
 # ---------------------------------------------------------------------------------------
 
-def val_loss(model: nn.Module, val_ids: list[int]) -> float:
-    """Mean loss over every non-overlapping 64-token window of the validation split."""
-    loader = create_dataloader(val_ids, batch_size=64, max_length=NANOGPT_CPU["block_size"],
-                               stride=NANOGPT_CPU["block_size"], shuffle=False, drop_last=False)
-    model.eval()
-    loss = calc_loss_loader(loader, model, "cpu")
-    model.train()
-    return loss
+def scores(model: nn.Module, val_ids: list[int]) -> dict[str, float]:
+    """The validation loss on every 64-token window and on nanoGPT's 20 fixed batches, scored as the
+    race with the real nanoGPT scores them (bench_vs_nanogpt.py), with dropout off."""
+    from bench_vs_nanogpt import every_window_loss, fixed_batches_loss
 
-
-@torch.no_grad()
-def nanogpt_style_estimate(model: nn.Module, val_ids: list[int], seed: int = 1337) -> float:
-    """nanoGPT's own estimate: the mean loss of eval_iters = 20 batches of 12 random windows
-    (its README's CPU command), drawn here with a fixed generator."""
-    data = torch.tensor(val_ids)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
+    ids = torch.tensor(val_ids)
     model.eval()
-    for _ in range(20):
-        x, y = random_batch(data, generator)
-        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    result = dict(val=every_window_loss(model, ids), estimate=fixed_batches_loss(model, ids))
     model.train()
-    return sum(losses) / len(losses)
+    return result
 
 
 def interleaved_ms(runners: dict, rounds: int, block: int) -> dict[str, list[float]]:
@@ -259,7 +246,6 @@ def summary(runs: list[dict]) -> dict:
 def fallback_race(args) -> None:
     """The race against the re-implementation: losses over `args.seeds`, then the interleaved step times."""
     torch.set_num_threads(args.threads)
-    torch.set_num_threads(args.threads)
 
     text = read_text(corpus_path("tinyshakespeare"))
     tokenizer = CharTokenizer.from_text(text)  # nanoGPT's prepare.py: the sorted set of characters
@@ -275,7 +261,7 @@ def fallback_race(args) -> None:
             settings, cli = minigpt_settings(args.iters, Path(tmp) / "run", seed)
             model, _, metrics, _ = pretrain(resolve_run_config(settings, cli))
             results["minigpt"].append(dict(
-                val=val_loss(model, val_ids), estimate=nanogpt_style_estimate(model, val_ids),
+                **scores(model, val_ids),
                 ms=1000 * metrics["train_time_s"] / metrics["steps"], params=model.num_parameters()))
         nano = NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, fused=False, seed=seed)
         started = time.perf_counter()
@@ -283,13 +269,13 @@ def fallback_race(args) -> None:
             nano.step()
         seconds = time.perf_counter() - started
         results["nanoGPT re-implementation"].append(dict(
-            val=val_loss(nano.model, val_ids), estimate=nanogpt_style_estimate(nano.model, val_ids),
+            **scores(nano.model, val_ids),
             ms=1000 * seconds / args.iters, params=sum(p.numel() for p in nano.model.parameters())))
     print("\nseed by seed (validation loss on every window / nanoGPT's 20-batch estimate):")
     for name, runs in results.items():
         print(f"  {name:<27} " + "  ".join(f"seed {seed}: {r['val']:.4f} / {r['estimate']:.4f}"
                                             for seed, r in zip(args.seeds, runs)))
-        mini, nano_result = (summary(results[name]) for name in ("minigpt", "nanoGPT re-implementation"))
+    mini, nano_result = (summary(results[name]) for name in ("minigpt", "nanoGPT re-implementation"))
 
     runners = {"minigpt": MinigptSteps(train_ids, tokenizer.vocab_size, args.iters),
                "nanoGPT re-implementation": NanoRun(torch.tensor(train_ids), tokenizer.vocab_size, args.iters, False),

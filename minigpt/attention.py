@@ -299,13 +299,13 @@ class MultiHeadAttention(nn.Module):
         # h // group). Training copies each one group times (the copies chapter 9 counts among
         # the activations); decoding lets the kernel read them in place (enable_gqa), since a
         # copy there would copy the whole cache at every step.
-        shared = self.num_kv_heads != self.num_heads and cache is not None
-        if self.num_kv_heads != self.num_heads and not shared:
+        grouped = self.num_kv_heads != self.num_heads
+        if grouped and cache is None:
             group = self.num_heads // self.num_kv_heads
             keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         # Fast path: the same masked, scaled softmax attention as ExplicitMultiHeadAttention,
         # fused into one kernel (flash / memory-efficient attention where available).
-        fused = dict(dropout_p=self.dropout if self.training else 0.0, enable_gqa=shared)
+        fused = dict(dropout_p=self.dropout if self.training else 0.0, enable_gqa=grouped and cache is not None)
         if past == 0:
             context = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, **fused)
         elif num_tokens == 1:  # one new token after the cached ones: it may see them all

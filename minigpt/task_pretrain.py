@@ -259,8 +259,8 @@ def make_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int
     evaluation = dict(batch_size=micro, shuffle=False, drop_last=False, **shape)
     train_eval = create_dataloader(corpus.train_ids, name="the training split", **evaluation)
     spread = -(-len(train_eval.dataset) // TRAIN_EVAL_WINDOWS)  # windows this far apart: at most TRAIN_EVAL_WINDOWS
-    if spread > 1:
-        train_eval = create_dataloader(corpus.train_ids, name="the training split",
+    if spread > 1:  # the same tokens (already a tensor, or a token file), windows further apart
+        train_eval = create_dataloader(train_eval.dataset.token_ids, name="the training split",
                                        **{**evaluation, "stride": cfg.stride * spread})
     loaders = Loaders(
         train=create_dataloader(corpus.train_ids, batch_size=cfg.batch_size, micro_batch_size=micro,
