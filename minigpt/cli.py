@@ -40,6 +40,7 @@ import importlib.util
 import json
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 from minigpt.config import (DATA_FORMATS, DPO_LOSSES, KL_ESTIMATORS, LR_SCHEDULES, MODEL_PRESETS, MODES, PRECISIONS, PRETRAINED_MODELS, PROMPT_STYLES,
@@ -246,8 +247,9 @@ def run_studio(cli: dict) -> None:
     serve(cli.get("host", "127.0.0.1"), cli.get("port", 5000), cli.get("open_browser", True))
 
 
-def graph_settings(cli: dict, config_run: types.ModuleType) -> dict:
-    """config_run.py's settings with a studio graph's model, data and training goal on top."""
+def graph_settings(cli: dict, config_run: types.ModuleType) -> tuple[dict, dict | None]:
+    """config_run.py's settings with a studio graph's model, data and training goal on top, and the
+    graph itself when it is not the standard chain (the run trains it compiled)."""
     from minigpt.studio import GraphError, settings_from_graph
 
     if cli.get("task", getattr(config_run, "TASK", "pretrain")) != "pretrain":
@@ -260,7 +262,8 @@ def graph_settings(cli: dict, config_run: types.ModuleType) -> dict:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not JSON ({err}); export the graph from the studio again.") from None
     try:
-        return {**settings_from_module(config_run), **settings_from_graph(graph), "TASK": "pretrain"}
+        settings, free_graph = settings_from_graph(graph)
+        return {**settings_from_module(config_run), **settings, "TASK": "pretrain"}, free_graph
     except GraphError as err:
         raise ConfigError(f"the graph in {path} cannot be built: {err}") from None
 
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None, config_run: types.ModuleType | None = No
             raise ConfigError(f"{', '.join(studio_flags).replace('--open-browser', '--no-browser')} "
                               "only apply to --task studio.")
         if "graph" in cli:
-            run = resolve_run_config(graph_settings(cli, config_run), cli)
+            settings, free_graph = graph_settings(cli, config_run)
+            run = replace(resolve_run_config(settings, cli), graph=free_graph)
         elif "resume" in cli:
             run = resolve_resume_config(resume_settings(cli["resume"]), cli)
         else:

@@ -526,6 +526,7 @@ class RunConfig:
     text_field: str = "text"       # a .jsonl / .json corpus or a Hugging Face dataset: the field that holds each text
     data_format: str = "auto"      # how --data is read: DATA_FORMATS (auto: by what it is, minigpt.data.data_format)
     export_hf: bool = False        # after training, hf/final and hf/best: folders transformers loads whole
+    graph: dict[str, Any] | None = None  # pretrain: a studio graph (not the standard chain) whose compiled model trains
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -559,6 +560,10 @@ class RunConfig:
         if self.task not in ("pretrain", "evaluate") and (self.text_field != "text" or self.data_format != "auto"):
             raise ConfigError(f"--text-field and --data-format choose how pretraining and evaluation read a corpus; "
                               f"--task {self.task} reads its own records: drop them.")
+        if self.graph is not None and (self.task != "pretrain" or self.export_hf):
+            raise ConfigError("a studio graph (--graph) is pretrained and kept in minigpt's own format: it is for "
+                              "--task pretrain without --export-hf (transformers has no class for a free graph; "
+                              "the standard GPT chain exports as GPT-2).")
         if self.task in FINETUNE_TASKS + ALIGN_TASKS and self.train.sampling != "auto":
             raise ConfigError(f"sampling ({self.train.sampling!r}) chooses pretraining's windows of a text; "
                               f"--task {self.task} trains on whole examples: drop --sampling.")

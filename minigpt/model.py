@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,17 @@ class ModelOutput:
     logits: torch.Tensor                 # (B, T, vocab_size)
     aux_loss: torch.Tensor | None = None  # the experts' balancing terms and the ponder cost, for the loss to add
     depth: torch.Tensor | None = None     # halting: the blocks each token ran, (B, T)
+    weight: float = 1.0                   # the next-token loss of `logits` counts this much (a studio graph's weight)
+    heads: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # a graph's other next-token heads: (weight, logits)
 
 
-class GPTModel(nn.Module):
+class LanguageModel(nn.Module):
+    """Token ids (B, T) in, next-token logits (B, T, vocab_size) out; called with `details=True`, a
+    `ModelOutput` with what the training loss adds. `GPTModel` is one; the studio's compiled graphs
+    (appendix) are the others."""
+
+
+class GPTModel(LanguageModel):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -35,7 +35,8 @@ from minigpt.evaluate import perplexity
 from minigpt.finetune import build_model, merge_and_unload
 from minigpt.generation import Ensemble
 from minigpt.hub import load_pretrained, save_pretrained
-from minigpt.model import GPTModel
+from minigpt.graph import GraphError, build_graph_model
+from minigpt.model import GPTModel, LanguageModel
 from minigpt.rlhf import add_reward_head
 from minigpt.scale import Distributed, ScaledSetup, accumulation_steps, peak_memory_mib, precision_reason
 from minigpt.settings import RESUME_TRAIN_OVERRIDES, start_template
@@ -594,6 +595,16 @@ def _differences(saved: dict[str, Any], written: dict[str, Any], prefix: str = "
 # The models a run starts from
 # ---------------------------------------------------------------------------------------
 
+def language_model(run: RunConfig) -> LanguageModel:
+    """A new model of the run's shape: `GPTModel(run.model)`, or the run's studio graph compiled."""
+    if run.graph is None:
+        return GPTModel(run.model)
+    try:
+        return build_graph_model(run.graph, run.model.vocab_size)
+    except GraphError as err:
+        raise ConfigError(f"the run's studio graph cannot be built: {err}") from None
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPTModel, Any, dict[str, Any]]:
     """The trained model, its tokenizer and the checkpoint's run settings, ready to generate.
 
@@ -610,7 +621,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[GP
         model = merge_and_unload(model)
         saved = {**saved, "labels": checkpoint.get("labels")}
     else:
-        model = GPTModel(run.model)
+        model = language_model(run)
         if run.task == "reward":  # one score per position
             add_reward_head(model)
         model.load_state_dict(checkpoint["model"])

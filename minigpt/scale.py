@@ -325,15 +325,18 @@ def fit_micro_batch(model: torch.nn.Module, cfg: TrainConfig, world: Distributed
     return replace(cfg, micro_batch_size=micro), note
 
 
-def check_before_building(model_cfg: GPTConfig, cfg: TrainConfig, world: Distributed, device: torch.device,
-                          precision: str, num_tokens: int) -> None:
+def check_before_building(model: GPTConfig | torch.nn.Module, cfg: TrainConfig, world: Distributed,
+                          device: torch.device, precision: str, num_tokens: int) -> None:
     """Refuse a model that cannot train on `device` before any of its weights is allocated.
 
-    The estimate reads the shapes of the model built on the meta device (no memory), for the
-    micro-batch the run asks for (one sequence under "auto", which measures the rest later).
+    The estimate reads the shapes of the model built on the meta device (no memory: give its
+    GPTConfig, or the model already built there), for the micro-batch the run asks for (one
+    sequence under "auto", which measures the rest later).
     """
-    with torch.device("meta"):
-        shapes = GPTModel(model_cfg)
+    if isinstance(model, GPTConfig):
+        with torch.device("meta"):
+            model = GPTModel(model)
+    shapes = model
     micro = 1 if cfg.micro_batch_size == "auto" else micro_batch_size(cfg, world)
     estimate = estimate_training_memory(shapes, micro, num_tokens, precision, device_type=device.type,
                                         accumulating=micro < cfg.batch_size // world.world_size)

@@ -27,13 +27,14 @@ from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, 
                           read_token_files, split_text, token_folder, token_id_chunks, vocabulary_files,
                           write_split_token_files, write_token_files, write_token_stream)
 from minigpt.generation import generate_text, text_to_token_ids
+from minigpt.graph import GraphModel
 from minigpt.model import GPTModel
 from minigpt.plot import plot_losses
 from minigpt.runs import (BEST_NAME, CHECKPOINT_NAME, TOKENIZER_NAME, RunDirectory, StopRequest,
                           check_same_data, device_row, finished, load_checkpoint, make_metrics, optimizer_row,
                           pick_device, print_rows, print_summary, restore_training, rng_states, run_dir_row,
                           save_checkpoint, save_weights, speed_row, write_atomically, write_config, write_json,
-                          export_hf_folders)
+                          export_hf_folders, language_model)
 from minigpt.runs import fingerprint as fingerprint_of  # (the runs' own word for it; `fingerprint` names values here)
 from minigpt.scale import (Distributed, ScaledSetup, check_before_building, fit_micro_batch, micro_batch_size,
                            resolve_precision, scaled_setup, start_distributed)
@@ -310,8 +311,10 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
     tokenizer = corpus.tokenizer
     run = _with_sample_prompt(replace(run, model=replace(run.model, vocab_size=tokenizer.vocab_size)), corpus)
     precision = resolve_precision(run.train.precision, device)
-    check_before_building(run.model, run.train, world, device, precision, run.train.max_length)
-    model = GPTModel(run.model).to(device)
+    with torch.device("meta"):  # the shapes alone, to refuse a model that cannot fit before allocating it
+        shapes = language_model(run)
+    check_before_building(shapes, run.train, world, device, precision, run.train.max_length)
+    model = language_model(run).to(device)
     optimizer = make_optimizer(model, run.train)
 
     def random_windows_of(size: int) -> tuple[torch.Tensor, torch.Tensor]:  # a micro-batch's shape, for the memory trials
@@ -480,7 +483,8 @@ def print_header(run: RunConfig, model: GPTModel, setup: ScaledSetup, state: Tra
     print_rows(f"minigpt | {run.task} | {run.mode} mode", [
         ("device", device_row(setup, cfg)),
         ("speed", speed_row(setup, cfg, header.compile_note, header.fused)),
-        ("model", f"{run.model_name}: {m.n_layers} layers, {m.n_heads} heads, emb_dim {m.emb_dim}, "
+        ("model", f"{run.model_name}: {model.describe()}" if isinstance(model, GraphModel) else
+                  f"{run.model_name}: {m.n_layers} layers, {m.n_heads} heads, emb_dim {m.emb_dim}, "
                   f"context {m.context_length}, vocab {m.vocab_size:,}, dropout {m.drop_rate}, "
                   f"qkv_bias {m.qkv_bias}, tied head {m.tie_weights}"
                   f"{'' if m.bias else ', no other biases'}{', exact GELU' if m.activation == 'gelu' else ''}"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.data import IGNORE_INDEX
-from minigpt.model import GPTModel, ModelOutput
+from minigpt.model import LanguageModel, ModelOutput
 
 # ---------------------------------------------------------------------------------------
 # Loss and evaluation
@@ -45,6 +45,9 @@ def loss_and_output(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     output = forward_with_details(model, input_batch)  # logits (B, T, V)
     # cross_entropy wants (N, V) scores and (N,) classes: fold batch and time together.
     loss = F.cross_entropy(output.logits.flatten(0, 1), target_batch.flatten())
+    if model.training and (output.heads or output.weight != 1.0):  # a studio graph's losses: their weighted sum
+        loss = output.weight * loss + sum(weight * F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+                                          for weight, logits in output.heads)
     if model.training and output.aux_loss is not None:
         loss = loss + output.aux_loss
     return loss, output
@@ -58,9 +61,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def forward_with_details(model: torch.nn.Module, input_batch: torch.Tensor) -> ModelOutput:
-    """The forward pass with what the loss adds: a `GPTModel` (wrapped or not) reports it when asked
-    (`details=True`); any other module that maps ids to logits gives its logits alone."""
-    if isinstance(unwrap(model), GPTModel):
+    """The forward pass with what the loss adds: a `LanguageModel` (a `GPTModel` or a studio graph,
+    wrapped or not) reports it when asked (`details=True`); any other module that maps ids to
+    logits gives its logits alone."""
+    if isinstance(unwrap(model), LanguageModel):
         return model(input_batch, details=True)  # through the wrapper, so that DDP sees the forward
     return ModelOutput(model(input_batch))
 

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "minigpt"
 # A chapter module may import only the modules before it in this list.
 CHAPTERS = [("config", 0), ("plot", 0), ("download", 0), ("data", 2), ("tokenizer", 2), ("attention", 3), ("blocks", 4),
             ("model", 4), ("train", 5), ("generation", 6), ("hub", 6), ("lora", 7), ("finetune", 7), ("rlhf", 8),
-            ("memory", 9), ("scale", 9), ("evaluate", 9)]
+            ("memory", 9), ("scale", 9), ("evaluate", 9), ("graph", 13), ("graph_script", 13)]  # 13: the studio's appendix
 RUN_LAYER = ["settings", "runs"]   # what every run needs: config_run resolution, run directories, checkpoints ...
 PIPELINES = ["task_pretrain", "task_finetune", "task_align", "task_generate", "task_evaluate", "task_export"]
 TOP = ["studio", "cli", "__main__"]  # over the pipelines, in this order: the page, the command line, python -m
@@ -34,7 +34,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "data.create_dataloader": "the book's create_dataloader(txt, batch_size, max_length, stride, shuffle, drop_last, "
                               "num_workers) and chapter 9's micro-batches, ranks and random windows, all by keyword",
     "studio.create_app": "the Flask app with its routes as nested functions, each short; the studio is rebuilt next",
-    "studio.read_graph": "the graph's checks in one pass (81 lines); the studio is rebuilt next",
 }
 MAX_LINES, MAX_PARAMETERS = 80, 8
 
