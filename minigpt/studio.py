@@ -105,12 +105,15 @@ class Studio:
         """`--data` for a data node's source: a corpus name, or a file inside the uploads folder."""
         if source in NAMED_CORPORA:
             return source
-        name = source.removeprefix("upload:")
-        if not source.startswith("upload:") or not SAFE_NAME.match(name) or ".." in name:
+        if not isinstance(source, str) or not source.startswith("upload:"):
             raise GraphError([graph_error(node_id, f"data source {source!r} is neither a corpus ({', '.join(NAMED_CORPORA)}) "
-                                              "nor an uploaded file (upload:<name>, no folders)", "source")])
-        path = (self.uploads_dir / name).resolve()
-        if path.parent != self.uploads_dir or not path.is_file():
+                                                   "nor an uploaded file (upload:<name>)", "source")])
+        name = source.removeprefix("upload:")
+        try:
+            path = upload_path(self.uploads_dir, name)
+        except UploadNameError as err:
+            raise GraphError([graph_error(node_id, f"data source {source!r}: {err}", "source")]) from None
+        if not path.is_file():
             raise GraphError([graph_error(node_id, f"no uploaded file {name!r}; upload it first", "source")])
         return str(path)
 

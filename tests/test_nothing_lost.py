@@ -378,6 +378,7 @@ import minigpt.memory
 from minigpt.studio import create_app, presets
 minigpt.memory.free_memory_bytes = lambda device: (2 * 2**30, "simulated: 2 GiB free")
 client = create_app(sys.argv[2] + "/runs", sys.argv[2] + "/uploads").test_client()
+client.environ_base["HTTP_X_MINIGPT_STUDIO"] = "1"  # the page's own header (a request from another site has none)
 graph = next(p["graph"] for p in presets() if p["name"] == "gpt2-xl")
 run_id = client.post("/api/runs", json={"graph": graph}).get_json()["run_id"]
 deadline = time.time() + 120
