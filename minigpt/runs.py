@@ -637,6 +637,10 @@ def starting_point(run: RunConfig, device: torch.device) -> tuple[GPTModel | Non
             raise ConfigError(f"{run.checkpoint} holds a classifier; fine-tune from a pretrained or "
                               "instruction-tuned run, or classify texts with it: --task classify "
                               f"--checkpoint {run.checkpoint} --prompt TEXT.")
+        if saved.get("graph") is not None:
+            raise ConfigError(f"{run.checkpoint} holds a studio graph model; fine-tuning and alignment start from "
+                              "a GPT (GPTModel). Chat with it or evaluate it (--task generate | evaluate), or build "
+                              "the standard GPT chain in the studio to fine-tune it later.")
         return model, tokenizer, f"the minigpt run {run.checkpoint} ({saved['model_name']})"
     if run.pretrained:
         model, tokenizer = load_pretrained(run.pretrained)
@@ -881,6 +885,10 @@ def export_run(path: str | Path, folder: str | Path) -> tuple[Path, GPTModel, di
             "a reward model, whose head scores answers"
         raise ConfigError(f"{path} holds {what}, not tokens; only language models (pretrained, "
                           "instruction-tuned or aligned runs) export to Hugging Face's causal-LM classes.")
+    if saved.get("graph") is not None:
+        raise ConfigError(f"{path} holds a studio graph model; transformers has no class for a free wiring of "
+                          "blocks, so it stays in minigpt's format (load it with minigpt.runs.load_model). The "
+                          "standard GPT chain exports as GPT-2 or Llama.")
     return save_pretrained(model, tokenizer, folder, start_template(saved)), model, saved
 
 

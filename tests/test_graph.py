@@ -21,7 +21,8 @@ from minigpt.graph import (GraphError, GraphModel, check_graph, compile_graph, r
                            upgrade)
 from minigpt.graph_script import training_script
 from minigpt.model import GPTModel
-from minigpt.runs import load_model
+from minigpt.config import ConfigError
+from minigpt.runs import export_run, load_model, starting_point
 from minigpt.settings import resolve_run_config
 from minigpt.task_pretrain import pretrain
 
@@ -151,6 +152,17 @@ def test_the_example_encoder_decoder_with_a_convolution_and_two_losses_trains(tm
     out = generate(loaded, ids, max_new_tokens=5)  # no KV cache: the window runs again for each token
     window = out[:, :-1]
     assert out[0, -1] == loaded(window)[0, -1].argmax()
+    # transformers has no class for it, and fine-tuning starts from a GPT: both say so.
+    with pytest.raises(ConfigError, match="studio graph model"):
+        export_run(run_dir, tmp_path / "hf")
+    with pytest.raises(ConfigError, match="studio graph model"):
+        starting_point(replace(saved_run(run_dir), checkpoint=str(run_dir)), torch.device("cpu"))
+
+
+def saved_run(run_dir):
+    from minigpt.config import RunConfig
+
+    return RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
 
 
 def test_a_graph_with_a_convolution_and_a_residual_add_trains(tmp_path):
