@@ -879,6 +879,7 @@ def create_app(runs_dir: str | Path = "runs", uploads_dir: str | Path = "uploads
     studio = Studio(runs_dir, uploads_dir)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
+    app.json.sort_keys = False  # the schema's node types and settings keep their reading order
     app.extensions["minigpt_studio"] = studio
     app.before_request(lambda: check_request(request, host))
     answer_errors_as_json(app)
@@ -907,6 +908,10 @@ def create_app(runs_dir: str | Path = "runs", uploads_dir: str | Path = "uploads
     @app.get("/api/example")
     def example():
         return jsonify(example_graph())
+
+    @app.post("/api/graph/upgrade")
+    def graph_upgrade():  # an older studio's export (version 1) in today's form, to draw it
+        return jsonify(upgrade(body()))
 
     @app.post("/api/graph/script")
     def graph_script():
