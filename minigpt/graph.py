@@ -33,7 +33,6 @@ from minigpt.model import GPTModel, LanguageModel, ModelOutput, sinusoidal_posit
 GRAPH_VERSION = 2
 MAX_WIDTH = 16_384          # widths, hidden sizes and channels: large enough for any model a studio trains
 MAX_NODES = 500             # after templates are expanded
-CHAR_OR_DATA = "the text's characters"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1003,6 +1002,11 @@ def build_graph_model(graph: dict[str, Any], vocab_size: int) -> LanguageModel:
 # ---------------------------------------------------------------------------------------
 # Graphs of presets
 # ---------------------------------------------------------------------------------------
+
+def file_stem(name: str) -> str:
+    """A graph's name as a file or run name: letters (any script), digits, '.', '_' and '-'."""
+    return re.sub(r"[^\w.-]+", "-", name).strip("-.")[:40] or "model"
+
 
 def standard_graph(name: str, cfg: GPTConfig, tokenizer: str, training: dict[str, Any],
                    source: str = "the-verdict", vocab_size: int = 512) -> dict[str, Any]:

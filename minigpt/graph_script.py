@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from minigpt.config import TrainConfig
-from minigpt.graph import NODE_TYPES, GraphError, Plan, graph_error
+from minigpt.graph import NODE_TYPES, GraphError, Plan, file_stem, graph_error
 
 SCRIPT_TOKENIZERS = ("char", "gpt2")
 UNSUPPORTED_SWITCHES = {"ffn": "moe", "attn_tau": True, "halting": True}  # GPT block settings the script leaves out
@@ -67,7 +67,7 @@ def training_script(plan: Plan, data_path: str, tokenizer: str, seed: int = 123)
                 "tokenizer": tokenizer, "data_path": data_path}
     header = f'''"""{plan.graph.name}: a model built in the minigpt studio, as a standalone PyTorch script.
 
-Run it with `python {{this file}} [--steps N] [--device cpu|cuda]`. It needs PyTorch{
+Run it with `python {file_stem(plan.graph.name)}.py [--steps N] [--device cpu|cuda]`. It needs PyTorch{
         " and tiktoken" if tokenizer == "gpt2" else ""} only.
 It reads the text at DATA_PATH (change it to train on another file), keeps its last 10% for
 validation, builds the graph below layer by layer, and trains it with AdamW as the studio

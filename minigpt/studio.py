@@ -40,7 +40,7 @@ from minigpt.data import NAMED_CORPORA, corpus_path, read_text
 from minigpt.generation import stream_text
 from minigpt.graph_script import training_script
 from minigpt.graph import (GRAPH_VERSION, KIND_WORDS, NODE_TYPES, GraphError, Plan, check_graph, compile_graph,
-                           envelope_config, graph_error, module_name, read_graph, standard_graph, upgrade)
+                           envelope_config, file_stem, graph_error, module_name, read_graph, standard_graph, upgrade)
 from minigpt.hub import load_pretrained
 from minigpt.memory import MIB, estimate_training_memory
 from minigpt.model import GPTModel
@@ -471,11 +471,6 @@ def settings_text(built: BuiltGraph) -> str:
 def command_text(built: BuiltGraph) -> str:
     """The command that trains the same model from the graph saved as a file (Export)."""
     return f"python main.py --graph {file_stem(built.plan.graph.name)}.json"
-
-
-def file_stem(name: str) -> str:
-    """A graph's name as a file or run name: letters (any script), digits, '.', '_' and '-'."""
-    return re.sub(r"[^\w.-]+", "-", name).strip("-.")[:40] or "model"
 
 
 def settings_from_graph(graph: Any, uploads_dir: str | Path = "uploads") -> tuple[dict[str, Any], dict[str, Any] | None]:
