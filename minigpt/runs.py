@@ -90,7 +90,7 @@ def choose_run_dir(run: RunConfig) -> Path:
         return out
     base = Path("runs") / f"{run.task}-{run.mode}"
     out, n = base, 2
-    while _earlier_run_files(out) or _held_by_another(out):  # keep earlier default runs: -2, -3, ...
+    while _earlier_run_files(out) or held_by_another(out):  # keep earlier default runs: -2, -3, ...
         out, n = base.with_name(f"{base.name}-{n}"), n + 1
     return out
 
@@ -112,7 +112,7 @@ def _refuse_earlier_run(folder: Path) -> None:
                           "the name.")
 
 
-def _held_by_another(folder: Path) -> bool:
+def held_by_another(folder: Path) -> bool:
     """Whether a run (in another process, or another thread of this one) holds the folder now."""
     if not (folder / LOCK_NAME).exists():
         return False
@@ -544,7 +544,7 @@ def resume_settings(resume: str | Path) -> dict[str, Any]:
     passed over with a note; one that describes another run is refused with what differs."""
     path = Path(resume)
     run_dir = _folder_of(path)
-    if _held_by_another(run_dir):
+    if held_by_another(run_dir):
         raise in_use(run_dir, resuming=True)
     if not (run_dir / CHECKPOINT_NAME).is_file() and not path.is_file():
         what = "only files of a run that ended before its first checkpoint" if _earlier_run_files(run_dir) else \

@@ -45,7 +45,7 @@ from minigpt.hub import load_pretrained
 from minigpt.memory import MIB, estimate_training_memory
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer
-from minigpt.runs import (CHECKPOINT_NAME, StopRequest, _held_by_another, describe_holder, finished,
+from minigpt.runs import (CHECKPOINT_NAME, StopRequest, held_by_another, describe_holder, finished,
                           load_checkpoint, load_model, resume_settings, write_atomically, write_error, write_json)
 from minigpt.settings import resolve_resume_config, resolve_run_config
 from minigpt.task_pretrain import pretrain
@@ -241,7 +241,7 @@ class Studio:
     @staticmethod
     def _refuse_if_held(path: Path, then: str) -> None:
         """A run another process trains (main.py, another studio) is that process's alone."""
-        if _held_by_another(path):
+        if held_by_another(path):
             raise Refused(409, f"run {path.name} is training in another process, {describe_holder(path)}; this "
                                f"studio cannot stop it: stop it there (Ctrl-C), then {then}", running=path.name)
 
@@ -351,7 +351,7 @@ class Studio:
         live = self.runs.get(path.name)
         if live is not None:
             return live.status, live.error, None
-        if _held_by_another(path):
+        if held_by_another(path):
             return "running", None, f"trained by another process, {describe_holder(path)}"
         if metrics.get("completed") is True:
             return "finished", None, None
