@@ -18,9 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     return cli.main(argv, config_run)
 
 
-def graph_settings(flags: dict) -> tuple[dict, dict | None]:
-    """config_run.py's settings with a studio graph's model, data and training goal on top, and the
-    graph when it is not the standard chain."""
+def graph_settings(flags: dict) -> tuple[dict, dict | None, str]:
+    """config_run.py's settings with a studio graph's model, data and training goal on top, the graph
+    when it is not the standard chain, and its name."""
     return cli.graph_settings(flags, config_run)
 
 

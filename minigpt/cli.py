@@ -247,9 +247,9 @@ def run_studio(cli: dict) -> None:
     serve(cli.get("host", "127.0.0.1"), cli.get("port", 5000), cli.get("open_browser", True))
 
 
-def graph_settings(cli: dict, config_run: types.ModuleType) -> tuple[dict, dict | None]:
-    """config_run.py's settings with a studio graph's model, data and training goal on top, and the
-    graph itself when it is not the standard chain (the run trains it compiled)."""
+def graph_settings(cli: dict, config_run: types.ModuleType) -> tuple[dict, dict | None, str]:
+    """config_run.py's settings with a studio graph's model, data and training goal on top, the graph
+    itself when it is not the standard chain (the run trains it compiled), and the graph's name."""
     from minigpt.studio import GraphError, settings_from_graph
 
     if cli.get("task", getattr(config_run, "TASK", "pretrain")) != "pretrain":
@@ -263,7 +263,8 @@ def graph_settings(cli: dict, config_run: types.ModuleType) -> tuple[dict, dict 
         raise ConfigError(f"{path} is not JSON ({err}); export the graph from the studio again.") from None
     try:
         settings, free_graph = settings_from_graph(graph)
-        return {**settings_from_module(config_run), **settings, "TASK": "pretrain"}, free_graph
+        name = graph["name"] if isinstance(graph.get("name"), str) and graph["name"].strip() else path.stem
+        return {**settings_from_module(config_run), **settings, "TASK": "pretrain"}, free_graph, name.strip()
     except GraphError as err:
         raise ConfigError(f"the graph in {path} cannot be built: {err}") from None
 
@@ -299,8 +300,8 @@ def main(argv: list[str] | None = None, config_run: types.ModuleType | None = No
             raise ConfigError(f"{', '.join(studio_flags).replace('--open-browser', '--no-browser')} "
                               "only apply to --task studio.")
         if "graph" in cli:
-            settings, free_graph = graph_settings(cli, config_run)
-            run = replace(resolve_run_config(settings, cli), graph=free_graph)
+            settings, free_graph, name = graph_settings(cli, config_run)
+            run = replace(resolve_run_config(settings, cli), graph=free_graph, model_name=f"{name} (studio graph)")
         elif "resume" in cli:
             run = resolve_resume_config(resume_settings(cli["resume"]), cli)
         else:

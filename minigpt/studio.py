@@ -177,7 +177,7 @@ class Studio:
         name = min(named)[1]
         return graph_error(built.node_of(FIELD_NODES[name]), message, name)
 
-    def run_config(self, built: BuiltGraph, out: Path, name: str):
+    def run_config(self, built: BuiltGraph, out: Path):
         """The RunConfig `python main.py --graph` would resolve for this graph, writing into `out`; it
         logs every step (for the chart), and a character model's sample starts with the text's own
         first characters (any other prompt might hold a character the text lacks)."""
@@ -189,7 +189,7 @@ class Studio:
             run = resolve_run_config(settings, {"data": built.data, "out": str(out)})
         except ConfigError as err:
             raise GraphError([self._error_for(str(err), built)]) from None
-        return replace(run, model_name=f"{name} (studio graph)",
+        return replace(run, model_name=f"{built.plan.graph.name} (studio graph)",
                        graph=None if built.plan.standard is not None else built.graph)
 
     def summary(self, graph: Any) -> dict[str, Any]:
@@ -253,7 +253,7 @@ class Studio:
             self._refuse_if_busy()
             folder = self._claim_folder(name if name.startswith("studio") else f"studio-{name}")
             try:
-                run = self.run_config(built, folder, name)
+                run = self.run_config(built, folder)
                 studio_run = StudioRun(folder.name, folder, {"name": name, "created": time.time(),
                                                              "data": built.data, "graph": graph})
                 studio_run.launch(run)

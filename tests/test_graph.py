@@ -129,7 +129,7 @@ def train_graph(graph, tmp_path, steps=24):
     goal["params"].update(max_steps=steps, eval_freq=steps // 3, batch_size=4, learning_rate=3e-3)
     studio = Studio(tmp_path / "runs", tmp_path / "uploads")
     built = studio.build(graph)
-    run = replace(studio.run_config(built, tmp_path / "runs" / "graph-run", "test"), log_every=100)
+    run = replace(studio.run_config(built, tmp_path / "runs" / "graph-run"), log_every=100)
     model, _, metrics, run_dir = pretrain(run)
     return model, metrics, run_dir
 
@@ -343,8 +343,10 @@ def test_main_trains_a_graph_file(tmp_path, monkeypatch):
     path.write_text(json.dumps(graph))
     monkeypatch.chdir(tmp_path)
     cli = main.parse_args(["--graph", str(path), "--out", str(tmp_path / "run")])
-    settings, free_graph = main.graph_settings(cli)
+    settings, free_graph, name = main.graph_settings(cli)
     run = replace(resolve_run_config(settings, cli), graph=free_graph)
-    assert run.graph["name"] == "encoder-decoder example" and run.model.vocab_size
+    assert run.graph["name"] == name == "encoder-decoder example" and run.model.vocab_size
     assert main.main(["--graph", str(path), "--out", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["completed"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model_name"] == \
+        "encoder-decoder example (studio graph)"

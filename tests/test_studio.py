@@ -248,8 +248,8 @@ def test_the_settings_and_the_command_rebuild_the_same_model(client, tmp_path, m
     path.write_text(json.dumps(graph))
     monkeypatch.chdir(tmp_path)
     cli = main.parse_args(["--graph", str(path)])
-    settings, free_graph = main.graph_settings(cli)
-    assert free_graph is None  # the standard chain trains as GPTModel, from its config
+    settings, free_graph, name = main.graph_settings(cli)
+    assert free_graph is None and name == "llama-tiny"  # the standard chain trains as GPTModel, from its config
     run = resolve_run_config(settings, cli)
     with torch.device("meta"):
         assert GPTModel(run.model).num_parameters() == summary["params"]
