@@ -125,6 +125,17 @@ def node_box(driver, node_id):
 
     return driver.find_element(By.CSS_SELECTOR, f'.node[data-node-id="{node_id}"]')
 
+def set_max_steps(driver, wait, steps):
+    """Open the Training goal's settings and type its step limit, as a user would."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    node_box(driver, "training_goal").find_element(By.CLASS_NAME, "node-title").click()
+    field = wait.until(lambda d: d.find_element(By.ID, "param-max_steps"))
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(str(steps))
+
+
 
 def port(driver, node_id, direction, name):
     from selenium.webdriver.common.by import By
@@ -416,7 +427,6 @@ def test_import_and_export_round_trip_and_a_bad_file_says_why(studio, browser, t
 
 def test_training_survives_a_reload_and_stops_and_resumes_from_the_page(studio, browser, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     from minigpt.studio import StudioRun
@@ -434,10 +444,7 @@ def test_training_survives_a_reload_and_stops_and_resumes_from_the_page(studio, 
     url, app = studio
     driver, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.1)
     open_studio(driver, url)
-    node_box(driver, "training_goal").find_element(By.CLASS_NAME, "node-title").click()
-    steps = wait.until(lambda d: d.find_element(By.ID, "param-max_steps"))
-    steps.send_keys(Keys.CONTROL, "a")
-    steps.send_keys("20")
+    set_max_steps(driver, wait, 20)
 
     driver.find_element(By.ID, "train-button").click()
     chart = driver.find_element(By.ID, "loss-chart")
@@ -480,16 +487,12 @@ def test_training_survives_a_reload_and_stops_and_resumes_from_the_page(studio, 
 
 def test_train_and_chat_with_the_trained_run(studio, browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url, _ = studio
     driver, wait = browser, WebDriverWait(browser, 60, poll_frequency=0.1)
     open_studio(driver, url)
-    node_box(driver, "training_goal").find_element(By.CLASS_NAME, "node-title").click()
-    steps = wait.until(lambda d: d.find_element(By.ID, "param-max_steps"))
-    steps.send_keys(Keys.CONTROL, "a")
-    steps.send_keys("12")
+    set_max_steps(driver, wait, 12)
     driver.find_element(By.ID, "train-button").click()
     status = driver.find_element(By.ID, "run-status")
     wait.until(lambda d: status.get_attribute("data-status") in ("finished", "stopped", "failed"))
