@@ -590,9 +590,7 @@ def infer_value(node: Node, given: dict[str, list[Value]], vocab_size: int, cont
         if p["kind"] == "rope":
             return replace(x, rope=p["rope_base"]), None
         return x, None
-    if kind in ("norm", "dropout"):
-        return x, None
-    if kind == "feed_forward":
+    if kind in ("norm", "dropout", "feed_forward"):  # each token's vector in, one as wide out
         return x, None
     if kind == "linear":
         return replace(x, width=p["out_features"]), None
