@@ -500,7 +500,6 @@ def test_train_and_chat_with_the_trained_run(studio, browser, tmp_path):
     chart = driver.find_element(By.ID, "loss-chart")
     assert int(chart.get_attribute("data-points")) == 12
     assert "val" in text_of(driver, "train-log")  # the evaluation at step 10 is logged with its perplexity
-    save_screenshot(driver, tmp_path, "studio-training.png")
 
     run_id = status.get_attribute("data-run-id")
     driver.find_element(By.ID, "tab-button-chat").click()
