@@ -1174,6 +1174,24 @@ def classification_collate(batch: list[tuple[list[int], int]], pad_id: int = 0,
     return inputs, targets
 
 
+def labelled_sequence_collate(batch: list[tuple[list[int], int]], length: int, pad_id: int = 0,
+                              ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labelled texts for next-token and classification losses at once (the studio's graphs):
+    inputs (B, length) padded on the LEFT, next-token targets (B, length) with `ignore_index` on
+    the padding, and the classes (B,).
+
+    Padding on the left puts every text's last token at the last position, where a classification
+    head reads it; each text gives its first length + 1 tokens (inputs, then targets one later).
+    """
+    inputs = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(batch), length), ignore_index, dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        ids = torch.tensor(ids[:length + 1], dtype=torch.long)
+        inputs[row, length - len(ids) + 1:] = ids[:-1]
+        targets[row, length - len(ids) + 1:] = ids[1:]
+    return inputs, targets, torch.tensor([label for _, label in batch], dtype=torch.long)
+
+
 # ---------------------------------------------------------------------------------------
 # Preference data (chapter 8): a prompt, a chosen and a rejected answer
 # ---------------------------------------------------------------------------------------

@@ -144,6 +144,12 @@ NODE_TYPES: dict[str, dict[str, Any]] = {
                         "outputs": [_port("loss", "loss")],
                         "help": "cross-entropy of each position's scores against the token that follows it (chapter 5)",
                         "params": [_param("weight", "float", 1.0, "weight", min=0.0, max=100.0)]},
+    "classification_loss": {
+        "label": "Sequence classification loss", "group": "training", "inputs": [_port("in", "hidden")],
+        "outputs": [_port("loss", "loss")],
+        "help": "a label for each text, read from its last token's vector by a linear head; needs labelled data "
+                "(a .csv, .tsv or .jsonl with text and label)",
+        "params": [_param("weight", "float", 1.0, "weight", min=0.0, max=100.0)]},
     "training_goal": {
         "label": "Training goal", "group": "training", "inputs": [_port("loss", "loss", "losses", multiple=True)],
         "outputs": [], "help": "the weighted sum of its losses, minimised with AdamW (chapter 5)",
@@ -386,7 +392,8 @@ def _read_templates(raw: list[Any], errors: list[dict[str, Any]]) -> dict[str, d
         nodes = _read_nodes(_as_list(item, "nodes", inner_errors), inner_errors, {})
         edges = _read_edges(_as_list(item, "edges", inner_errors), nodes, inner_errors)
         for node in nodes.values():
-            if node.type in ONE_PER_GRAPH + ("template", "output_head", "next_token_loss", "token_embedding"):
+            if node.type in ONE_PER_GRAPH + ("template", "output_head", "next_token_loss", "classification_loss",
+                                             "token_embedding"):
                 inner_errors.append(graph_error(node.id, f"a template holds layers between hidden states; "
                                                          f"move the {NODE_TYPES[node.type]['label']} out of it"))
         for key in ("input", "output"):
@@ -457,6 +464,7 @@ class Plan:
     context_length: int
     training: dict[str, Any]
     standard: GPTConfig | None = None        # the GPTConfig when the graph is the standard chain
+    labels: list[str] = field(default_factory=list)  # labelled data's classes (a sequence-classification loss)
 
     def edge_shapes(self) -> list[dict[str, Any]]:
         return [{"from": e.source, "from_port": e.source_port, "to": e.target, "to_port": e.target_port,
@@ -464,9 +472,15 @@ class Plan:
                 for e in self.graph.edges if e.source in self.values]
 
 
-def check_graph(graph: Graph, vocab_size: int) -> Plan:
-    """Order the nodes, infer every edge's value and refuse what cannot train; raises GraphError."""
+def check_graph(graph: Graph, vocab_size: int, labels: list[str] | None = None) -> Plan:
+    """Order the nodes, infer every edge's value and refuse what cannot train; raises GraphError.
+    `labels` are the classes of labelled data, which a sequence-classification loss needs."""
     errors = _check_counts(graph)
+    for node in graph.nodes.values():
+        if node.type == "classification_loss" and not labels:
+            errors.append(graph_error(_shown(node), "a sequence-classification loss needs labelled data: give the "
+                                                    "Data node a .csv, .tsv or .jsonl file whose records have a "
+                                                    "\"text\" and a \"label\" (two classes at least)"))
     inputs: dict[str, dict[str, list[str]]] = {node_id: {} for node_id in graph.nodes}
     for edge in graph.edges:
         inputs[edge.target].setdefault(edge.target_port, []).append(edge.source)
@@ -493,7 +507,7 @@ def check_graph(graph: Graph, vocab_size: int) -> Plan:
     if errors:
         raise GraphError(errors)
     training = {key: goal.params[key] for key in TRAINING_SETTINGS}
-    plan = Plan(graph, order, inputs, values, vocab_size, context, training)
+    plan = Plan(graph, order, inputs, values, vocab_size, context, training, labels=list(labels or []))
     plan.standard = standard_config(plan)
     halting = [_shown(n) for n in graph.nodes.values() if n.type == "transformer_block" and n.params["halting"]]
     if plan.standard is None and halting:
@@ -619,6 +633,8 @@ def infer_value(node: Node, given: dict[str, list[Value]], vocab_size: int, cont
                                 "non-causal attention or convolution), so position t has read the token it must "
                                 "predict and the loss would fall to zero without learning anything; make those "
                                 "layers causal", "logits")
+        return Value("loss"), None
+    if kind == "classification_loss":  # one label per text: reading the whole window is allowed
         return Value("loss"), None
     if kind == "training_goal":
         return Value("loss"), None
@@ -908,6 +924,8 @@ class GraphModel(LanguageModel):
             return Conv1d(width, p["out_channels"], p["kernel_size"], p["causal"])
         if node.type == "output_head":
             return nn.Linear(width, plan.vocab_size, bias=False)
+        if node.type == "classification_loss":  # its head: the classes' scores from the last position
+            return nn.Linear(width, len(plan.labels))
         return None  # data, tokenizer, add, losses, the training goal: no weights
 
     def forward(self, in_idx: torch.Tensor, cache: None = None, details: bool = False,
@@ -919,6 +937,9 @@ class GraphModel(LanguageModel):
         for node_id in self.plan.order:
             node, read = self.plan.graph.nodes[node_id], self.plan.inputs[node_id]
             if node.type in ("data", "next_token_loss", "training_goal"):
+                continue
+            if node.type == "classification_loss":  # texts are padded on the left: the last position is real
+                outputs[node_id] = self.layers[module_name(node_id)](outputs[read["in"][0]][:, -1])  # (B, K)
                 continue
             if node.type == "tokenizer":
                 outputs[node_id] = in_idx                                        # (B, T)
@@ -936,8 +957,10 @@ class GraphModel(LanguageModel):
         if not details:
             return logits
         aux = [loss for m in self.layers.values() if isinstance(m, BlockStack) and (loss := m.aux_loss()) is not None]
+        classes = [(n.params["weight"], outputs[n.id]) for n in self.plan.graph.nodes.values()
+                   if n.type == "classification_loss"]
         return ModelOutput(logits, sum(aux) if aux else None, weight=self.heads[0][1],
-                           heads=[(weight, outputs[head]) for head, weight in self.heads[1:]])
+                           heads=[(weight, outputs[head]) for head, weight in self.heads[1:]], classes=classes)
 
     def describe(self) -> str:
         """One line for a run's header: what the graph holds."""
@@ -993,8 +1016,14 @@ def compile_graph(plan: Plan) -> LanguageModel:
 
 
 def build_graph_model(graph: dict[str, Any], vocab_size: int) -> LanguageModel:
-    """Read, check and compile a graph (JSON) for a tokenizer of `vocab_size` tokens."""
-    return compile_graph(check_graph(read_graph(graph), vocab_size))
+    """Read, check and compile a graph (JSON) for a tokenizer of `vocab_size` tokens (and, for a
+    sequence-classification loss, the classes a run saved with it as "labels")."""
+    return compile_graph(check_graph(read_graph(graph), vocab_size, graph.get("labels")))
+
+
+def needs_labels(graph: Graph) -> bool:
+    """Whether the graph has a sequence-classification loss, which reads labelled records."""
+    return any(node.type == "classification_loss" for node in graph.nodes.values())
 
 
 # ---------------------------------------------------------------------------------------

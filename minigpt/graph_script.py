@@ -29,6 +29,10 @@ def check_scriptable(plan: Plan, tokenizer: str) -> None:
                                         "(tiktoken); a BPE trained here lives in minigpt: pick char or gpt2 to "
                                         "export a script, or train it with python main.py --graph", "kind"))
     for node in plan.graph.nodes.values():
+        if node.type == "classification_loss":
+            errors.append(graph_error(node.shown_as or node.id, "the exported script trains next-token losses on "
+                                      "plain text; a graph with a sequence-classification loss trains with python "
+                                      "main.py --graph"))
         if node.type != "transformer_block":
             continue
         for name, value in UNSUPPORTED_SWITCHES.items():

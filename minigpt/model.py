@@ -48,6 +48,7 @@ class ModelOutput:
     depth: torch.Tensor | None = None     # halting: the blocks each token ran, (B, T)
     weight: float = 1.0                   # the next-token loss of `logits` counts this much (a studio graph's weight)
     heads: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # a graph's other next-token heads: (weight, logits)
+    classes: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # a graph's classification heads: (weight, (B, K))
 
 
 class LanguageModel(nn.Module):

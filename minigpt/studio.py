@@ -36,11 +36,12 @@ from typing import Any, Iterator
 import torch
 
 from minigpt.config import MODEL_PRESETS, PRETRAINED_NAMES, ConfigError, GPTConfig, model_config
-from minigpt.data import NAMED_CORPORA, corpus_path, read_text
+from minigpt.data import NAMED_CORPORA, corpus_path, read_labeled_texts, read_text
 from minigpt.generation import stream_text
-from minigpt.graph_script import training_script
 from minigpt.graph import (GRAPH_VERSION, KIND_WORDS, NODE_TYPES, GraphError, Plan, check_graph, compile_graph,
-                           envelope_config, file_stem, graph_error, module_name, read_graph, standard_graph, upgrade)
+                           envelope_config, file_stem, graph_error, module_name, needs_labels, read_graph, standard_graph,
+                           upgrade)
+from minigpt.graph_script import training_script
 from minigpt.hub import load_pretrained
 from minigpt.memory import MIB, estimate_training_memory
 from minigpt.model import GPTModel
@@ -123,6 +124,20 @@ class Studio:
         sources += [{"source": f"upload:{name}", "label": f"{name} (uploaded)"} for name in self.uploads()]
         return sources
 
+    @staticmethod
+    def labels(data: str, node_id: str) -> list[str]:
+        """The classes of labelled data (a .csv, .tsv or .jsonl of text and label), sorted."""
+        path = corpus_path(data)
+        if path.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
+            raise GraphError([graph_error(node_id, f"a sequence-classification loss reads labelled texts: upload a "
+                                                   f".csv, .tsv or .jsonl file whose records have a \"text\" and a "
+                                                   f"\"label\"; {path.name} is plain text", "source")])
+        try:
+            return sorted({label for _, label in read_labeled_texts(path)})
+        except ConfigError as err:
+            raise GraphError([graph_error(node_id, f"a sequence-classification loss reads labelled texts: {err}",
+                                          "source")]) from None
+
     def vocab_size(self, kind: str, vocab: int | None, data: str, node_id: str) -> int:
         """The tokenizer's vocabulary: GPT-2's, the BPE's size, or the text's distinct characters."""
         if kind == "gpt2":
@@ -149,8 +164,9 @@ class Studio:
             check_graph(read, 2)  # says which of them is missing, with any other structural problem
         data = self.data_path(data_node.params["source"], data_node.id)
         kind, bpe_size = tokenizer.params["kind"], tokenizer.params["vocab_size"]
-        plan = check_graph(read, self.vocab_size(kind, bpe_size, data, tokenizer.id))
-        built = BuiltGraph(plan, upgrade(graph), {}, data)
+        labels = self.labels(data, data_node.id) if needs_labels(read) else None
+        plan = check_graph(read, self.vocab_size(kind, bpe_size, data, tokenizer.id), labels)
+        built = BuiltGraph(plan, {**upgrade(graph), "labels": labels} if labels else upgrade(graph), {}, data)
         config, training = built.config, plan.training
         train = {**training, "max_length": plan.context_length, "stride": plan.context_length}
         overrides = {f: getattr(config, f) for f in ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate",
@@ -183,7 +199,9 @@ class Studio:
         first characters (any other prompt might hold a character the text lacks)."""
         settings = dict(built.settings, LOG_EVERY=1)
         if settings["TOKENIZER"] == "char":
-            opening = " ".join(read_text(corpus_path(built.data))[:200].split()[:3]) or "The"
+            text = read_labeled_texts(corpus_path(built.data))[0][0] if built.plan.labels else \
+                read_text(corpus_path(built.data))[:200]
+            opening = " ".join(text.split()[:3]) or "The"
             settings["custom_params"] = {**settings["custom_params"], "start_context": opening}
         try:
             run = resolve_run_config(settings, {"data": built.data, "out": str(out)})

@@ -21,11 +21,13 @@ import torch.distributed as dist
 
 from minigpt.config import (MODEL_PRESETS, TOKENIZERS, ConfigError, GPTConfig, RunConfig, TrainConfig,
                             check_max_length, did_you_mean, model_config)
-from minigpt.data import (VOCAB_NAME, SplitTexts, TokenFile, corpus_characters, corpus_files, corpus_path,
-                          corpus_sample, create_dataloader, data_format, file_sha256, first_characters, hf_split_texts,
-                          is_large, is_large_corpus, keyed_token_folder, named_split_texts, read_corpus,
+from minigpt.data import (VOCAB_NAME, ClassificationDataset, SplitTexts, TokenFile, corpus_characters, corpus_files,
+                          corpus_path, corpus_sample, create_dataloader, data_format, file_sha256, first_characters,
+                          hf_split_texts, is_large, is_large_corpus, keyed_token_folder, labelled_sequence_collate,
+                          named_split_texts, read_corpus, read_labeled_texts,
                           read_token_files, split_text, token_folder, token_id_chunks, vocabulary_files,
                           write_split_token_files, write_token_files, write_token_stream)
+from minigpt.finetune import make_loader
 from minigpt.generation import generate_text, text_to_token_ids
 from minigpt.graph import GraphModel
 from minigpt.model import GPTModel
@@ -66,11 +68,14 @@ class Corpus:
     tokenizer_note: str     # the header's "tokenizer" line
     on_disk: bool           # token files (random windows by default) rather than a list
     source: str             # where the data came from (config.json's data_path)
+    labelled: tuple[ClassificationDataset, ClassificationDataset] | None = None  # labelled texts: train, validation
 
 
 def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distributed) -> Corpus:
     """Read and tokenize `run.data` in its format (`data_format`), building the tokenizer first unless a
     resumed run brings its own: a text cut by val_fraction, a corpus with its own splits, or token ids."""
+    if run.graph is not None and run.graph.get("labels"):
+        return _prepare_labelled(run, checkpoint)
     kind = data_format(run.data, run.data_format)
     if kind == "tokens":
         return _prepare_token_ids(run, corpus_path(run.data), checkpoint, world)
@@ -100,6 +105,37 @@ def prepare_corpus(run: RunConfig, checkpoint: dict[str, Any] | None, world: Dis
                    f"({tokenizer.name}); train {len(train_ids):,} / validation {len(val_ids):,} tokens")
     return Corpus(tokenizer, train_ids, val_ids, fingerprint, description, note, on_disk=False,
                   source=str(path.resolve()))
+
+
+def _prepare_labelled(run: RunConfig, checkpoint: dict[str, Any] | None) -> Corpus:
+    """Labelled texts for a studio graph with a sequence-classification loss: each text a sequence of
+    its own (its first max_length + 1 tokens), a seeded val_fraction of the texts held out."""
+    path = corpus_path(run.data)
+    pairs = read_labeled_texts(path)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(run.seed)).tolist()
+    held_out = max(1, round(run.train.val_fraction * len(pairs)))
+    train_pairs, val_pairs = [pairs[i] for i in order[held_out:]], [pairs[i] for i in order[:held_out]]
+    started = time.perf_counter()
+    if checkpoint is not None:
+        tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
+    else:  # characters: every one of the file (as the studio counted them); a BPE: the training texts
+        tokenizer = _build_tokenizer(run, "\n".join(t for t, _ in train_pairs) if run.tokenizer == "train"
+                                     else path.read_text(encoding="utf-8"))
+    note = describe_tokenizer(tokenizer, run, time.perf_counter() - started, resumed=checkpoint is not None)
+    labels = run.graph["labels"]
+    splits = [ClassificationDataset(part, tokenizer, labels, run.train.max_length + 1) for part in (train_pairs, val_pairs)]
+    for split in splits:  # a text of one token has no next token to predict
+        split.examples = [example for example in split.examples if len(example[0]) >= 2]
+    train, val = splits
+    if len(train) < run.train.batch_size or not len(val):
+        raise ConfigError(f"{path.name} gives {len(train)} training and {len(val)} validation texts of two tokens "
+                          f"or more; it needs a batch ({run.train.batch_size}) of training texts and one to "
+                          "validate: give more texts, or lower the batch size.")
+    description = (f"{path.name}: {len(pairs):,} labelled texts, {len(labels)} classes ({', '.join(labels[:6])}"
+                   f"{', ...' if len(labels) > 6 else ''}); train {len(train):,} / validation {len(val):,} texts, "
+                   f"each padded on the left to {run.train.max_length} tokens")
+    return Corpus(tokenizer, [t for ids, _ in train.examples for t in ids], [t for ids, _ in val.examples for t in ids],
+                  file_sha256(path), description, note, on_disk=False, source=str(path.resolve()), labelled=(train, val))
 
 
 def _prepare_token_files(run: RunConfig, path: Path, text_field: str | None, checkpoint: dict[str, Any] | None,
@@ -253,6 +289,8 @@ def describe_tokenizer(tokenizer, run: RunConfig, seconds: float, resumed: bool)
 def make_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int) -> tuple[Loaders, bool]:
     """Shuffled training batches (this process's share, in micro-batches) and the evaluation windows of
     both splits; and whether training reads random windows (token files) instead of sliding ones."""
+    if corpus.labelled is not None:
+        return _labelled_loaders(corpus, cfg, world, seed), False
     random_windows = cfg.sampling == "random" or (cfg.sampling == "auto" and corpus.on_disk)
     shape = dict(max_length=cfg.max_length, stride=cfg.stride, num_workers=cfg.num_workers, seed=seed)
     micro = micro_batch_size(cfg, world)
@@ -273,6 +311,20 @@ def make_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int
                               **evaluation),
         accumulation=cfg.batch_size // (micro * world.world_size), eval_batches=cfg.eval_iter * per_batch)
     return loaders, random_windows
+
+
+def _labelled_loaders(corpus: Corpus, cfg: TrainConfig, world: Distributed, seed: int) -> Loaders:
+    """Batches of labelled texts: (inputs, next-token targets, classes), in a seeded order."""
+    if world.active:
+        raise ConfigError("a graph with a sequence-classification loss trains in one process; run it without "
+                          "torchrun.")
+    collate = functools.partial(labelled_sequence_collate, length=cfg.max_length)
+    micro = micro_batch_size(cfg, world)
+    train, val = corpus.labelled
+    return Loaders(train=make_loader(train, collate, cfg.batch_size, micro, True, seed, "the labelled training texts"),
+                   train_eval=make_loader(train, collate, cfg.batch_size, micro, False, seed, "the training texts"),
+                   val=make_loader(val, collate, cfg.batch_size, micro, False, seed, "the validation texts"),
+                   accumulation=cfg.batch_size // micro, eval_batches=cfg.eval_iter * (cfg.batch_size // micro))
 
 
 # ---------------------------------------------------------------------------------------
@@ -357,12 +409,29 @@ def _pretrain(run: RunConfig, checkpoint: dict[str, Any] | None, world: Distribu
                 return evaluate_model(model, loaders.train_eval, loaders.val, device, final_eval_batches)
 
         final = stop.unless_stopped(evaluate, "the final evaluation", show=world.is_main)
+        if final is not None and corpus.labelled is not None:
+            files.more["val_accuracy"] = class_accuracy(model, loaders.val, device)
     with stop.deferred("once the run's files are written"):
         metrics = files.write(completed and final is not None, final)
     if world.is_main:
         print_summary(metrics, run_dir, metrics["completed"])
+        if "val_accuracy" in metrics:
+            print(f"  classes            {metrics['val_accuracy']:.1%} of {len(corpus.labelled[1]):,} validation texts "
+                  f"labelled right (chance: {1 / len(run.graph['labels']):.1%})")
         export_hf_folders(run, run_dir, metrics["completed"])
     return model, tokenizer, metrics, run_dir
+
+
+@torch.no_grad()
+def class_accuracy(model: torch.nn.Module, loader, device: torch.device) -> float:
+    """The share of labelled texts whose class the model's first classification head ranks first."""
+    model.eval()
+    right = total = 0
+    for inputs, _, labels in loader:
+        scores = model(inputs.to(device), details=True).classes[0][1]  # (B, K)
+        right += int((scores.argmax(dim=-1).cpu() == labels).sum())
+        total += len(labels)
+    return right / total
 
 
 def _with_sample_prompt(run: RunConfig, corpus: Corpus) -> RunConfig:
@@ -414,6 +483,7 @@ class _RunFiles:
         self.run_dir, self.run, self.model, self.optimizer = run_dir, run, model, optimizer
         self.state, self.setup, self.corpus, self.compile_note = state, setup, corpus, compile_note
         self.extra = {"tokenizer_spec": corpus.tokenizer.spec(), "data_sha256": corpus.fingerprint}
+        self.more: dict[str, Any] = {}  # measures a task adds to metrics.json (a graph's class accuracy)
 
     def save(self) -> None:
         """A resumable checkpoint and the files that describe it (at an epoch's end)."""
@@ -427,7 +497,8 @@ class _RunFiles:
                             self.extra, rng, self.setup.scaler)
 
     def write(self, completed: bool, final: tuple[float, float] | None = None) -> dict[str, Any]:
-        metrics = make_metrics(self.state, self.model, completed, final, self.run, self.setup, self.compile_note)
+        metrics = {**make_metrics(self.state, self.model, completed, final, self.run, self.setup, self.compile_note),
+                   **self.more}
         if self.setup.is_main:
             write_run_files(self.run_dir, self.run, metrics, self.extra, self.corpus)
         return metrics
@@ -478,7 +549,8 @@ def print_header(run: RunConfig, model: GPTModel, setup: ScaledSetup, state: Tra
     split = "" if header.loaders.accumulation == 1 and not setup.world.active else (
         f" = {micro} per micro-batch x {header.loaders.accumulation} accumulation step(s) x "
         f"{setup.world.world_size} process(es)")
-    windows = "random windows" if header.random_windows else f"sliding windows, stride {cfg.stride}"
+    windows = "one labelled text per sequence" if header.corpus.labelled is not None else \
+        "random windows" if header.random_windows else f"sliding windows, stride {cfg.stride}"
     final = header.final_eval_batches
     print_rows(f"minigpt | {run.task} | {run.mode} mode", [
         ("device", device_row(setup, cfg)),
@@ -510,6 +582,8 @@ def final_windows(loaders: Loaders, batches: int | None, micro: int) -> str:
     if batches is not None:
         return f"{batches * micro:,} windows of each split"
     train, val = len(loaders.train_eval.dataset), len(loaders.val.dataset)
+    if isinstance(loaders.val.dataset, ClassificationDataset):  # labelled texts, each a sequence
+        return f"every text of both splits ({val:,} validation, {train:,} training)"
     spread = loaders.train_eval.dataset.starts.step > loaders.val.dataset.starts.step
     if not spread:
         return f"every window of both splits ({val:,} validation, {train:,} training)"

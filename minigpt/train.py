@@ -35,11 +35,14 @@ from minigpt.model import LanguageModel, ModelOutput
 
 
 def loss_and_output(input_batch: torch.Tensor, target_batch: torch.Tensor, model: torch.nn.Module,
-                    device: torch.device | str) -> tuple[torch.Tensor, ModelOutput]:
+                    device: torch.device | str, labels: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, ModelOutput]:
     """The batch's mean next-token cross-entropy and the forward pass's output.
 
     While training, the model's own terms are added to the loss: a mixture of experts' load
-    balancing (chapter 10) and the halting units' ponder cost (chapter 11).
+    balancing (chapter 10) and the halting units' ponder cost (chapter 11); and for a studio
+    graph, its other losses, each weighted: more next-token heads, and a class per sequence
+    (`labels`, (B,)) for its classification heads.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
     output = forward_with_details(model, input_batch)  # logits (B, T, V)
@@ -48,6 +51,9 @@ def loss_and_output(input_batch: torch.Tensor, target_batch: torch.Tensor, model
     if model.training and (output.heads or output.weight != 1.0):  # a studio graph's losses: their weighted sum
         loss = output.weight * loss + sum(weight * F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
                                           for weight, logits in output.heads)
+    if model.training and output.classes and labels is not None:
+        labels = labels.to(device)
+        loss = loss + sum(weight * F.cross_entropy(scores, labels) for weight, scores in output.classes)
     if model.training and output.aux_loss is not None:
         loss = loss + output.aux_loss
     return loss, output
@@ -83,7 +89,7 @@ def calc_loss_loader(data_loader: DataLoader, model: torch.nn.Module, device: to
     Targets of IGNORE_INDEX (padding, masked prompts: chapter 7) are not predictions and do not count.
     """
     total_loss, total_tokens = 0.0, 0
-    for i, (inputs, targets) in enumerate(data_loader):
+    for i, (inputs, targets, *_) in enumerate(data_loader):  # (a class per sequence, if given, is not scored here)
         if num_batches is not None and i >= num_batches:
             break
         loss = calc_loss_batch(inputs, targets, model, device)
@@ -219,10 +225,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=setup.device)
     depths = []
-    for i, (inputs, targets) in enumerate(micro_batches):
+    for i, (inputs, targets, *labels) in enumerate(micro_batches):  # labels: a class per sequence, if any
         with setup.exchange(model, last=i == len(micro_batches) - 1):
             with setup.autocast():
-                loss, output = loss_and_output(inputs, targets, model, setup.device)
+                loss, output = loss_and_output(inputs, targets, model, setup.device, *labels)
                 loss = loss / len(micro_batches)
             if output.depth is not None:
                 depths.append(output.depth.detach().mean())
@@ -326,7 +332,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: list,
     """One training step (begun at `started`), counted into `state`; and whether any process was asked to stop."""
     runner = setup.runner if setup.runner is not None else model
     result = train_step(runner, optimizer, batch, setup, cfg.grad_clip)
-    batch_loss, stopping, tokens = setup.agree(result.loss, stop, sum(inputs.numel() for inputs, _ in batch))
+    batch_loss, stopping, tokens = setup.agree(result.loss, stop, sum(inputs.numel() for inputs, *_ in batch))
     if not math.isfinite(batch_loss):
         raise Diverged(
             f"the loss became {batch_loss} at step {state.global_step + 1} (learning rate "

@@ -350,3 +350,88 @@ def test_main_trains_a_graph_file(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["completed"]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_name"] == \
         "encoder-decoder example (studio graph)"
+
+
+# ---------------------------------------------------------------------------------------
+# A sequence-classification loss beside the next-token loss (labelled texts)
+# ---------------------------------------------------------------------------------------
+
+def reviews(path, count=240, seed=0):
+    """Labelled texts whose class a word decides: "pos" reviews say good things, "neg" ones bad."""
+    import random
+
+    draw = random.Random(seed)
+    words = {"pos": ["good", "great", "lovely", "fine", "kind"], "neg": ["bad", "awful", "rude", "poor", "cold"]}
+    things = ["the food", "the room", "the staff", "the music", "the view", "the tea"]
+    lines = []
+    for _ in range(count):
+        label = draw.choice(["pos", "neg"])
+        text = " and ".join(f"{draw.choice(things)} was {draw.choice(words[label])}" for _ in range(2))
+        lines.append(json.dumps({"text": text, "label": label}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def classifying_chain():
+    graph = chain(("positional_encoding", {"kind": "learned"}), ("transformer_block", {"n_layers": 2, "n_heads": 4}),
+                  ("norm", {}), context_length=48)
+    graph["nodes"].append({"id": "cls", "type": "classification_loss", "params": {"weight": 0.5}})
+    graph["edges"] += [{"from": "l2", "to": "cls"}, {"from": "cls", "to": "goal"}]
+    return graph
+
+
+def test_labelled_texts_are_padded_on_the_left_with_their_next_tokens_and_class():
+    from minigpt.data import IGNORE_INDEX, labelled_sequence_collate
+
+    inputs, targets, classes = labelled_sequence_collate([([5, 6, 7], 1), ([1, 2, 3, 4, 5, 6, 7], 0)], length=4)
+    assert inputs.tolist() == [[0, 0, 5, 6], [1, 2, 3, 4]]
+    assert targets.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 6, 7], [2, 3, 4, 5]]
+    assert classes.tolist() == [1, 0]
+
+
+def test_a_classification_loss_needs_labelled_data(tmp_path):
+    from minigpt.studio import Studio
+
+    [error] = refusal(classifying_chain())  # no labels given
+    assert error["node"] == "cls" and "labelled data" in error["message"]
+    if find_verdict() is None:
+        pytest.skip("the-verdict.txt is not available offline")
+    with pytest.raises(GraphError) as caught:  # plain text: said on the data node
+        Studio(tmp_path / "runs", tmp_path / "uploads").build(classifying_chain())
+    assert caught.value.errors[0]["node"] == "data" and ".jsonl" in caught.value.errors[0]["message"]
+    with pytest.raises(GraphError) as caught:  # the exported script trains next-token losses only
+        training_script(check_graph(read_graph(classifying_chain()), 60, ["neg", "pos"]), "t.txt", "char")
+    assert caught.value.errors[0]["node"] == "cls"
+
+
+def test_next_token_and_classification_losses_train_together(tmp_path):
+    from minigpt.studio import Studio
+    from minigpt.train import loss_and_output
+
+    (tmp_path / "uploads").mkdir()
+    reviews(tmp_path / "uploads" / "reviews.jsonl")
+    graph = classifying_chain()
+    node(graph, "data")["params"]["source"] = "upload:reviews.jsonl"
+    node(graph, "goal")["params"].update(max_steps=150, eval_freq=50, batch_size=8, learning_rate=3e-3, num_epochs=10)
+    studio = Studio(tmp_path / "runs", tmp_path / "uploads")
+    built = studio.build(graph)
+    assert built.plan.labels == ["neg", "pos"] and built.graph["labels"] == ["neg", "pos"]
+    counts = {row["node"]: row["params"] for row in studio.summary(graph)["per_node"]}
+    assert counts["cls"] == 32 * 2 + 2  # its head: width x classes, and a bias per class
+    # The loss: next-token cross-entropy plus 0.5 x the classes' cross-entropy at the last position.
+    model = compile_graph(built.plan).train()
+    ids, targets, classes = torch.randint(30, (3, 48)), torch.randint(30, (3, 48)), torch.tensor([0, 1, 1])
+    loss, _ = loss_and_output(ids, targets, model, "cpu", classes)
+    hidden = model.layers["l2"](model.layers["l1"](model.layers["l0"](model.layers["emb"](ids))))
+    by_hand = F.cross_entropy(model.layers["head"](hidden).flatten(0, 1), targets.flatten()) + \
+        0.5 * F.cross_entropy(model.layers["cls"](hidden[:, -1]), classes)
+    torch.testing.assert_close(loss, by_hand)
+
+    node(graph, "cls")["params"]["weight"] = 1.0
+    run = replace(studio.run_config(studio.build(graph), tmp_path / "runs" / "labelled"), log_every=100)
+    trained, tokenizer, metrics, run_dir = pretrain(run)
+    assert metrics["val_accuracy"] >= 0.9  # chance: 0.5
+    assert metrics["final_val_loss"] < metrics["val_losses"][0]
+    loaded, _, saved = load_model(run_dir)  # the classes travel with the graph
+    assert saved["graph"]["labels"] == ["neg", "pos"] and isinstance(loaded, GraphModel)
+    text = torch.tensor([tokenizer.encode("the food was lovely")])
+    assert loaded(text, details=True).classes[0][1].argmax().item() == 1  # "pos"
