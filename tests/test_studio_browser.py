@@ -149,6 +149,7 @@ def drag_from_palette(driver, css, x, y):
     from selenium.webdriver.common.by import By
 
     item = driver.find_element(By.CSS_SELECTOR, css)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'nearest'})", item)  # the palette scrolls, as for a user
     view = driver.find_element(By.ID, "canvas-wrap")
     width, height = view.size["width"], view.size["height"]
     (ActionChains(driver, duration=MOVE_MS).move_to_element(item).click_and_hold().move_by_offset(12, 4)
