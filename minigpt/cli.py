@@ -262,9 +262,8 @@ def graph_settings(cli: dict, config_run: types.ModuleType) -> tuple[dict, dict 
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not JSON ({err}); export the graph from the studio again.") from None
     try:
-        settings, free_graph = settings_from_graph(graph)
-        name = graph["name"] if isinstance(graph.get("name"), str) and graph["name"].strip() else path.stem
-        return {**settings_from_module(config_run), **settings, "TASK": "pretrain"}, free_graph, name.strip()
+        settings, free_graph, name = settings_from_graph(graph)
+        return {**settings_from_module(config_run), **settings, "TASK": "pretrain"}, free_graph, name
     except GraphError as err:
         raise ConfigError(f"the graph in {path} cannot be built: {err}") from None
 

@@ -396,9 +396,11 @@ def _read_templates(raw: list[Any], errors: list[dict[str, Any]]) -> dict[str, d
                                              "token_embedding"):
                 inner_errors.append(graph_error(node.id, f"a template holds layers between hidden states; "
                                                          f"move the {NODE_TYPES[node.type]['label']} out of it"))
-        for key in ("input", "output"):
-            if item.get(key) not in nodes:
-                inner_errors.append(graph_error(None, f"its {key} must name one of its nodes"))
+        for key, port in (("input", "in"), ("output", "out")):  # the ports a placed copy is joined by
+            node = nodes.get(item[key]) if isinstance(item.get(key), str) else None
+            if node is None or port not in [p["name"] for p in NODE_TYPES[node.type][key + "s"]]:
+                inner_errors.append(graph_error(None, f"its {key} must name one of its nodes that has an "
+                                                      f"{key} port {port!r}"))
         errors.extend(graph_error(None, f"template {name!r}: " + (f"{e['node']}: " if e["node"] else "")
                                   + e["message"]) for e in inner_errors)
         if not inner_errors:
@@ -693,13 +695,11 @@ def standard_config(plan: Plan) -> GPTConfig | None:
     """The GPTConfig of a graph that is exactly the standard chain (one node of each type, each
     joined to the next), whose final norm is the blocks' kind; else None."""
     nodes = plan.graph.nodes
-    if sorted(n.type for n in nodes.values()) != sorted(STANDARD_CHAIN) or len(plan.graph.edges) != 8:
+    links = sorted((nodes[e.source].type, nodes[e.target].type) for e in plan.graph.edges)
+    if sorted(n.type for n in nodes.values()) != sorted(STANDARD_CHAIN) or \
+            links != sorted(zip(STANDARD_CHAIN, STANDARD_CHAIN[1:])):
         return None
     by_type = {n.type: n for n in nodes.values()}
-    if any(nodes[e.source].type != a or nodes[e.target].type != b
-           for e, (a, b) in zip(sorted(plan.graph.edges, key=lambda e: STANDARD_CHAIN.index(nodes[e.source].type)),
-                                zip(STANDARD_CHAIN, STANDARD_CHAIN[1:]))):
-        return None
     block, norm, positions = (by_type[k].params for k in ("transformer_block", "norm", "positional_encoding"))
     if norm["kind"] != block["norm"] or (norm["kind"] == "layernorm" and norm["bias"] != block["bias"]):
         return None

@@ -336,9 +336,8 @@ def check_before_building(model: GPTConfig | torch.nn.Module, cfg: TrainConfig, 
     if isinstance(model, GPTConfig):
         with torch.device("meta"):
             model = GPTModel(model)
-    shapes = model
     micro = 1 if cfg.micro_batch_size == "auto" else micro_batch_size(cfg, world)
-    estimate = estimate_training_memory(shapes, micro, num_tokens, precision, device_type=device.type,
+    estimate = estimate_training_memory(model, micro, num_tokens, precision, device_type=device.type,
                                         accumulating=micro < cfg.batch_size // world.world_size)
     check_fits(estimate, device, cfg.batch_size, weights_allocated=False)
 

@@ -491,11 +491,13 @@ def command_text(built: BuiltGraph) -> str:
     return f"python main.py --graph {file_stem(built.plan.graph.name)}.json"
 
 
-def settings_from_graph(graph: Any, uploads_dir: str | Path = "uploads") -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """config_run.py-style settings (and DATA) for `python main.py --graph FILE`, and the graph itself
-    when it is not the standard chain (the run then trains the compiled graph)."""
+def settings_from_graph(graph: Any, uploads_dir: str | Path = "uploads"
+                        ) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+    """config_run.py-style settings (and DATA) for `python main.py --graph FILE`, the graph itself when
+    it is not the standard chain (the run then trains the compiled graph), and the graph's name."""
     built = Studio(Path("runs"), uploads_dir).build(graph)
-    return {**built.settings, "DATA": built.data}, None if built.plan.standard is not None else built.graph
+    free_graph = None if built.plan.standard is not None else built.graph
+    return {**built.settings, "DATA": built.data}, free_graph, built.plan.graph.name
 
 
 def node_parameters(plan: Plan, model: torch.nn.Module, data: str) -> list[dict[str, Any]]:

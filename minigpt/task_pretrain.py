@@ -25,7 +25,7 @@ from minigpt.data import (VOCAB_NAME, ClassificationDataset, SplitTexts, TokenFi
                           corpus_path, corpus_sample, create_dataloader, data_format, file_sha256, first_characters,
                           hf_split_texts, is_large, is_large_corpus, keyed_token_folder, labelled_sequence_collate,
                           named_split_texts, read_corpus, read_labeled_texts,
-                          read_token_files, split_text, token_folder, token_id_chunks, vocabulary_files,
+                          read_token_files, split_dataset, split_text, token_folder, token_id_chunks, vocabulary_files,
                           write_split_token_files, write_token_files, write_token_stream)
 from minigpt.finetune import make_loader
 from minigpt.generation import generate_text, text_to_token_ids
@@ -112,9 +112,8 @@ def _prepare_labelled(run: RunConfig, checkpoint: dict[str, Any] | None) -> Corp
     its own (its first max_length + 1 tokens), a seeded val_fraction of the texts held out."""
     path = corpus_path(run.data)
     pairs = read_labeled_texts(path)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(run.seed)).tolist()
-    held_out = max(1, round(run.train.val_fraction * len(pairs)))
-    train_pairs, val_pairs = [pairs[i] for i in order[held_out:]], [pairs[i] for i in order[:held_out]]
+    val_fraction = run.train.val_fraction
+    train_pairs, val_pairs, _ = split_dataset(pairs, 1 - val_fraction, val_fraction, seed=run.seed)
     started = time.perf_counter()
     if checkpoint is not None:
         tokenizer = tokenizer_from_spec(checkpoint["tokenizer_spec"])
