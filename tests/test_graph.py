@@ -435,3 +435,11 @@ def test_next_token_and_classification_losses_train_together(tmp_path):
     assert saved["graph"]["labels"] == ["neg", "pos"] and isinstance(loaded, GraphModel)
     text = torch.tensor([tokenizer.encode("the food was lovely")])
     assert loaded(text, details=True).classes[0][1].argmax().item() == 1  # "pos"
+
+
+def test_a_template_must_be_joined_by_in_and_out_ports():
+    graph = chain(("template", {"template": "sum", "repeat": 1}))
+    graph["templates"] = [{"name": "sum", "input": "a", "output": "a",
+                           "nodes": [{"id": "a", "type": "add"}], "edges": []}]
+    errors = refusal(graph)
+    assert any("template 'sum'" in e["message"] and "input port 'in'" in e["message"] for e in errors), errors
