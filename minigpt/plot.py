@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # draw to files only: works on servers and in CI, no display needed
+if "ipykernel" not in sys.modules:  # a notebook keeps its inline backend, so its figures show in the page
+    matplotlib.use("Agg")  # draw to files only: works on servers, in CI and in training threads
 import matplotlib.pyplot as plt  # noqa: E402
+
+REFRESH_FIGURES = "MINIGPT_REFRESH_FIGURES"  # set to 1 to let the notebooks redraw the handbook's figures
+
+
+def notebook_figures(root: str | Path) -> Path:
+    """The folder a chapter notebook saves its figures in: `notebooks/figures/` (git-ignored, so running a
+    notebook leaves the checkout clean), or the handbook's `chapters/figures/` when MINIGPT_REFRESH_FIGURES=1."""
+    refresh = os.environ.get(REFRESH_FIGURES, "") == "1"
+    folder = Path(root) / ("chapters" if refresh else "notebooks") / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def plot_losses(eval_steps: list[int], train_losses: list[float], val_losses: list[float],
