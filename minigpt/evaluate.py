@@ -1,4 +1,4 @@
-"""Evaluation (chapter 9): turning a model's mean loss into numbers that compare fairly.
+"""Evaluation (chapters 9 and 12): turning a model's outputs into numbers that compare fairly.
 
 The loss is in nats per token, so it depends on the tokenizer: a character-level model
 predicts many easy tokens, a BPE model fewer, harder ones. Two conversions help:
@@ -7,6 +7,10 @@ predicts many easy tokens, a BPE model fewer, harder ones. Two conversions help:
 - bits per byte = the total loss over a text, in bits, divided by the text's UTF-8 bytes.
   It does not care how the text was cut into tokens, so it compares a character model with
   a BPE model, or minigpt with any other language model, on the same text.
+
+Chapter 12 adds the rest of the evaluator's kit: length-normalised multiple choice and
+contamination checks, a judge's position bias, agreement between human raters (Cohen's kappa),
+a model's loss broken down token by token, and Welch's t-test for runs over several seeds.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -395,3 +399,261 @@ def judge_responses(items: list[dict], url: str = JUDGE_URL, model: str = JUDGE_
         "mean_score": sum(given) / len(given) if given else None,
         "unparsed": len(scores) - len(given),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Multiple choice, continued (chapter 12): which length to normalise by, and was the item
+# in the training text?
+#
+# A total log-probability favours short endings (every token costs something); the mean per
+# token favours endings cut into many easy tokens; the total per byte of text is the same
+# whatever the tokenizer did. Contamination: an item whose long n-grams appear word for word
+# in the training text measures memory, not skill.
+# ---------------------------------------------------------------------------------------
+
+def choose_ending(scores: list[tuple[float, int]], endings: list[str]) -> dict[str, int]:
+    """The ending each rule picks from `ending_logprobs`' (total log-probability, tokens) pairs:
+    "sum" the total, "per_token" the mean per token (acc_norm), "per_byte" the total over the
+    UTF-8 bytes of the ending as scored (with its leading space)."""
+    if len(scores) != len(endings) or not scores:
+        raise ValueError(f"need one (log-probability, tokens) score per ending, got {len(scores)} scores "
+                         f"for {len(endings)} endings.")
+    per_byte = [total / len((" " + ending).encode("utf-8")) for (total, _), ending in zip(scores, endings)]
+    rules = {"sum": [total for total, _ in scores],
+             "per_token": [total / tokens for total, tokens in scores],
+             "per_byte": per_byte}
+    return {rule: max(range(len(values)), key=values.__getitem__) for rule, values in rules.items()}
+
+
+def ngram_set(text: str, n: int) -> set[tuple[str, ...]]:
+    """The distinct word n-grams of `text` (words as ROUGE and BLEU cut them: `overlap_tokens`)."""
+    return set(ngram_counts(overlap_tokens(text), n))
+
+
+def ngram_overlap(item: str, training_ngrams: set[tuple[str, ...]], n: int = 13) -> float:
+    """The share of `item`'s distinct word n-grams found in `training_ngrams` (from `ngram_set`
+    of the training text, same n); 0.0 for an item shorter than n words, which has none."""
+    grams = ngram_set(item, n)
+    return len(grams & training_ngrams) / len(grams) if grams else 0.0
+
+
+def contamination_report(items: list[str], training_text: str, n: int = 13, threshold: float = 0.5) -> dict[str, Any]:
+    """Each item's `ngram_overlap` with the training text, and the items at or above `threshold`.
+
+    n = 13 words is the longest n of GPT-3's contamination study (Brown et al., 2020): a 13-word run
+    is almost never shared by chance, while n = 8 already catches idioms and quotations.
+    """
+    if n < 1 or not 0 < threshold <= 1:
+        raise ValueError(f"need n >= 1 and 0 < threshold <= 1, got n={n}, threshold={threshold}.")
+    training = ngram_set(training_text, n)
+    overlaps = [ngram_overlap(item, training, n) for item in items]
+    flagged = [i for i, overlap in enumerate(overlaps) if overlap >= threshold]
+    return {"n": n, "threshold": threshold, "overlaps": overlaps, "contaminated": flagged,
+            "share": len(flagged) / len(items) if items else 0.0}
+
+
+# ---------------------------------------------------------------------------------------
+# Judges (chapter 12): a judge that prefers whatever it reads first is measuring the order.
+# Ask every question twice with the answers swapped; a fair judge picks the same answer both
+# times. Any callable works: a model behind an API, a person's form, or a fake for tests.
+# ---------------------------------------------------------------------------------------
+
+Judge = Callable[[str, str, str], str]  # judge(question, answer shown first, answer shown second) -> "A", "B" or "tie"
+
+
+def judge_position_consistency(judge: Judge, items: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """Ask `judge` about every (question, x, y) in both orders, (x, y) then (y, x).
+
+    consistent: the share of items whose two verdicts name the same answer (or tie twice);
+    first_wins: the share of decided verdicts (not ties) that picked the answer shown first
+    (0.5 for a judge with no position bias); longer_wins: the share of decided verdicts on
+    answers of different lengths that picked the longer one (verbosity bias).
+    """
+    if not items:
+        raise ValueError("need at least one (question, answer, answer) item to judge, got none.")
+    verdicts, consistent, first, decided, longer, unequal = [], 0, 0, 0, 0, 0
+    for question, x, y in items:
+        pair = []
+        for shown in ((x, y), (y, x)):
+            verdict = judge(question, *shown)
+            if verdict not in ("A", "B", "tie"):
+                raise ValueError(f"a judge must answer 'A', 'B' or 'tie', got {verdict!r}.")
+            winner = None if verdict == "tie" else shown[verdict == "B"]
+            if winner is not None:
+                decided += 1
+                first += verdict == "A"
+                if len(x) != len(y):
+                    unequal += 1
+                    longer += winner == max(x, y, key=len)
+            pair.append(winner)
+        consistent += pair[0] == pair[1]
+        verdicts.append(tuple(pair))
+    return {"items": len(items), "consistent": consistent / len(items),
+            "first_wins": first / decided if decided else float("nan"),
+            "longer_wins": longer / unequal if unequal else float("nan"), "winners": verdicts}
+
+
+# ---------------------------------------------------------------------------------------
+# Human raters (chapter 12): how much do two raters agree beyond what chance gives?
+# ---------------------------------------------------------------------------------------
+
+def cohens_kappa(rater_a: list[Hashable], rater_b: list[Hashable]) -> float:
+    """Cohen's kappa (1960) of two raters' labels for the same items: (p_o - p_e) / (1 - p_e), with
+    p_o the share of items they agree on and p_e the agreement expected if each labelled at
+    random with their own label frequencies. 1: perfect; 0: no better than chance."""
+    if len(rater_a) != len(rater_b) or not rater_a:
+        raise ValueError(f"need the same, non-zero number of labels from both raters, got {len(rater_a)} "
+                         f"and {len(rater_b)}.")
+    n = len(rater_a)
+    observed = sum(a == b for a, b in zip(rater_a, rater_b)) / n
+    count_a, count_b = Counter(rater_a), Counter(rater_b)
+    expected = sum(count_a[label] * count_b[label] for label in count_a) / n ** 2
+    if expected == 1:
+        raise ValueError("both raters gave every item the same single label, so chance agreement is 1 and "
+                         "kappa is undefined; rate items that differ, or report the raw agreement.")
+    return (observed - expected) / (1 - expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Error analysis (chapter 12): where does the loss come from? One mean hides which tokens a
+# model gets wrong; the loss of every token, grouped, shows it.
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, ids: list[int], max_length: int, batch_size: int = 8,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The loss of every token `evaluate_ids` scores (same windows, same order), as (N,) tensors:
+    "loss" (nats), "target" (the token), "previous" (the token before it), "predicted" (the
+    model's most likely token) and "position" (the target's index in its window, 0 .. max_length - 1)."""
+    loader = create_dataloader(ids, batch_size=batch_size, max_length=max_length, stride=max_length,
+                               shuffle=False, drop_last=False, name="the evaluation text")
+    was_training = model.training
+    model.eval()
+    parts = {key: [] for key in ("loss", "target", "previous", "predicted", "position")}
+    for inputs, targets in loader:
+        logits = model(inputs.to(device)).float().cpu()                          # (B, T, V)
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        parts["loss"].append(losses)                                             # (B * T,)
+        parts["target"].append(targets.flatten())
+        parts["previous"].append(inputs.flatten())
+        parts["predicted"].append(logits.argmax(dim=-1).flatten())
+        parts["position"].append(torch.arange(targets.shape[1]).repeat(targets.shape[0]))
+    model.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def token_kind(token: str, previous: str) -> str:
+    """What a token is, from its text and the text of the token before it: "space" (only
+    whitespace), "punctuation" (no letter or digit), "word start" (begins a word: starts with a
+    space, or follows whitespace or punctuation) or "continuation" (goes on with a word)."""
+    if not token or token.isspace():
+        return "space"
+    if not any(ch.isalnum() for ch in token):
+        return "punctuation"
+    if token[0].isspace() or not previous or not previous[-1].isalnum():
+        return "word start"
+    return "continuation"
+
+
+def frequency_bucket(count: int, edges: tuple[int, ...] = (10, 100, 1000)) -> str:
+    """The label of the bucket a training-text count falls in: edges (10, 100, 1000) give
+    "<10", "10-99", "100-999" and ">=1000"."""
+    for i, edge in enumerate(edges):
+        if count < edge:
+            return f"<{edge}" if i == 0 else f"{edges[i - 1]}-{edge - 1}"
+    return f">={edges[-1]}"
+
+
+def loss_breakdown(losses: torch.Tensor, groups: list[str]) -> dict[str, dict[str, float]]:
+    """Per group label (sorted): "tokens", "mean_loss", and "share" of the total loss (the shares
+    sum to 1: where the mean's nats come from). `groups` has one label per token of `losses`."""
+    if len(groups) != len(losses) or not groups:
+        raise ValueError(f"need one group label per token, got {len(groups)} labels for {len(losses)} losses.")
+    total = losses.sum().item()
+    table = {}
+    for group in sorted(set(groups)):
+        mask = torch.tensor([g == group for g in groups])
+        chosen = losses[mask]
+        table[group] = {"tokens": int(mask.sum()), "mean_loss": chosen.mean().item(),
+                        "share": chosen.sum().item() / total}
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# Comparing runs over seeds (chapter 12): is a difference of two means larger than the
+# seed-to-seed noise would make it by chance? Welch's t-test, with Student's t distribution
+# written out through the regularised incomplete beta function (no scipy).
+# ---------------------------------------------------------------------------------------
+
+def seed_statistics(values: list[float]) -> dict[str, float]:
+    """n, mean, sample standard deviation s (divides by n - 1) and standard error s / sqrt(n)."""
+    if len(values) < 2:
+        raise ValueError(f"a standard deviation needs at least two values (two seeds), got {len(values)}.")
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"n": n, "mean": mean, "std": std, "se": std / math.sqrt(n)}
+
+
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) = B(x; a, b) / B(a, b), by its continued fraction (evaluated with Lentz's method),
+    on the side of x where the fraction converges fast (else through I_x(a, b) = 1 - I_{1-x}(b, a))."""
+    if not 0.0 <= x <= 1.0 or a <= 0 or b <= 0:
+        raise ValueError(f"need 0 <= x <= 1 and a, b > 0, got x={x}, a={a}, b={b}.")
+    if x in (0.0, 1.0):
+        return x
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    tiny = 1e-300
+    fraction, c, d = 1.0, 1.0, 0.0  # 1 + d_1 / (1 + d_2 / (1 + ...)), term by term
+    for j in range(1, 10_000):
+        m = j // 2
+        if j % 2:  # d_{2m+1}
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:      # d_{2m}
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + term * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + term / c
+        c = c if abs(c) > tiny else tiny
+        fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) / (a * fraction)
+
+
+def student_t_p_value(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t distribution with `df` degrees of freedom (any df > 0, not
+    only whole numbers): P(|T| >= |t|) = I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    if df <= 0:
+        raise ValueError(f"need positive degrees of freedom, got {df}.")
+    if math.isinf(t):
+        return 0.0
+    return regularized_incomplete_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def welch_from_summary(mean_a: float, std_a: float, n_a: int,
+                       mean_b: float, std_b: float, n_b: int) -> dict[str, float]:
+    """Welch's t-test of mean_a - mean_b from each arm's mean, sample std and size.
+
+    SE = sqrt(s_a^2/n_a + s_b^2/n_b), t = difference / SE, and the Welch-Satterthwaite degrees of
+    freedom (s_a^2/n_a + s_b^2/n_b)^2 / ((s_a^2/n_a)^2/(n_a - 1) + (s_b^2/n_b)^2/(n_b - 1)).
+    """
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"each arm needs at least two runs (seeds) for a standard deviation, got {n_a} and {n_b}.")
+    var_a, var_b = std_a ** 2 / n_a, std_b ** 2 / n_b
+    se = math.sqrt(var_a + var_b)
+    if se == 0:
+        raise ValueError("both arms have zero spread, so the test is undefined: did every seed give the same value?")
+    difference = mean_a - mean_b
+    df = (var_a + var_b) ** 2 / (var_a ** 2 / (n_a - 1) + var_b ** 2 / (n_b - 1))
+    t = difference / se
+    return {"difference": difference, "se": se, "t": t, "df": df, "p": student_t_p_value(t, df)}
+
+
+def welch_t_test(a: list[float], b: list[float]) -> dict[str, float]:
+    """Welch's t-test of mean(a) - mean(b) from the runs themselves (e.g. final losses, one per seed):
+    difference, se, t, df and the two-sided p. It does not assume the two spreads are equal."""
+    sa, sb = seed_statistics(a), seed_statistics(b)
+    return welch_from_summary(sa["mean"], sa["std"], sa["n"], sb["mean"], sb["std"], sb["n"])
