@@ -18,7 +18,8 @@ PACKAGE = ROOT / "minigpt"
 # A chapter module may import only the modules before it in this list.
 CHAPTERS = [("config", 0), ("plot", 0), ("download", 0), ("data", 2), ("tokenizer", 2), ("attention", 3), ("blocks", 4),
             ("model", 4), ("train", 5), ("generation", 6), ("hub", 6), ("lora", 7), ("finetune", 7), ("rlhf", 8),
-            ("memory", 9), ("scale", 9), ("evaluate", 9), ("graph", 13), ("graph_script", 13)]  # 13: the studio's appendix
+            ("diagrams", 8), ("memory", 9), ("scale", 9), ("evaluate", 12),
+            ("graph", 13), ("graph_script", 13)]  # 13: the studio's appendix
 RUN_LAYER = ["settings", "runs"]   # what every run needs: config_run resolution, run directories, checkpoints ...
 PIPELINES = ["task_pretrain", "task_finetune", "task_align", "task_generate", "task_evaluate", "task_export"]
 TOP = ["studio", "cli", "__main__"]  # over the pipelines, in this order: the page, the command line, python -m
