@@ -15,6 +15,7 @@ the validation split), the training tokens per second, and that speed relative t
 The plot shows validation loss against step for every model.
 
     python benchmarks/bench_architectures.py                 # 1 thread, 500 steps (about 5 minutes)
+    python benchmarks/bench_architectures.py --quick         # chapter 10's notebook run, about half a minute
     python benchmarks/bench_architectures.py --steps 50      # a quick look
     python benchmarks/bench_architectures.py --models gpt-mini llama-tiny --threads 4
 """
@@ -41,6 +42,10 @@ from minigpt.model import GPTModel  # noqa: E402
 from minigpt.task_pretrain import pretrain  # noqa: E402
 
 MODELS = ("gpt-mini", "llama-tiny", "moe-tiny")
+# --quick: the short comparison of chapter 10's notebook (60 steps of 8 windows on 40,000 characters),
+# whose losses the chapter quotes and tests/test_chapter_numbers.py compares with this script's output.
+QUICK = dict(steps=60, batch_size=8, chars=40_000, eval_freq=10,
+             plot=str(Path(tempfile.gettempdir()) / "bench-architectures-quick.png"))  # not the handbook's figure
 
 
 def active_parameters(cfg) -> int:
@@ -93,8 +98,22 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def cpu_description() -> str:
+    """The vector instructions PyTorch's CPU kernels use (AVX512, AVX2, ...): float sums may differ between them."""
+    return f"cpu kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The flags; --quick changes the defaults to QUICK's, and flags given beside it still win."""
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
+    return parser.parse_args()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="chapter 10's short run: 60 steps of 8 windows on 40,000 characters (seconds)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -106,9 +125,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plot", default=str(ROOT / "chapters" / "figures" / "ch10-architectures.png"))
-    args = parser.parse_args()
+    args = parse_args(parser)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | {args.steps} steps of "
+    print(f"torch {torch.__version__} | {cpu_description()} | threads {torch.get_num_threads()} | "
+          f"{args.steps} steps of "
           f"{args.batch_size} x {args.max_length} characters, lr {args.lr} (cosine), seed {args.seed}")
 
     with tempfile.TemporaryDirectory(prefix="bench-arch-") as tmp:

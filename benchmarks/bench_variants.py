@@ -20,12 +20,14 @@ prints both counts, so read a difference in loss together with them.
 For each model the table gives the parameters, the active parameters per token, the final
 validation loss (every window of the validation split) as mean +- sample standard deviation
 over the seeds, its difference from the baseline with the noise of that difference
-(sqrt(s_a^2/n + s_b^2/n), the standard error of a difference of two means), the training
+(sqrt(s_a^2/n + s_b^2/n), the standard error of a difference of two means) and, below the
+table, Welch's t-test of it (a difference with p >= 0.05 is marked "(noise)"), the training
 tokens per second (mean over seeds) and, for halting-tiny, the mean number of blocks a
 validation token ran (`evaluate_text`'s mean_depth). The plot shows the validation curves,
 the mean over seeds with a band of +- one standard deviation.
 
     python benchmarks/bench_variants.py                     # 1 thread, 250 steps, 3 seeds (about 12 minutes)
+    python benchmarks/bench_variants.py --quick             # every row in about half a minute (chapter 11 quotes it)
     python benchmarks/bench_variants.py --steps 50 --seeds 1  # a quick look
     python benchmarks/bench_variants.py --models llama-tiny tau-tiny --threads 2
 """
@@ -49,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from minigpt.config import model_config
 from minigpt.settings import resolve_run_config  # noqa: E402
 from minigpt.data import corpus_path, read_text, split_text  # noqa: E402
-from minigpt.evaluate import evaluate_text  # noqa: E402
+from minigpt.evaluate import evaluate_text, welch_t_test  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
 from minigpt.task_pretrain import pretrain  # noqa: E402
 
@@ -63,6 +65,10 @@ MODELS = {
     "tau-tiny": ("tau-tiny", {}),
     "halting-tiny": ("halting-tiny", {}),
 }
+# --quick: every row, 2 seeds, 20 steps of 4 windows of 64 characters of the first 10,000: too short to rank
+# the variants, long enough that a changed number shows. Chapter 11 quotes its losses and
+# tests/test_chapter_numbers.py compares them with this script's output.
+QUICK = dict(steps=20, seeds=2, batch_size=4, max_length=64, chars=10_000, eval_freq=20)
 
 
 def run_one(name: str, seed: int, data: Path, val_text: str, out: Path, args: argparse.Namespace) -> dict:
@@ -97,6 +103,17 @@ def run_one(name: str, seed: int, data: Path, val_text: str, out: Path, args: ar
 
 def std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def welch_against(row: dict, base: dict) -> dict | None:
+    """Welch's t-test of a row's final losses against the baseline's (chapter 12, section 12.7); None
+    when a side has fewer than two seeds or both have no spread, so no test is possible."""
+    if row["n"] < 2 or base["n"] < 2:
+        return None
+    try:
+        return welch_t_test(row["vals"], base["vals"])
+    except ValueError:
+        return None
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -141,8 +158,22 @@ def plot(groups: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def cpu_description() -> str:
+    """The vector instructions PyTorch's CPU kernels use (AVX512, AVX2, ...): float sums may differ between them."""
+    return f"cpu kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The flags; --quick changes the defaults to QUICK's, and flags given beside it still win."""
+    if parser.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)
+    return parser.parse_args()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="every row in about half a minute: 2 seeds of 20 steps of 4 x 64 characters of 10,000")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--seeds", type=int, default=3, help="runs per model, seeds --seed, --seed + 1, ...")
@@ -156,10 +187,11 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="a text file to train on instead of Tiny Shakespeare")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plot", default=str(Path(tempfile.gettempdir()) / "bench-variants.png"))
-    args = parser.parse_args()
+    args = parse_args(parser)
     torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.seeds)]
-    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} | {args.steps} steps of "
+    print(f"torch {torch.__version__} | {cpu_description()} | threads {torch.get_num_threads()} | "
+          f"{args.steps} steps of "
           f"{args.batch_size} x {args.max_length} characters, lr {args.lr} (cosine), seeds {seeds}")
 
     groups: dict[str, list[dict]] = {}
@@ -193,13 +225,19 @@ def main() -> None:
         else:
             noise = (row["std"] ** 2 / row["n"] + base["std"] ** 2 / base["n"]) ** 0.5
             diff = f"{row['mean'] - base['mean']:+.3f} +- {noise:.3f}"
-            if abs(row["mean"] - base["mean"]) < 2 * noise:
+            test = welch_against(row, base)
+            if test is not None and test["p"] >= 0.05:
                 diff += " (noise)"
         depth = f"{row['depth']:.2f}/{row['n_layers']}" if row["depth"] is not None else "-"
         print(f"| {row['name']} | {row['params']:,} | {row['active']:,} | {row['flops'] / 1e9:.4f} | "
               f"{row['mean']:.3f} +- {row['std']:.3f} | {diff} | {row['tok_s']:,.0f} | {depth} |")
-    print("\n(noise): the difference is smaller than twice its standard error, so these seeds do not "
+    print("\n(noise): Welch's t-test does not show the difference (two-sided p >= 0.05), so these seeds do not "
           "tell the model from the baseline.")
+    for row in rows:
+        test = None if row is base else welch_against(row, base)
+        if test is not None:
+            print(f"  {row['name']:<12} vs {base['name']}: t = {test['t']:.2f}, Welch df = {test['df']:.2f}, "
+                  f"p = {test['p']:.3f}")
     path = Path(args.plot)
     plot(groups, path, f"{source} (characters), {args.steps} steps of {args.batch_size} x "
                        f"{args.max_length}, mean of {len(seeds)} seeds (band: +- 1 std)")

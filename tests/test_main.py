@@ -49,6 +49,31 @@ def test_quick_mode_trains_and_writes_a_complete_run_directory(quick_run):
         assert expected in out, expected
 
 
+def test_quick_run_gives_the_numbers_chapter_1_quotes(quick_run):
+    """Chapter 1 reads this very run (seed 123, one thread): its losses, perplexity and next-token guesses.
+    Within 1% (TRAINED), as a CPU that rounds differently moves them a little over 36 steps."""
+    import torch
+
+    from minigpt.generation import text_to_token_ids
+    from minigpt.runs import load_model
+    from test_chapter_numbers import TRAINED, check_quote
+
+    _, run_dir = quick_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    check_quote("01", "are 10.566, 8.754, 7.402, 7.019, 6.980, 6.912 and 6.865",
+                metrics["val_losses"], TRAINED)
+    check_quote("01", "final train loss 6.652, final val loss 6.858 (best 6.858)",
+                [metrics["final_train_loss"], metrics["final_val_loss"], metrics["best_val_loss"]], TRAINED)
+    check_quote("01", "val perplexity 951.6", [metrics["perplexity"]], 2 * TRAINED)  # e^loss: twice as sensitive
+    model, tokenizer, _ = load_model(run_dir)
+    with torch.no_grad():
+        probs = torch.softmax(model(text_to_token_ids("Every effort moves you", tokenizer))[0, -1], dim=-1)
+    top = torch.topk(probs, 10)
+    first_five = [tokenizer.decode([i]) for i in top.indices[:5].tolist()]  # "," and "." are level at 0.037
+    assert first_five[0] == "\n" and set(first_five) == {"\n", ",", ".", " the", "--"}, first_five
+    check_quote("01", "newline (0.051)", [top.values[0].item()], TRAINED)
+
+
 def test_evaluate_a_saved_run_on_a_text_and_multiple_choice_items(quick_run, tmp_path):
     import math
 
