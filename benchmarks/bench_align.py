@@ -54,6 +54,7 @@ from minigpt.config import model_config  # noqa: E402
 from minigpt.data import (PreferenceDataset, encode_prompt, format_prompt, load_preference_data,  # noqa: E402
                           preference_collate)
 from minigpt.model import GPTModel  # noqa: E402
+from minigpt.scale import cpu_description, cpu_features  # noqa: E402
 from minigpt.rlhf import (RLModels, RLSettings, add_reward_head, arithmetic_records, bradley_terry_loss,  # noqa: E402
                           byte_tokenizer, dpo_batch_loss, evaluate_dpo, exact_match_accuracy, exact_match_rewards,
                           grpo_update, ppo_update, preference_accuracy, reward_scores, sample_responses,
@@ -63,27 +64,6 @@ FULL_SEEDS = tuple(range(10))
 QUICK_SEEDS = (0,)
 NUM_TRAIN, WARMUP_STEPS, ROUNDS, EVAL_EVERY = 320, 400, 60, 20
 SIZE = dict(emb_dim=64, n_layers=2, n_heads=4)
-
-
-def cpu_features() -> dict[str, object]:
-    """The CPU features and library versions a number was measured with (they change the last digits)."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return dict(machine=platform.machine(), avx512f="avx512f" in flags, avx2="avx2" in flags,
-                aten_capability=torch.backends.cpu.get_cpu_capability(), mkl_cbwr=os.environ.get("MKL_CBWR", "auto"),
-                torch=torch.__version__, threads=torch.get_num_threads())
-
-
-def describe_cpu(features: dict[str, object]) -> str:
-    return (f"{features['machine']}, avx512f {'yes' if features['avx512f'] else 'no'}, "
-            f"avx2 {'yes' if features['avx2'] else 'no'}, ATen kernels {features['aten_capability']}, "
-            f"MKL_CBWR {features['mkl_cbwr']}, "
-            f"torch {features['torch']}, {features['threads']} thread(s)")
 
 
 class SumsTask:
@@ -305,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (QUICK_SEEDS if args.quick else FULL_SEEDS)
     features = cpu_features()
-    print("bench_align:", describe_cpu(features), "| python", platform.python_version())
+    print("bench_align:", cpu_description(features), "| python", platform.python_version())
     start = time.perf_counter()
     report = dict(cpu=features, results=[])
     if args.quick:

@@ -39,6 +39,7 @@ from minigpt.config import model_config
 from minigpt.settings import resolve_run_config  # noqa: E402
 from minigpt.data import corpus_path, read_text  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
+from minigpt.scale import cpu_description  # noqa: E402
 from minigpt.task_pretrain import pretrain  # noqa: E402
 
 MODELS = ("gpt-mini", "llama-tiny", "moe-tiny")
@@ -98,11 +99,6 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cpu_description() -> str:
-    """The vector instructions PyTorch's CPU kernels use (AVX512, AVX2, ...): float sums may differ between them."""
-    return f"cpu kernels {torch.backends.cpu.get_cpu_capability()}"
-
-
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The flags; --quick changes the defaults to QUICK's, and flags given beside it still win."""
     if parser.parse_known_args()[0].quick:
@@ -127,7 +123,7 @@ def main() -> None:
     parser.add_argument("--plot", default=str(ROOT / "chapters" / "figures" / "ch10-architectures.png"))
     args = parse_args(parser)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__} | {cpu_description()} | threads {torch.get_num_threads()} | "
+    print(f"{cpu_description()} | "
           f"{args.steps} steps of "
           f"{args.batch_size} x {args.max_length} characters, lr {args.lr} (cosine), seed {args.seed}")
 

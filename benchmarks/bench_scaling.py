@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from minigpt.config import TrainConfig, model_config  # noqa: E402
 from minigpt.data import corpus_path, create_dataloader, read_text, split_text  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
+from minigpt.scale import cpu_description  # noqa: E402
 from minigpt.tokenizer import CharTokenizer  # noqa: E402
 from minigpt.train import Loaders, StepSetup, TrainState, calc_loss_loader, make_optimizer, train_loop  # noqa: E402
 
@@ -68,23 +68,6 @@ class Sweep:
 
 
 QUICK = Sweep(steps=60, warmup_steps=6, val_windows=192)
-
-
-def cpu_description() -> str:
-    """The CPU, its vector features and the library that ran the numbers (they move the last digits)."""
-    flags, name = set(), platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
-                name = value.strip()
-            if key.strip() == "flags":
-                flags = set(value.split())
-                break
-    features = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512f", "avx2"))
-    return (f"{name} ({platform.machine()}; {features}; ATen {torch.backends.cpu.get_cpu_capability()}) | "
-            f"torch {torch.__version__} | threads {torch.get_num_threads()}")
 
 
 def non_embedding_parameters(model: GPTModel) -> int:

@@ -53,6 +53,7 @@ from minigpt.settings import resolve_run_config  # noqa: E402
 from minigpt.data import corpus_path, read_text, split_text  # noqa: E402
 from minigpt.evaluate import evaluate_text, welch_t_test  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
+from minigpt.scale import cpu_description  # noqa: E402
 from minigpt.task_pretrain import pretrain  # noqa: E402
 
 BASELINE = "llama-tiny"
@@ -158,11 +159,6 @@ def plot(groups: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def cpu_description() -> str:
-    """The vector instructions PyTorch's CPU kernels use (AVX512, AVX2, ...): float sums may differ between them."""
-    return f"cpu kernels {torch.backends.cpu.get_cpu_capability()}"
-
-
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The flags; --quick changes the defaults to QUICK's, and flags given beside it still win."""
     if parser.parse_known_args()[0].quick:
@@ -190,7 +186,7 @@ def main() -> None:
     args = parse_args(parser)
     torch.set_num_threads(args.threads)
     seeds = [args.seed + i for i in range(args.seeds)]
-    print(f"torch {torch.__version__} | {cpu_description()} | threads {torch.get_num_threads()} | "
+    print(f"{cpu_description()} | "
           f"{args.steps} steps of "
           f"{args.batch_size} x {args.max_length} characters, lr {args.lr} (cosine), seeds {seeds}")
 

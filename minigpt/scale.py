@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -29,6 +31,39 @@ from minigpt.memory import (MIB, Trial, can_measure_peak, check_fits, estimate_t
                             find_micro_batch_size, free_memory_bytes, process_memory_bytes, step_trial)
 from minigpt.model import GPTModel
 from minigpt.train import StepSetup, calc_loss_batch
+
+# ---------------------------------------------------------------------------------------
+# The machine a number was measured on
+# ---------------------------------------------------------------------------------------
+
+def cpu_features() -> dict[str, object]:
+    """The CPU and libraries a measurement ran on. The vector instructions (AVX-512, AVX2) and the
+    kernels PyTorch picked for them change how float sums round, so a seeded result can differ in
+    its last digits from one CPU to another: benchmarks print this beside their numbers."""
+    flags: set[str] = set()
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                name = value.strip()
+            if key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return dict(cpu=name, machine=platform.machine(), avx512f="avx512f" in flags, avx2="avx2" in flags,
+                aten_capability=torch.backends.cpu.get_cpu_capability(), mkl_cbwr=os.environ.get("MKL_CBWR", "auto"),
+                torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def cpu_description(features: dict[str, object] | None = None) -> str:
+    """One line for a benchmark's header, e.g. "Intel Xeon (x86_64; avx512f yes, avx2 yes; ATen kernels
+    AVX512; MKL_CBWR auto) | torch 2.13.0+cpu | threads 1"."""
+    f = features or cpu_features()
+    yes = {True: "yes", False: "no"}
+    return (f"{f['cpu']} ({f['machine']}; avx512f {yes[f['avx512f']]}, avx2 {yes[f['avx2']]}; "
+            f"ATen kernels {f['aten_capability']}; MKL_CBWR {f['mkl_cbwr']}) | torch {f['torch']} | threads {f['threads']}")
+
 
 # ---------------------------------------------------------------------------------------
 # Mixed precision and compilation

@@ -385,16 +385,27 @@ def random_raters_kappa() -> str:
     return f"agree on {agree:.3f} of them\n(chance is 1/3) and get κ = {cohens_kappa(a, b):+.3f}".replace("-", "−")
 
 
-BASELINE_11 = (2.172, 0.026, 3)
-TABLE_11 = {"+tau": (2.233, 0.002, 3), "+rank16": (2.190, 0.040, 3), "moe-tiny": (2.176, 0.031, 3),
-            "tau-tiny": (2.260, 0.029, 3), "halting-tiny": (2.303, 0.027, 3)}
+BASELINE_11 = (2.172, 0.026, 3)  # chapter 11's table (section 11.8): mean, std, seeds
+TABLE_11 = {"+tau": (2.233, 0.008, 3), "+rank16": (2.190, 0.040, 3), "moe-tiny": (2.171, 0.035, 3),
+            "tau-tiny": (2.250, 0.037, 3), "halting-tiny": (2.301, 0.027, 3)}
+EARLIER_TAU_11 = (2.233, 0.002, 3)  # +tau in the previous run of bench_variants.py
+# Per-seed validation losses (seeds 123, 124, 125) of the run that gave TABLE_11.
+SEEDS_11 = {"llama-tiny": [2.1860, 2.1874, 2.1416], "+tau": [2.2334, 2.2244, 2.2413],
+            "+rank16": [2.2345, 2.1557, 2.1804], "moe-tiny": [2.1878, 2.1952, 2.1312],
+            "tau-tiny": [2.2749, 2.2070, 2.2679], "halting-tiny": [2.2958, 2.3299, 2.2760]}
+SEED_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+
+
+def signed(x: float, spec: str) -> str:
+    # The chapters print a minus sign (−), not a hyphen.
+    return format(x, spec).replace("-", "−")
 
 
 def welch_row(name: str) -> str:
     r = welch_from_summary(*TABLE_11[name], *BASELINE_11)
     verdict = "worse" if r["p"] < 0.05 else "not shown"
-    return (f"| `{name}` | {r['difference']:+.3f} | {r['se']:.3f} | {r['t']:.2f} | {r['df']:.2f} | {r['p']:.3f} "
-            f"| {verdict} |")
+    return (f"| `{name}` | {signed(r['difference'], '+.3f')} | {r['se']:.3f} | {signed(r['t'], '.2f')} "
+            f"| {r['df']:.2f} | {r['p']:.3f} | {verdict} |")
 
 
 def critical_t(df: float) -> str:
@@ -415,16 +426,35 @@ def false_alarm_rates() -> str:
     return f"rule calls {two_se:.1%} of them different, Welch's $p < 0.05$ calls {welch:.1%}"
 
 
-def seeds_needed(name: str) -> int:
+def seeds_needed(name: str, alpha: float = 0.05) -> int:
     return next(n for n in range(2, 200) if welch_from_summary(TABLE_11[name][0], TABLE_11[name][1], n,
-                                                               BASELINE_11[0], BASELINE_11[1], n)["p"] < 0.05)
+                                                               BASELINE_11[0], BASELINE_11[1], n)["p"] < alpha)
+
+
+def seeds_for_one_percent() -> str:
+    # The chapter gives one number for both borderline rows; it must hold for each.
+    needed = {seeds_needed(name, 0.01) for name in ("+tau", "tau-tiny")}
+    words = SEED_WORDS[needed.pop()] if len(needed) == 1 else f"different numbers ({needed})"
+    return f"{words} seeds per model would give $p < 0.01$"
 
 
 def tau_line() -> str:
     r = welch_from_summary(*TABLE_11["+tau"], *BASELINE_11)
     closed = 1 - r["t"] / math.sqrt(2 + r["t"] ** 2)
-    return (f"$\\nu = {r['df']:.2f}$, barely more than one arm's $n - 1$; and $p = {r['p']:.3f}$ "
+    return (f"$\\nu = {r['df']:.2f}$, not far above one arm's $n - 1$; and $p = {r['p']:.3f}$ "
             f"({closed:.3f}\nwith $\\nu = 2$ exactly")
+
+
+def earlier_tau_line() -> str:
+    r = welch_from_summary(*EARLIER_TAU_11, *BASELINE_11)
+    verdict = "worse" if r["p"] < 0.05 else "not shown"
+    return f"had `+tau` at {EARLIER_TAU_11[0]:.3f} ± {EARLIER_TAU_11[1]:.3f}, which gives $p = {r['p']:.3f}$: {verdict}"
+
+
+def critical_t_line() -> str:
+    tau_df = welch_from_summary(*TABLE_11["+tau"], *BASELINE_11)["df"]
+    return (f"the t needed for $p < 0.05$ is {critical_t(tau_df)} at this $\\nu$, {critical_t(2)} at\n"
+            f"$\\nu = 2$ and {critical_t(4)} at $\\nu = 4$")
 
 
 def win_rate_sizes() -> str:
@@ -466,23 +496,25 @@ CHAPTER_12_QUOTES = [
         ["good"] * 4 + ["ok"] * 3 + ["bad"] * 3, ["good"] * 3 + ["ok"] * 3 + ["bad"] * 3 + ["ok"]))),
     ("agree on 0.329 of them\n(chance is 1/3) and get κ = −0.007", random_raters_kappa),
     ("get κ = −0.053", lambda: f"get κ = {cohens_kappa(['good'] * 95 + ['bad'] * 5, ['good'] * 90 + ['bad'] * 5 + ['good'] * 5):+.3f}".replace("-", "−")),
-    ("$\\Delta = +0.061$, SE = 0.0151, $t = 4.05$", lambda: "$\\Delta = {difference:+.3f}$, SE = {se:.4f}, $t = {t:.2f}$".format(
+    ("$\\Delta = +0.061$, SE = 0.0157, $t = 3.88$", lambda: "$\\Delta = {difference:+.3f}$, SE = {se:.4f}, $t = {t:.2f}$".format(
         **welch_from_summary(*TABLE_11["+tau"], *BASELINE_11))),
-    ("$\\nu = 2.02$, barely more than one arm's $n - 1$; and $p = 0.055$ (0.056\nwith $\\nu = 2$ exactly", tau_line),
-    ("the t needed for $p < 0.05$ is 4.303", lambda: f"the t needed for $p < 0.05$ is {critical_t(2)}"),
-    ("spreads, three seeds each) 2.776", lambda: f"spreads, three seeds each) {critical_t(4)}"),
-    ("$t = 2$\ngives $p = 0.184$ at $\\nu = 2$ and $p = 0.116$ at $\\nu = 4$",
-     lambda: f"$t = 2$\ngives $p = {student_t_p_value(2, 2):.3f}$ at $\\nu = 2$ and $p = {student_t_p_value(2, 4):.3f}$ at $\\nu = 4$"),
+    ("$\\nu = 2.38$, not far above one arm's $n - 1$; and $p = 0.045$ (0.060\nwith $\\nu = 2$ exactly", tau_line),
+    ("the t needed for $p < 0.05$ is 3.713 at this $\\nu$, 4.303 at\n$\\nu = 2$ and 2.776 at $\\nu = 4$", critical_t_line),
+    ("$t = 2$ gives $p = 0.184$ at $\\nu = 2$ and $p = 0.116$ at $\\nu = 4$",
+     lambda: f"$t = 2$ gives $p = {student_t_p_value(2, 2):.3f}$ at $\\nu = 2$ and $p = {student_t_p_value(2, 4):.3f}$ at $\\nu = 4$"),
     ("rule calls 15.4% of them different, Welch's $p < 0.05$ calls 5.5%", false_alarm_rates),
-    ("| `+tau` | +0.061 | 0.015 | 4.05 | 2.02 | 0.055 | not shown |", lambda: welch_row("+tau")),
+    ("| `+tau` | +0.061 | 0.016 | 3.88 | 2.38 | 0.045 | worse |", lambda: welch_row("+tau")),
     ("| `+rank16` | +0.018 | 0.028 | 0.65 | 3.43 | 0.555 | not shown |", lambda: welch_row("+rank16")),
-    ("| `moe-tiny` | +0.004 | 0.023 | 0.17 | 3.88 | 0.873 | not shown |", lambda: welch_row("moe-tiny")),
-    ("| `tau-tiny` | +0.088 | 0.022 | 3.91 | 3.95 | 0.018 | worse |", lambda: welch_row("tau-tiny")),
-    ("| `halting-tiny` | +0.131 | 0.022 | 6.05 | 3.99 | 0.004 | worse |", lambda: welch_row("halting-tiny")),
-    ("$+0.043$, gives $p = 0.134$", lambda: "${difference:+.3f}$, gives $p = {p:.3f}$".format(
+    ("| `moe-tiny` | −0.001 | 0.025 | −0.04 | 3.69 | 0.970 | not shown |", lambda: welch_row("moe-tiny")),
+    ("| `tau-tiny` | +0.078 | 0.026 | 2.99 | 3.59 | 0.046 | worse |", lambda: welch_row("tau-tiny")),
+    ("| `halting-tiny` | +0.129 | 0.022 | 5.96 | 3.99 | 0.004 | worse |", lambda: welch_row("halting-tiny")),
+    ("$+0.051$, gives $p = 0.133$", lambda: "${difference:+.3f}$, gives $p = {p:.3f}$".format(
         **welch_from_summary(*TABLE_11["halting-tiny"], *TABLE_11["tau-tiny"]))),
-    ("four seeds per model would give $p < 0.05$",
-     lambda: f"{['two', 'three', 'four', 'five'][seeds_needed('+tau') - 2]} seeds per model would give $p < 0.05$"),
+    ("had `+tau` at 2.233 ± 0.002, which gives $p = 0.055$: not shown",
+     earlier_tau_line),
+    ("p-value of 0.045 at $\\nu = 2.4$ is weak evidence", lambda: "p-value of {p:.3f} at $\\nu = {df:.1f}$ is weak evidence".format(
+        **welch_from_summary(*TABLE_11["+tau"], *BASELINE_11))),
+    ("five seeds per model would give $p < 0.01$", seeds_for_one_percent),
     ("accuracy of 30% has SE 0.0046 (a 95% interval of ±0.9 points); on a 1,000-item benchmark ±2.8\npoints; "
      "on this chapter's 60 items ±11.6 points",
      lambda: "accuracy of 30% has SE {:.4f} (a 95% interval of ±{:.1f} points); on a 1,000-item benchmark ±{:.1f}\n"
@@ -497,4 +529,50 @@ def test_chapter_12_quotes_what_the_code_gives(quoted, compute):
 
     chapter = ROOT / "chapters" / "12-evaluation.md"
     assert quoted in chapter.read_text(encoding="utf-8"), f"chapter 12 no longer says {quoted!r}: update this test"
+    assert compute() == quoted
+
+
+def seed_row_11(name: str) -> str:
+    # A row's loss and "vs baseline" cells, as bench_variants.py computes them from the seeds.
+    stats, r = seed_statistics(SEEDS_11[name]), welch_t_test(SEEDS_11[name], SEEDS_11["llama-tiny"])
+    noise = " (noise)" if r["p"] >= 0.05 else ""
+    return f"| {stats['mean']:.3f} ± {stats['std']:.3f} | {signed(r['difference'], '+.3f')} ± {r['se']:.3f}{noise} |"
+
+
+def seed_welch_11(a: str, b: str = "llama-tiny") -> dict:
+    return welch_t_test(SEEDS_11[a], SEEDS_11[b])
+
+
+CHAPTER_11_QUOTES = [
+    *((row, lambda name=name: seed_row_11(name)) for name, row in (
+        ("+tau", "| 2.233 ± 0.008 | +0.061 ± 0.016 |"), ("+rank16", "| 2.190 ± 0.040 | +0.019 ± 0.028 (noise) |"),
+        ("moe-tiny", "| 2.171 ± 0.035 | −0.000 ± 0.025 (noise) |"), ("tau-tiny", "| 2.250 ± 0.037 | +0.078 ± 0.026 |"),
+        ("halting-tiny", "| 2.301 ± 0.027 | +0.129 ± 0.022 |"))),
+    ("`+tau`, +0.061 ± 0.016, almost four standard errors ($t = 3.88$),\n  has $p = 0.044$",
+     lambda: "`+tau`, {difference:+.3f} ± {se:.3f}, almost four standard errors ($t = {t:.2f}$),\n  has $p = {p:.3f}$".format(
+         **seed_welch_11("+tau"))),
+    ("`+tau` (+0.061 ± 0.016, $p = 0.044$)", lambda: "`+tau` ({difference:+.3f} ± {se:.3f}, $p = {p:.3f}$)".format(
+        **seed_welch_11("+tau"))),
+    ("about 2.4 degrees of freedom and asks for $t > 3.7$; this one is 3.88",
+     lambda: "about {:.1f} degrees of freedom and asks for $t > {:.1f}$; this one is {:.2f}".format(
+         seed_welch_11("+tau")["df"], float(critical_t(seed_welch_11("+tau")["df"])), seed_welch_11("+tau")["t"])),
+    ("`+rank16` (+0.019 ± 0.028, $p = 0.55$) and `moe-tiny` (−0.000 ± 0.025,\n  $p = 0.99$)",
+     lambda: "`+rank16` ({} ± {:.3f}, $p = {:.2f}$) and `moe-tiny` ({} ± {:.3f},\n  $p = {:.2f}$)".format(
+         *(x for name in ("+rank16", "moe-tiny") for r in [seed_welch_11(name)]
+           for x in (signed(r["difference"], "+.3f"), r["se"], r["p"])))),
+    ("(+0.078 ± 0.026, $p = 0.047$", lambda: "({difference:+.3f} ± {se:.3f}, $p = {p:.3f}$".format(
+        **seed_welch_11("tau-tiny"))),
+    ("(+0.129 ± 0.022, $p = 0.004$)", lambda: "({difference:+.3f} ± {se:.3f}, $p = {p:.3f}$)".format(
+        **seed_welch_11("halting-tiny"))),
+    ("it is 0.051 ± 0.027 behind ($p = 0.14$)", lambda: "it is {difference:.3f} ± {se:.3f} behind ($p = {p:.2f}$)".format(
+        **seed_welch_11("halting-tiny", "tau-tiny"))),
+]
+
+
+@pytest.mark.parametrize("quoted, compute", CHAPTER_11_QUOTES, ids=[q[:40] for q, _ in CHAPTER_11_QUOTES])
+def test_chapter_11_quotes_what_welch_gives_on_the_seeds(quoted, compute):
+    from conftest import ROOT
+
+    chapter = ROOT / "chapters" / "11-research-variants.md"
+    assert quoted in chapter.read_text(encoding="utf-8"), f"chapter 11 no longer says {quoted!r}: update this test"
     assert compute() == quoted

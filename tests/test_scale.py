@@ -20,7 +20,7 @@ from minigpt.data import (GPTDataset, SeededSampler, TokenFile, corpus_files, cr
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer, GPT2Tokenizer
 from minigpt.runs import load_checkpoint
-from minigpt.scale import autocast, compile_model, resolve_precision
+from minigpt.scale import autocast, compile_model, cpu_description, cpu_features, resolve_precision
 from minigpt.task_pretrain import pretrain
 from minigpt.train import StepSetup, learning_rate_at, train_step
 
@@ -417,3 +417,13 @@ def test_resuming_may_change_micro_batches_but_not_the_batch(tmp_path, text_file
     assert resumed.train.micro_batch_size == 2 and resumed.train.precision == "bf16"
     with pytest.raises(ConfigError, match="--batch-size cannot change"):
         resolve_resume_config(saved, {"resume": str(tmp_path / "r"), "batch_size": 8})
+
+
+def test_cpu_description_names_the_kernels_torch_and_threads(monkeypatch):
+    monkeypatch.setenv("MKL_CBWR", "AVX2,STRICT")
+    features = cpu_features()
+    assert features["aten_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert features["mkl_cbwr"] == "AVX2,STRICT" and features["threads"] == torch.get_num_threads()
+    line = cpu_description(features)
+    assert f"torch {torch.__version__}" in line and f"threads {torch.get_num_threads()}" in line
+    assert f"ATen kernels {features['aten_capability']}; MKL_CBWR AVX2,STRICT" in line
