@@ -239,3 +239,17 @@ def test_section_8_3_monte_carlo_kl_estimates():
     draws = torch.multinomial(p, 100_000, replacement=True, generator=torch.Generator().manual_seed(0))
     assert (k1, k3) == (f"{kl_k1(p.log(), q.log())[draws].mean().item():.4f}",
                         f"{kl_k3(p.log(), q.log())[draws].mean().item():.4f}")
+
+
+def test_the_reward_row_of_section_8_9_is_what_main_py_gives(tmp_path):
+    """Section 8.9's table is `python main.py` in quick mode on the CPU's own kernels; its reward-model row
+    (the cheapest, about 45 s on one thread) is rerun here, the other rows take minutes each."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("section 8.9's table was measured with the CPU's own AVX-512 kernels; this CPU rounds differently")
+    row = next(row for row in table_rows("8.9", "| run |") if row[0] == "`--task reward`")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "main.py", "--task", "reward", "--out", str(tmp_path / "reward")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "reward" / "metrics.json").read_text())
+    assert row[2:4] == [pct(metrics["before"]["test_accuracy"]), pct(metrics["after"]["test_accuracy"])]
