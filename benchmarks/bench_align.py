@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import os
 import platform
@@ -53,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from minigpt.config import model_config  # noqa: E402
 from minigpt.data import (PreferenceDataset, encode_prompt, format_prompt, load_preference_data,  # noqa: E402
                           preference_collate)
+from minigpt.evaluate import sign_flip_p_value  # noqa: E402
 from minigpt.model import GPTModel  # noqa: E402
 from minigpt.scale import cpu_description, cpu_features  # noqa: E402
 from minigpt.rlhf import (RLModels, RLSettings, add_reward_head, arithmetic_records, bradley_terry_loss,  # noqa: E402
@@ -178,18 +178,6 @@ def preference_runs(pairs: int = 200, steps: int = 80, max_length: int = 128) ->
     return dict(pairs=[len(examples), split], reward_accuracy=reward_accuracy, dpo=dpo)
 
 
-def sign_flip_p_value(differences: list[float]) -> float:
-    """Two-sided exact permutation test of mean 0: the share of the 2^n sign patterns whose mean is as
-    far from 0 as the observed one (the pattern itself included; float noise below a millionth of the
-    largest difference counts as a tie)."""
-    observed = abs(statistics.fmean(differences))
-    tolerance = 1e-6 * max(abs(d) for d in differences)
-    patterns = list(itertools.product((1, -1), repeat=len(differences)))
-    extreme = sum(abs(statistics.fmean(s * d for s, d in zip(signs, differences))) >= observed - tolerance
-                  for signs in patterns)
-    return extreme / len(patterns)
-
-
 def spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (nan for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
@@ -239,27 +227,23 @@ def print_report(results: list[dict], seconds: float) -> None:
 
 
 def markdown_tables(results: list[dict]) -> str:
-    """Section 8.7's two tables: every seed's numbers, their mean and standard deviation, and the changes."""
-    columns = {"warm-up loss": [r["warmup_last"] for r in results],
-               "train, start": [r["start_train"] for r in results],
-               "held-out, start": [r["start_test"] for r in results]}
-    for method in ("grpo", "ppo"):
-        columns[f"{method.upper()} train, end"] = [r[method]["train_acc"][-1] for r in results]
-        columns[f"{method.upper()} held-out, end"] = [r[method]["test_acc"][-1] for r in results]
+    """Section 8.7's two tables, from `summarise`: every seed's numbers, their mean and standard
+    deviation, and the changes after the last round with their sign-flip p-values."""
+    summary = summarise(results)
+    columns = ["warm-up loss", "train, start", "held-out, start",
+               "grpo train, end", "grpo held-out, end", "ppo train, end", "ppo held-out, end"]
     show = lambda name, x: f"{x:.3f}" if name == "warm-up loss" else f"{100 * x:.1f}%"
-    summary = [f"{statistics.fmean(v):.3f} ± {statistics.stdev(v):.3f}" if name == "warm-up loss" else
-               f"{100 * statistics.fmean(v):.1f} ± {100 * statistics.stdev(v):.1f}%" for name, v in columns.items()]
-    lines = ["| seed | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {r['seed']} | " + " | ".join(show(name, v[i]) for name, v in columns.items()) + " |"
+    mean_sd = lambda name, row: (f"{row['mean']:.3f} ± {row['std']:.3f}" if name == "warm-up loss" else
+                                 f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}%")
+    header = [name.replace("grpo", "GRPO").replace("ppo", "PPO") for name in columns]
+    lines = ["| seed | " + " | ".join(header) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {r['seed']} | " + " | ".join(show(name, summary[name]["values"][i]) for name in columns) + " |"
               for i, r in enumerate(results)]
-    lines += ["| mean ± sd | " + " | ".join(summary) + " |", "",
+    lines += ["| mean ± sd | " + " | ".join(mean_sd(name, summary[name]) for name in columns) + " |", "",
               "| change after 60 rounds | GRPO | PPO |", "|---|---|---|"]
     for label, column in (("training", "train"), ("held-out", "held-out")):
-        cells = []
-        for method in ("GRPO", "PPO"):
-            diff = [100 * (e - s) for e, s in zip(columns[f"{method} {column}, end"], columns[f"{column}, start"])]
-            cells.append(f"{statistics.fmean(diff):+.1f} ± {statistics.stdev(diff):.1f} points "
-                         f"(p = {sign_flip_p_value(diff):.3f})".replace("-", "\u2212"))
+        cells = [f"{100 * row['mean']:+.1f} ± {100 * row['std']:.1f} points (p = {row['p']:.3f})".replace("-", "\u2212")
+                 for row in (summary[f"{method} {column} change"] for method in ("grpo", "ppo"))]
         lines.append(f"| {label} problems | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

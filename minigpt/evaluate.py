@@ -15,13 +15,15 @@ a model's loss broken down token by token, and Welch's t-test for runs over seve
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,30 +65,41 @@ def evaluate_text(model: torch.nn.Module, tokenizer, text: str, max_length: int,
     return evaluate_ids(model, tokenizer, tokenizer.encode(text, allowed_special="all"), max_length, batch_size, device)
 
 
+def scored_windows(model: torch.nn.Module, ids: list[int], max_length: int, batch_size: int = 8,
+                   device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """The non-overlapping windows every evaluation here scores, in order, each batch with the model's
+    output: yields (inputs, targets, output), output being the logits (B, T, V) or, for a model with
+    adaptive depth, its `ModelOutput` (logits and each token's depth). The model is in eval mode
+    and under no_grad meanwhile, and goes back to its mode after."""
+    loader = create_dataloader(ids, batch_size=batch_size, max_length=max_length, stride=max_length,
+                               shuffle=False, drop_last=False, name="the evaluation text")
+    halting = isinstance(model, GPTModel) and model.cfg.halting  # adaptive depth: count the blocks each token ran
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for inputs, targets in loader:
+                yield inputs, targets.to(device), model(inputs.to(device), details=True) if halting \
+                    else model(inputs.to(device))
+    finally:
+        model.train(was_training)
+
+
 def evaluate_ids(model: torch.nn.Module, tokenizer, ids: list[int], max_length: int, batch_size: int = 8,
                  device: torch.device | str = "cpu") -> dict[str, float]:
     """`evaluate_text` on token ids already made (pre-tokenized data); `tokenizer` decodes them to count bytes."""
-    loader = create_dataloader(ids, batch_size=batch_size, max_length=max_length, stride=max_length,
-                               shuffle=False, drop_last=False, name="the evaluation text")
-    was_training = model.training
-    model.eval()
-    halting = isinstance(model, GPTModel) and model.cfg.halting  # adaptive depth: count the blocks each token ran
-    total_loss, correct, count, depth = 0.0, 0, 0, 0.0
-    for inputs, targets in loader:
-        if halting:
-            output = model(inputs.to(device), details=True)
-            logits = output.logits.float()                              # (B, T, V)
+    total_loss, correct, count, depth, halting = 0.0, 0, 0, 0.0, False
+    for _, targets, output in scored_windows(model, ids, max_length, batch_size, device):
+        if not torch.is_tensor(output):  # a ModelOutput: adaptive depth
+            halting = True
             depth += output.depth.sum().item()
-        else:
-            logits = model(inputs.to(device)).float()
-        targets = targets.to(device)
+            output = output.logits
+        logits = output.float()                                             # (B, T, V)
         total_loss += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == targets).sum())
         count += targets.numel()
-    model.train(was_training)
     loss = total_loss / count
-    windows = len(loader.dataset)
-    scored = ids[1:windows * max_length + 1]  # the targets of every window, in order
+    scored = ids[1:count + 1]  # the targets of every (full) window, in order
     num_bytes = len(tokenizer.decode(scored).encode("utf-8"))
     result = {"loss": loss, "perplexity": perplexity(loss), "bits_per_byte": bits_per_byte(loss, len(scored), num_bytes),
               "next_token_accuracy": correct / count, "tokens": len(scored), "bytes": num_bytes}
@@ -519,26 +532,21 @@ def cohens_kappa(rater_a: list[Hashable], rater_b: list[Hashable]) -> float:
 # model gets wrong; the loss of every token, grouped, shows it.
 # ---------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def token_losses(model: torch.nn.Module, ids: list[int], max_length: int, batch_size: int = 8,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The loss of every token `evaluate_ids` scores (same windows, same order), as (N,) tensors:
     "loss" (nats), "target" (the token), "previous" (the token before it), "predicted" (the
     model's most likely token) and "position" (the target's index in its window, 0 .. max_length - 1)."""
-    loader = create_dataloader(ids, batch_size=batch_size, max_length=max_length, stride=max_length,
-                               shuffle=False, drop_last=False, name="the evaluation text")
-    was_training = model.training
-    model.eval()
     parts = {key: [] for key in ("loss", "target", "previous", "predicted", "position")}
-    for inputs, targets in loader:
-        logits = model(inputs.to(device)).float().cpu()                          # (B, T, V)
+    for inputs, targets, output in scored_windows(model, ids, max_length, batch_size, device):
+        logits = (output if torch.is_tensor(output) else output.logits).float().cpu()  # (B, T, V)
+        targets = targets.cpu()
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         parts["loss"].append(losses)                                             # (B * T,)
         parts["target"].append(targets.flatten())
         parts["previous"].append(inputs.flatten())
         parts["predicted"].append(logits.argmax(dim=-1).flatten())
         parts["position"].append(torch.arange(targets.shape[1]).repeat(targets.shape[0]))
-    model.train(was_training)
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
@@ -657,3 +665,16 @@ def welch_t_test(a: list[float], b: list[float]) -> dict[str, float]:
     difference, se, t, df and the two-sided p. It does not assume the two spreads are equal."""
     sa, sb = seed_statistics(a), seed_statistics(b)
     return welch_from_summary(sa["mean"], sa["std"], sa["n"], sb["mean"], sb["std"], sb["n"])
+
+
+def sign_flip_p_value(differences: list[float]) -> float:
+    """Two-sided exact test that paired differences (one per seed, e.g. a run's end minus its own start)
+    have mean 0: if nothing changed, each was as likely negative as positive, so p is the share of the
+    2^n sign patterns whose mean lies as far from 0 as the observed one (the pattern itself included;
+    float noise below a millionth of the largest difference counts as a tie). Chapter 8 uses it."""
+    observed = abs(statistics.fmean(differences))
+    tolerance = 1e-6 * max(abs(d) for d in differences)
+    patterns = list(itertools.product((1, -1), repeat=len(differences)))
+    extreme = sum(abs(statistics.fmean(s * d for s, d in zip(signs, differences))) >= observed - tolerance
+                  for signs in patterns)
+    return extreme / len(patterns)

@@ -23,11 +23,10 @@ import pytest
 import torch
 
 from conftest import ROOT
+from minigpt.evaluate import sign_flip_p_value
 
 CHAPTER = ROOT / "chapters" / "08-alignment.md"
 NOTEBOOK = ROOT / "notebooks" / "ch08-alignment.ipynb"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_align import sign_flip_p_value  # noqa: E402
 
 
 def section(number: str) -> str:
@@ -206,15 +205,6 @@ def test_section_8_7_welch_and_grpo_against_ppo_follow_from_the_seeds():
                          r"\(p = ([\d.]+)\)", "8.7")
     assert (mean, sd, p) == (f"{statistics.fmean(diff):+.2f}", f"{statistics.stdev(diff):.2f}",
                              f"{sign_flip_p_value(diff):.3f}")
-
-
-def test_sign_flip_p_value_by_hand():
-    # Three differences: of the 8 sign patterns, the mean of (+1, +2, +3) is matched in size only by
-    # (-1, -2, -3); the pair (1, 1) has 2 of 4 patterns as extreme; all zeros are always as extreme.
-    assert sign_flip_p_value([1.0, 2.0, 3.0]) == 2 / 8
-    assert sign_flip_p_value([1.0, 1.0]) == 2 / 4
-    assert sign_flip_p_value([0.0, 0.0, 0.0]) == 1.0
-    assert sign_flip_p_value([3.0, -1.0]) == 1.0  # (+3, -1), (-3, +1), (+3, +1), (-3, -1): |mean| 1, 1, 2, 2
 
 
 def test_the_notebook_prints_what_section_8_7_quotes():

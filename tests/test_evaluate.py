@@ -12,8 +12,8 @@ from minigpt.config import ConfigError, GPTConfig
 from minigpt.evaluate import (bleu, choose_ending, cohens_kappa, contamination_report, ending_logprobs,
                               evaluate_multiple_choice, evaluate_text, frequency_bucket, judge_position_consistency,
                               load_multiple_choice, loss_breakdown, ngram_overlap, ngram_set, overlap_tokens,
-                              regularized_incomplete_beta, rouge_l, seed_statistics, student_t_p_value, token_kind,
-                              token_losses, welch_from_summary, welch_t_test)
+                              regularized_incomplete_beta, rouge_l, seed_statistics, sign_flip_p_value,
+                              student_t_p_value, token_kind, token_losses, welch_from_summary, welch_t_test)
 from minigpt.model import GPTModel
 from minigpt.tokenizer import CharTokenizer
 
@@ -576,3 +576,12 @@ def test_chapter_11_quotes_what_welch_gives_on_the_seeds(quoted, compute):
     chapter = ROOT / "chapters" / "11-research-variants.md"
     assert quoted in chapter.read_text(encoding="utf-8"), f"chapter 11 no longer says {quoted!r}: update this test"
     assert compute() == quoted
+
+
+def test_sign_flip_p_value_by_hand():
+    # Three differences: of the 8 sign patterns, the mean of (+1, +2, +3) is matched in size only by
+    # (-1, -2, -3); the pair (1, 1) has 2 of 4 patterns as extreme; all zeros are always as extreme.
+    assert sign_flip_p_value([1.0, 2.0, 3.0]) == 2 / 8
+    assert sign_flip_p_value([1.0, 1.0]) == 2 / 4
+    assert sign_flip_p_value([0.0, 0.0, 0.0]) == 1.0
+    assert sign_flip_p_value([3.0, -1.0]) == 1.0  # (+3, -1), (-3, +1), (+3, +1), (-3, -1): |mean| 1, 1, 2, 2
